@@ -1,0 +1,164 @@
+"""Settings shared by every memento-stream process.
+
+Each field can be set by an environment variable ``MEMENTO_<FIELD>`` (upper case) and, in the
+CLI, by the matching ``--flag``. Production deployments point ``bootstrap_servers`` at Apache
+Kafka; the embedded profile (:mod:`memento.broker`) only changes client timeouts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+__all__ = ["Settings", "TopicNames", "RewardWeights", "TOPIC_PARTITIONS"]
+
+
+@dataclass(frozen=True)
+class TopicNames:
+    """Names of the Kafka topics the system uses."""
+
+    actions: str = "memento.actions"
+    recommendations: str = "memento.recommendations"
+    transitions: str = "memento.transitions"
+    cases: str = "memento.cases"
+    checkpoints: str = "memento.checkpoints"
+    dead_letter: str = "memento.dead-letter"
+    ticks: str = "memento.ticks"
+
+    def all(self) -> dict[str, str]:
+        return dataclasses.asdict(self)
+
+
+# Partition counts by topic role. Actions, recommendations and ticks must be co-partitioned
+# (same count, keyed by user id) because the stream worker joins them in one partitioned table.
+TOPIC_PARTITIONS: dict[str, int] = {
+    "actions": 4,
+    "recommendations": 4,
+    "ticks": 4,
+    "transitions": 4,
+    "cases": 2,
+    "checkpoints": 1,
+    "dead_letter": 1,
+}
+
+
+@dataclass(frozen=True)
+class RewardWeights:
+    """Reward for each action type; the reward of a recommendation is the largest weight among
+    the user's actions on the recommended item inside the attribution window (0 if none)."""
+
+    click: float = 1.0
+    collect: float = 2.0
+    cart: float = 3.0
+    purchase: float = 5.0
+
+    def weight(self, action: str) -> float:
+        return float(getattr(self, action))
+
+    @classmethod
+    def parse(cls, spec: str) -> "RewardWeights":
+        """Parse ``"click=1,cart=3"``; unnamed actions keep their defaults."""
+        values = {}
+        for part in filter(None, (p.strip() for p in spec.split(","))):
+            name, sep, value = part.partition("=")
+            if not sep or name.strip() not in {f.name for f in fields(cls)}:
+                raise ValueError(f"bad reward weight {part!r}: expected ACTION=NUMBER with ACTION "
+                                 f"in {[f.name for f in fields(cls)]}")
+            values[name.strip()] = float(value)
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every process's configuration.
+
+    Parameters
+    ----------
+    bootstrap_servers
+        Kafka bootstrap servers, comma separated.
+    data_dir
+        Root of the process's local state (case bank, replay buffer, Faust tables).
+    checkpoint_dir
+        Where the learner writes checkpoints and serving reads them (shared volume or path).
+    products
+        Optional product CSV (Tmall format) used to build item features.
+    embedded_broker
+        True when talking to an embedded test broker: shortens consumer-group timeouts and
+        enables the per-broker workarounds described in docs/embedded-brokers.md.
+    item_dim
+        Size of the hashed item feature vector; the state has the same size.
+    top_k
+        Number of nearest cases the retrieval policy chooses among.
+    window_s
+        Reward attribution window after a recommendation, in event-time seconds.
+    allowed_lateness_s
+        How long after the window end late events are still attributed.
+    """
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    data_dir: str = ".memento/data"
+    checkpoint_dir: str = ".memento/checkpoints"
+    products: str = ""
+    embedded_broker: bool = False
+    topics: TopicNames = field(default_factory=TopicNames)
+    rewards: RewardWeights = field(default_factory=RewardWeights)
+    item_dim: int = 32
+    top_k: int = 16
+    window_s: float = 600.0
+    allowed_lateness_s: float = 60.0
+    history_len: int = 30
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> "Settings":
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            key = f"MEMENTO_{f.name.upper()}"
+            if f.name == "topics":
+                values["topics"] = TopicNames(**{
+                    t.name: env.get(f"MEMENTO_TOPIC_{t.name.upper()}", t.default)
+                    for t in fields(TopicNames)})
+            elif f.name == "rewards":
+                if key in env:
+                    values["rewards"] = RewardWeights.parse(env[key])
+            elif key in env:
+                raw = env[key]
+                if f.type in ("bool", bool):
+                    values[f.name] = raw.lower() in ("1", "true", "yes", "on")
+                elif f.type in ("int", int):
+                    values[f.name] = int(raw)
+                elif f.type in ("float", float):
+                    values[f.name] = float(raw)
+                else:
+                    values[f.name] = raw
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def to_env(self) -> dict[str, str]:
+        """The environment that reproduces these settings in a child process."""
+        env = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "topics":
+                env.update({f"MEMENTO_TOPIC_{k.upper()}": v for k, v in value.all().items()})
+            elif f.name == "rewards":
+                env["MEMENTO_REWARDS"] = ",".join(
+                    f"{k}={v}" for k, v in dataclasses.asdict(value).items())
+            else:
+                env[f"MEMENTO_{f.name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+        return env
+
+    @property
+    def state_dim(self) -> int:
+        return self.item_dim
+
+    def path(self, *parts: str) -> Path:
+        p = Path(self.data_dir, *parts)
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def describe(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, default=str)

@@ -1,0 +1,112 @@
+"""Kafka plumbing shared by every process: client settings, topic creation, producers,
+consumers and the dead-letter writer. Production uses these unchanged against Apache Kafka;
+only :func:`client_kwargs` differs under the embedded profile."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Iterable
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.admin import NewTopic
+from kafka.errors import KafkaError, TopicAlreadyExistsError
+
+from memento.config import TOPIC_PARTITIONS, Settings
+from memento.schemas import DeadLetter, encode
+
+__all__ = ["client_kwargs", "wait_for_broker", "ensure_topics", "make_producer", "make_consumer",
+           "DeadLetterWriter", "topic_specs"]
+
+log = logging.getLogger(__name__)
+
+
+def client_kwargs(settings: Settings) -> dict:
+    kwargs: dict = {"bootstrap_servers": settings.bootstrap_servers.split(",")}
+    return kwargs
+
+
+def consumer_group_kwargs(settings: Settings) -> dict:
+    if settings.embedded_broker:
+        # Tansu settles a group join after about half the session timeout (embedded-brokers.md).
+        return {"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000}
+    return {}
+
+
+def wait_for_broker(settings: Settings, timeout: float = 30.0) -> None:
+    """Block until the broker answers a metadata request, or raise ``TimeoutError``."""
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            admin = KafkaAdminClient(**client_kwargs(settings), request_timeout_ms=3000)
+            try:
+                admin.list_topics()
+                return
+            finally:
+                admin.close()
+        except (KafkaError, OSError) as exc:
+            last = exc
+            time.sleep(0.2)
+    raise TimeoutError(f"no Kafka broker answered at {settings.bootstrap_servers} within "
+                       f"{timeout:.0f}s (last error: {last})")
+
+
+def topic_specs(settings: Settings) -> dict[str, int]:
+    """Topic name → partition count."""
+    return {name: TOPIC_PARTITIONS[role] for role, name in settings.topics.all().items()}
+
+
+def ensure_topics(settings: Settings, replication_factor: int = 1) -> dict[str, int]:
+    """Create the project's topics that do not exist yet; returns name → partitions."""
+    specs = topic_specs(settings)
+    admin = KafkaAdminClient(**client_kwargs(settings))
+    try:
+        existing = set(admin.list_topics())
+        missing = [NewTopic(name, n, replication_factor) for name, n in specs.items() if name not in existing]
+        if missing:
+            try:
+                admin.create_topics(missing)
+            except TopicAlreadyExistsError:
+                pass
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not set(specs) <= set(admin.list_topics()):
+            time.sleep(0.1)
+    finally:
+        admin.close()
+    return specs
+
+
+def make_producer(settings: Settings, **overrides) -> KafkaProducer:
+    kwargs = dict(acks="all", linger_ms=2, retries=5, key_serializer=lambda k: k.encode() if isinstance(k, str) else k)
+    kwargs.update(overrides)
+    return KafkaProducer(**client_kwargs(settings), **kwargs)
+
+
+def make_consumer(settings: Settings, topics: Iterable[str], *, group_id: str | None,
+                  from_beginning: bool = True, **overrides) -> KafkaConsumer:
+    kwargs = dict(group_id=group_id, auto_offset_reset="earliest" if from_beginning else "latest",
+                  enable_auto_commit=group_id is not None, **consumer_group_kwargs(settings))
+    kwargs.update(overrides)
+    consumer = KafkaConsumer(**client_kwargs(settings), **kwargs)
+    consumer.subscribe(list(topics))
+    return consumer
+
+
+class DeadLetterWriter:
+    """Publishes a message that could not be processed, with the reason, to the dead-letter
+    topic. Nothing else in the stream is held back by it."""
+
+    def __init__(self, settings: Settings, producer: KafkaProducer):
+        self.topic = settings.topics.dead_letter
+        self.producer = producer
+
+    @staticmethod
+    def record(source_topic: str, partition: int, offset: int, reason: str, original: bytes | None) -> DeadLetter:
+        text = (original or b"").decode("utf-8", errors="backslashreplace")
+        return DeadLetter(source_topic=source_topic, partition=partition, offset=offset,
+                          reason=reason, original=text, ts=time.time())
+
+    def send(self, source_topic: str, partition: int, offset: int, reason: str, original: bytes | None) -> None:
+        log.warning("dead-letter %s[%d]@%d: %s", source_topic, partition, offset, reason)
+        self.producer.send(self.topic, value=encode(self.record(source_topic, partition, offset, reason, original)))

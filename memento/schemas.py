@@ -1,0 +1,221 @@
+"""Event schemas: the one definition of every message on memento-stream's Kafka topics.
+
+Each message is a JSON object. :func:`decode` validates bytes against a schema and raises
+:class:`SchemaError` with a reason naming the offending field; producers use :func:`encode`.
+
+>>> a = Action(event_id="e1", user_id="u1", item_id="i9", action="click", ts=10.0)
+>>> decode(Action, encode(a)) == a
+True
+>>> decode(Action, b'{"event_id": "e1"}')
+Traceback (most recent call last):
+...
+memento.schemas.SchemaError: Action: missing field 'user_id'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import typing
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+__all__ = [
+    "ACTIONS", "ACTION_ALIASES", "SchemaError", "Action", "Recommendation", "Transition", "Case",
+    "CheckpointAnnouncement", "DeadLetter", "encode", "decode", "from_dict", "to_dict",
+]
+
+ACTIONS = ("click", "collect", "cart", "purchase")
+# Source-specific spellings accepted on input and normalised (Tmall logs "alipay" for purchase).
+ACTION_ALIASES = {"alipay": "purchase", "buy": "purchase", "fav": "collect"}
+
+
+class SchemaError(ValueError):
+    """A message does not match its schema; ``str(err)`` names the schema and the field."""
+
+
+@dataclass(frozen=True)
+class Action:
+    """A user's action on an item, at event time ``ts`` (epoch seconds)."""
+
+    event_id: str
+    user_id: str
+    item_id: str
+    action: str
+    ts: float
+    request_id: str | None = None
+
+    def validate(self) -> None:
+        if self.action not in ACTIONS:
+            raise SchemaError(f"Action: field 'action' must be one of {list(ACTIONS)}, "
+                              f"got {self.action!r}")
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """What serving answered: the chosen case, its propensity μ(c|s) and the state s it saw."""
+
+    request_id: str
+    user_id: str
+    item_id: str
+    case_id: str
+    propensity: float
+    policy_version: int
+    ts: float
+    state: list[float]
+    case_features: list[float]
+    served_at: float = 0.0
+
+    def validate(self) -> None:
+        if not 0.0 < self.propensity <= 1.0:
+            raise SchemaError(f"Recommendation: field 'propensity' must be in (0, 1], "
+                              f"got {self.propensity}")
+
+
+@dataclass(frozen=True)
+class Transition:
+    """(s, c, μ(c|s), r, s′, done) for one recommendation; ``transition_id`` = request id."""
+
+    transition_id: str
+    user_id: str
+    state: list[float]
+    case_id: str
+    case_features: list[float]
+    item_id: str
+    propensity: float
+    reward: float
+    next_state: list[float]
+    done: bool
+    policy_version: int
+    ts: float
+    closed_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class Case:
+    """A case c = (state, item, outcome) of the case bank. ``item_vec`` carries the item's
+    features so that every consumer scores the case identically."""
+
+    case_id: str
+    state: list[float]
+    item_id: str
+    item_vec: list[float]
+    outcome: float
+    ts: float
+    source: str = "recommendation"
+
+
+@dataclass(frozen=True)
+class CheckpointAnnouncement:
+    """A new policy version: a safetensors file and its sha256."""
+
+    version: int
+    path: str
+    sha256: str
+    created_at: float
+    step: int
+    state_dim: int
+    item_dim: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A message that could not be processed, with the reason and its original bytes."""
+
+    source_topic: str
+    partition: int
+    offset: int
+    reason: str
+    original: str  # original bytes, decoded as UTF-8 with backslash escapes for invalid bytes
+    ts: float
+
+
+T = TypeVar("T")
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def _check(cls: type, name: str, hint: Any, value: Any) -> Any:
+    where = f"{cls.__name__}: field {name!r}"
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin = typing.get_origin(hint)
+    if hint is str:
+        if not isinstance(value, str) or not value:
+            raise SchemaError(f"{where} must be a non-empty string, got {value!r}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise SchemaError(f"{where} must be a boolean, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SchemaError(f"{where} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise SchemaError(f"{where} must be a finite number, got {value!r}")
+        return float(value)
+    if origin is list:
+        if not isinstance(value, list):
+            raise SchemaError(f"{where} must be a list of numbers")
+        out = []
+        for v in value:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise SchemaError(f"{where} must hold finite numbers, got {v!r}")
+            out.append(float(v))
+        return out
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise SchemaError(f"{where} must be an object")
+        return value
+    return value
+
+
+def from_dict(cls: type[T], data: Any) -> T:
+    """Build and validate a schema object from a decoded JSON object."""
+    if not isinstance(data, dict):
+        raise SchemaError(f"{cls.__name__}: expected a JSON object, got {type(data).__name__}")
+    hints = _hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            value = data[f.name]
+            if cls is Action and f.name == "action" and isinstance(value, str):
+                value = ACTION_ALIASES.get(value.lower(), value.lower())
+            kwargs[f.name] = _check(cls, f.name, hints[f.name], value)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise SchemaError(f"{cls.__name__}: missing field {f.name!r}")
+    obj = cls(**kwargs)
+    validate = getattr(obj, "validate", None)
+    if validate is not None:
+        validate()
+    return obj
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    return dataclasses.asdict(obj)
+
+
+def encode(obj: Any) -> bytes:
+    return json.dumps(dataclasses.asdict(obj), separators=(",", ":"), allow_nan=False).encode()
+
+
+def decode(cls: type[T], raw: bytes | str) -> T:
+    """Parse and validate ``raw``; raises :class:`SchemaError` naming what is wrong."""
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SchemaError(f"{cls.__name__}: not valid JSON ({exc})") from None
+    return from_dict(cls, data)

@@ -1,0 +1,60 @@
+"""Soft-Q arithmetic: the retrieval policy μ(c|s) and the TD target, in one place.
+
+μ(c|s) = softmax(Q(s, c)/α) over the K candidates, mixed with a uniform floor so that every
+candidate keeps at least ``min_prob`` (as Vowpal Wabbit's softmax explorer does); the soft
+value is V(s) = α·logsumexp(Q(s, ·)/α), and the TD target is y = r + γ(1 − done)·V_target(s′).
+
+>>> import torch
+>>> q = torch.tensor([[1.0, 0.0]])
+>>> round(float(soft_value(q, alpha=1e-3)), 3)   # tends to max Q as α → 0
+1.0
+>>> p = policy_probs(q, alpha=1.0, min_prob=0.1)
+>>> bool(torch.isclose(p.sum(), torch.tensor(1.0))) and bool((p >= 0.1).all())
+True
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["soft_value", "policy_probs", "td_target", "entropy"]
+
+_NEG = -1e30
+
+
+def _masked(q: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return q if mask is None else q.masked_fill(~mask, _NEG)
+
+
+def soft_value(q: torch.Tensor, alpha: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """α·logsumexp(Q/α) over the last axis, ignoring candidates where ``mask`` is False."""
+    return alpha * torch.logsumexp(_masked(q, mask) / alpha, dim=-1)
+
+
+def policy_probs(q: torch.Tensor, alpha: float, min_prob: float = 0.0,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
+    """μ(c|s) with each valid candidate's probability at least ``min_prob``."""
+    probs = torch.softmax(_masked(q, mask) / alpha, dim=-1)
+    if min_prob > 0:
+        n = q.new_full(q.shape[:-1] + (1,), q.shape[-1]) if mask is None else mask.sum(-1, keepdim=True).to(q.dtype)
+        floor = torch.clamp(min_prob * n, max=1.0)
+        uniform = (1.0 / n.clamp(min=1)).expand_as(probs)
+        if mask is not None:
+            uniform = uniform * mask
+        probs = (1 - floor) * probs + floor * uniform
+    return probs
+
+
+def entropy(probs: torch.Tensor) -> torch.Tensor:
+    return -(probs * torch.log(probs.clamp(min=1e-12))).sum(-1)
+
+
+@torch.no_grad()
+def td_target(reward: torch.Tensor, done: torch.Tensor, next_q_target: torch.Tensor, *,
+              gamma: float, alpha: float, next_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """y = r + γ(1 − done)·α·logsumexp(Q_target(s′, ·)/α); a state with no valid candidate has
+    value 0."""
+    value = soft_value(next_q_target, alpha, next_mask)
+    if next_mask is not None:
+        value = torch.where(next_mask.any(-1), value, torch.zeros_like(value))
+    return reward + gamma * (1.0 - done.to(reward.dtype)) * value
