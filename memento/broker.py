@@ -99,7 +99,7 @@ class EmbeddedBroker:
         return Path(self.data_dir) / "broker.json"
 
     def settings(self, **overrides) -> Settings:
-        return Settings.from_env(bootstrap_servers=self.bootstrap, embedded_broker=True, **overrides)
+        return Settings.from_env(bootstrap_servers=self.bootstrap, embedded_broker=self.engine, **overrides)
 
     def _command(self) -> list[str]:
         binary = str(_binary(self.engine))
@@ -127,7 +127,7 @@ class EmbeddedBroker:
         self.state_file.write_text(json.dumps({"pid": proc.pid, "engine": self.engine, "port": self.port,
                                                "bootstrap": self.bootstrap, "log": str(log_path)}))
         settings = settings or self.settings()
-        settings = Settings(**{**settings.__dict__, "bootstrap_servers": self.bootstrap, "embedded_broker": True})
+        settings = Settings(**{**settings.__dict__, "bootstrap_servers": self.bootstrap, "embedded_broker": self.engine})
         try:
             deadline = time.monotonic() + timeout
             while proc.poll() is None and time.monotonic() < deadline:

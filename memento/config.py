@@ -13,7 +13,8 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-__all__ = ["Settings", "TopicNames", "RewardWeights", "TOPIC_PARTITIONS"]
+__all__ = ["Settings", "TopicNames", "RewardWeights", "TOPIC_PARTITIONS", "add_settings_arguments",
+           "settings_from_args"]
 
 
 @dataclass(frozen=True)
@@ -86,8 +87,9 @@ class Settings:
     products
         Optional product CSV (Tmall format) used to build item features.
     embedded_broker
-        True when talking to an embedded test broker: shortens consumer-group timeouts and
-        enables the per-broker workarounds described in docs/embedded-brokers.md.
+        Empty in production. ``noida`` or ``tansu`` when talking to an embedded test broker:
+        shortens consumer-group timeouts and enables that broker's workarounds
+        (docs/embedded-brokers.md).
     item_dim
         Size of the hashed item feature vector; the state has the same size.
     top_k
@@ -96,13 +98,17 @@ class Settings:
         Reward attribution window after a recommendation, in event-time seconds.
     allowed_lateness_s
         How long after the window end late events are still attributed.
+    history_len
+        Number of recent actions the state encoder sees.
+    session_gap_s
+        Event-time inactivity after which a user's session is over (transitions get ``done``).
     """
 
     bootstrap_servers: str = "127.0.0.1:9092"
     data_dir: str = ".memento/data"
     checkpoint_dir: str = ".memento/checkpoints"
     products: str = ""
-    embedded_broker: bool = False
+    embedded_broker: str = ""
     topics: TopicNames = field(default_factory=TopicNames)
     rewards: RewardWeights = field(default_factory=RewardWeights)
     item_dim: int = 32
@@ -110,6 +116,7 @@ class Settings:
     window_s: float = 600.0
     allowed_lateness_s: float = 60.0
     history_len: int = 30
+    session_gap_s: float = 1800.0
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> "Settings":
@@ -162,3 +169,17 @@ class Settings:
 
     def describe(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, default=str)
+
+
+def add_settings_arguments(parser) -> None:
+    """Flags shared by every process; each overrides its ``MEMENTO_*`` environment variable."""
+    parser.add_argument("--bootstrap-servers", help="Kafka bootstrap servers (env MEMENTO_BOOTSTRAP_SERVERS)")
+    parser.add_argument("--data-dir", help="local state directory (env MEMENTO_DATA_DIR)")
+    parser.add_argument("--checkpoint-dir", help="checkpoint directory (env MEMENTO_CHECKPOINT_DIR)")
+    parser.add_argument("--products", help="product CSV for item features (env MEMENTO_PRODUCTS)")
+
+
+def settings_from_args(args) -> Settings:
+    """Settings from the environment, overridden by the shared flags present on ``args``."""
+    return Settings.from_env(**{name: getattr(args, name, None) for name in
+                                ("bootstrap_servers", "data_dir", "checkpoint_dir", "products")})

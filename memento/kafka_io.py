@@ -10,6 +10,7 @@ from typing import Iterable
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
+from kafka.serializer import Serializer
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
 from memento.config import TOPIC_PARTITIONS, Settings
@@ -77,8 +78,16 @@ def ensure_topics(settings: Settings, replication_factor: int = 1) -> dict[str, 
     return specs
 
 
+class KeySerializer(Serializer):
+    """Message keys are user or case ids: ``str`` keys are UTF-8 encoded, bytes pass through."""
+
+    def serialize(self, topic, headers, data):
+        return data.encode() if isinstance(data, str) else data
+
+
 def make_producer(settings: Settings, **overrides) -> KafkaProducer:
-    kwargs = dict(acks="all", linger_ms=2, retries=5, key_serializer=lambda k: k.encode() if isinstance(k, str) else k)
+    """A producer with ``acks=all``; keys may be ``str`` (encoded) or bytes."""
+    kwargs = dict(acks="all", linger_ms=2, retries=5, key_serializer=KeySerializer())
     kwargs.update(overrides)
     return KafkaProducer(**client_kwargs(settings), **kwargs)
 

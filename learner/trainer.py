@@ -1,0 +1,284 @@
+"""Soft Q-learning of the retrieval policy μ(c|s) = softmax(Q(s, c)/α) over the top-K cases.
+
+One update (CleanRL dqn.py shape): sample a batch, compute the TD target
+y = r + γ(1 − done)·α·logsumexp(Q_target(s′, ·)/α) over s′'s candidates under ``no_grad``,
+regress Q(s, c) on it (MSE or Huber, optionally importance-weighted), clip gradients, step,
+then Polyak-average the target network. α is fixed or tuned so that the entropy of μ(·|s)
+tracks a target entropy (as in discrete SAC).
+
+Guard rail: an update whose loss, Q values, target or gradient is not finite is skipped
+(nothing is stepped), counted in ``skipped_updates``, and makes the learner unhealthy; an
+unhealthy learner refuses to write a checkpoint until a finite update has happened.
+
+>>> import numpy as np
+>>> from learner.buffer import ReplayBuffer, ReplayTransition
+>>> buffer = ReplayBuffer.create(capacity=16, state_dim=2, top_k=2, seed=0)
+>>> for i in range(16):
+...     _ = buffer.add(ReplayTransition.empty(f"t{i}", state_dim=2, top_k=2, reward=1.0, done=True))
+>>> learner = SoftQLearner(state_dim=2, config=SoftQConfig(batch_size=8, hidden=8, seed=0))
+>>> metrics = learner.update(buffer.sample(8))
+>>> metrics["skipped"], learner.healthy, learner.steps
+(0.0, True, 1)
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from learner.storage import ReplayBatch
+from memento.checkpoint import save_checkpoint
+from memento.qnet import QNetwork
+from memento.schemas import CheckpointAnnouncement
+from memento.softq import entropy, policy_probs, td_target
+
+__all__ = ["SoftQConfig", "SoftQLearner", "UnhealthyLearnerError"]
+
+
+def _opt(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class SoftQConfig:
+    """Every soft-Q hyperparameter, named and documented (``help`` doubles as the CLI help)."""
+
+    gamma: float = _opt(0.5, "discount γ of the TD target")
+    alpha: float = _opt(0.1, "temperature α of μ = softmax(Q/α) and of the soft value "
+                             "(initial value when target_entropy is set)")
+    target_entropy: float | None = _opt(None, "None keeps α fixed; a number (nats) tunes log α so "
+                                              "that the entropy of μ(·|s) tracks it")
+    top_k: int = _opt(16, "number of nearest cases the policy chooses among (for s and s′)")
+    tau: float = _opt(0.01, "Polyak rate: target ← (1−τ)·target + τ·online after each update")
+    lr: float = _opt(1e-3, "Adam learning rate (Q network and log α)")
+    batch_size: int = _opt(64, "transitions per gradient update")
+    loss: str = _opt("mse", "regression loss on the TD error: 'mse' or 'huber'")
+    grad_clip: float | None = _opt(10.0, "max global gradient norm (None = no clipping)")
+    min_prob: float = _opt(0.01, "floor of μ(c|s) per candidate (uniform mixing, as in "
+                                 "memento.softq.policy_probs)")
+    importance_weight_clip: float | None = _opt(None, "None = no off-policy correction; else each "
+                                                      "sample's loss is weighted by "
+                                                      "min(μ(c|s)/propensity, this)")
+    seed: int = _opt(1, "seed of network initialisation and sampling")
+    hidden: int = _opt(128, "width of the Q network's hidden layers")
+
+    def __post_init__(self):
+        problems = []
+        if not 0.0 <= self.gamma < 1.0:
+            problems.append(f"gamma must be in [0, 1), got {self.gamma}")
+        if not self.alpha > 0:
+            problems.append(f"alpha must be > 0, got {self.alpha}")
+        if self.top_k < 1:
+            problems.append(f"top_k must be >= 1, got {self.top_k}")
+        if not 0.0 < self.tau <= 1.0:
+            problems.append(f"tau must be in (0, 1], got {self.tau}")
+        if not self.lr > 0:
+            problems.append(f"lr must be > 0, got {self.lr}")
+        if self.batch_size < 1:
+            problems.append(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.loss not in ("mse", "huber"):
+            problems.append(f"loss must be 'mse' or 'huber', got {self.loss!r}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            problems.append(f"grad_clip must be > 0 or None, got {self.grad_clip}")
+        if not 0.0 <= self.min_prob < 1.0:
+            problems.append(f"min_prob must be in [0, 1), got {self.min_prob}")
+        if self.importance_weight_clip is not None and not self.importance_weight_clip > 0:
+            problems.append(f"importance_weight_clip must be > 0 or None, got {self.importance_weight_clip}")
+        if self.hidden < 1:
+            problems.append(f"hidden must be >= 1, got {self.hidden}")
+        if problems:
+            raise ValueError("bad SoftQConfig: " + "; ".join(problems))
+
+    @classmethod
+    def help(cls) -> dict[str, str]:
+        return {f.name: f.metadata.get("help", "") for f in fields(cls)}
+
+
+SoftQConfig.__doc__ += "\n\n    Parameters\n    ----------\n" + "".join(
+    f"    {name}\n        {text}\n" for name, text in SoftQConfig.help().items())
+
+
+class UnhealthyLearnerError(RuntimeError):
+    """The learner's last update was skipped as non-finite; it must not publish a checkpoint."""
+
+
+class SoftQLearner:
+    """Online network, target network, optimiser and (optionally tuned) temperature.
+
+    Parameters
+    ----------
+    state_dim
+        Dimension of states and item vectors (``Settings.item_dim``).
+    config
+        The hyperparameters.
+    """
+
+    def __init__(self, state_dim: int, config: SoftQConfig | None = None):
+        self.config = config = config or SoftQConfig()
+        self.state_dim = state_dim
+        torch.manual_seed(config.seed)
+        self.q_net = QNetwork(state_dim, config.hidden)
+        self.target_net = copy.deepcopy(self.q_net).requires_grad_(False)
+        self.optimizer = torch.optim.Adam(self.q_net.parameters(), lr=config.lr)
+        self.log_alpha = torch.tensor(math.log(config.alpha), requires_grad=config.target_entropy is not None)
+        self.alpha_optimizer = (torch.optim.Adam([self.log_alpha], lr=config.lr)
+                                if config.target_entropy is not None else None)
+        self.steps = 0              # successful gradient updates
+        self.skipped_updates = 0    # updates skipped because something was not finite
+        self._last_update_finite = True
+        self.last_td_errors: np.ndarray | None = None
+
+    @property
+    def alpha(self) -> float:
+        return float(self.log_alpha.detach().exp())
+
+    @property
+    def healthy(self) -> bool:
+        """True when the last update was finite and every weight is finite: safe to publish."""
+        return self._last_update_finite and all(torch.isfinite(p).all() for p in self.q_net.parameters())
+
+    @staticmethod
+    def _tensors(batch: ReplayBatch) -> dict[str, torch.Tensor]:
+        return {name: torch.as_tensor(np.asarray(getattr(batch, name))) for name in (
+            "weights", "state", "case_features", "reward", "done", "propensity", "next_state",
+            "candidate_features", "candidate_mask", "next_candidate_features", "next_candidate_mask")}
+
+    @torch.no_grad()
+    def compute_td_target(self, batch: ReplayBatch) -> torch.Tensor:
+        """y = r + γ(1 − done)·α·logsumexp(Q_target(s′, ·)/α); 0 soft value where s′ has no candidate."""
+        t = self._tensors(batch)
+        return self._td_target(t, self.alpha)
+
+    def _td_target(self, t: dict[str, torch.Tensor], alpha: float) -> torch.Tensor:
+        with torch.no_grad():
+            next_q = self.target_net(t["next_state"], t["next_candidate_features"])
+            return td_target(t["reward"].float(), t["done"], next_q, gamma=self.config.gamma,
+                             alpha=alpha, next_mask=t["next_candidate_mask"].bool())
+
+    @torch.no_grad()
+    def policy_at_state(self, t: dict[str, torch.Tensor], q_chosen: torch.Tensor,
+                        alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """μ(·|s) of the current network over s's candidates plus the chosen case (a candidate
+        identical to the chosen case is counted once); returns (μ(c|s) of the chosen case, entropy)."""
+        cand, mask = t["candidate_features"], t["candidate_mask"].bool()
+        q_cand = self.q_net(t["state"], cand)
+        same = (cand - t["case_features"].unsqueeze(1)).abs().amax(-1) <= 1e-6
+        mask = mask & ~same
+        q = torch.cat([q_cand, q_chosen.unsqueeze(1)], dim=1)
+        full_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        probs = policy_probs(q, alpha, self.config.min_prob, full_mask)
+        return probs[:, -1], entropy(probs)
+
+    def update(self, batch: ReplayBatch) -> dict[str, float]:
+        """One gradient step on ``batch``; returns loss, mean Q, mean target, α, policy entropy,
+        importance-weight mean, gradient norm and ``skipped`` (1.0 when the guard skipped it)."""
+        cfg = self.config
+        t = self._tensors(batch)
+        alpha = self.alpha
+        y = self._td_target(t, alpha)
+        q_chosen = self.q_net(t["state"], t["case_features"].unsqueeze(1)).squeeze(1)
+        mu_chosen, policy_entropy = self.policy_at_state(t, q_chosen.detach(), alpha)
+        weights = t["weights"].float()
+        if cfg.importance_weight_clip is not None:
+            iw = (mu_chosen / t["propensity"].float().clamp(min=1e-6)).clamp(max=cfg.importance_weight_clip)
+            weights = weights * iw
+        td_error = q_chosen - y
+        if cfg.loss == "mse":
+            per_sample = td_error.pow(2)
+        else:
+            per_sample = F.smooth_l1_loss(q_chosen, y, reduction="none")
+        loss = (weights * per_sample).mean()
+        metrics = {"loss": float(loss.detach()), "q_mean": float(q_chosen.detach().mean()),
+                   "target_mean": float(y.mean()), "alpha": alpha,
+                   "entropy": float(policy_entropy.mean()), "importance_weight_mean": float(weights.mean()),
+                   "grad_norm": float("nan"), "skipped": 0.0}
+
+        self.optimizer.zero_grad(set_to_none=True)
+        finite = bool(torch.isfinite(loss) and torch.isfinite(q_chosen).all() and torch.isfinite(y).all()
+                      and torch.isfinite(weights).all())
+        if finite:
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                self.q_net.parameters(), cfg.grad_clip if cfg.grad_clip is not None else float("inf"))
+            metrics["grad_norm"] = float(grad_norm)
+            finite = bool(torch.isfinite(grad_norm))
+        if not finite:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_updates += 1
+            self._last_update_finite = False
+            self.last_td_errors = None
+            metrics["skipped"] = 1.0
+            return metrics
+
+        self.optimizer.step()
+        with torch.no_grad():
+            for p_target, p in zip(self.target_net.parameters(), self.q_net.parameters()):
+                p_target.lerp_(p, cfg.tau)
+        if self.alpha_optimizer is not None and torch.isfinite(policy_entropy).all():
+            # discrete-SAC temperature loss: α·(H(μ) − H_target); raises α when μ is too peaked
+            alpha_loss = self.log_alpha.exp() * (policy_entropy.mean() - cfg.target_entropy)
+            self.alpha_optimizer.zero_grad(set_to_none=True)
+            alpha_loss.backward()
+            self.alpha_optimizer.step()
+        self.steps += 1
+        self._last_update_finite = True
+        self.last_td_errors = td_error.detach().abs().numpy()
+        return metrics
+
+    def save_checkpoint(self, directory: str | Path, *, version: int,
+                        metrics: dict[str, float] | None = None) -> CheckpointAnnouncement:
+        """Write the online network as policy version ``version``; refuses when not :attr:`healthy`."""
+        if not self.healthy:
+            raise UnhealthyLearnerError(
+                f"refusing to publish policy v{version}: the last update was skipped as non-finite "
+                f"({self.skipped_updates} skipped so far) or the network holds non-finite weights")
+        clean = {k: float(v) for k, v in (metrics or {}).items() if math.isfinite(float(v))}
+        return save_checkpoint(self.q_net, directory, version=version, step=self.steps, metrics=clean)
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume training (tensors, numbers and strings only)."""
+        return {"q_net": self.q_net.state_dict(), "target_net": self.target_net.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "log_alpha": self.log_alpha.detach().clone(),
+                "alpha_optimizer": self.alpha_optimizer.state_dict() if self.alpha_optimizer else None,
+                "steps": self.steps, "skipped_updates": self.skipped_updates,
+                "config": {k: v for k, v in asdict(self.config).items()}, "state_dim": self.state_dim}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["state_dim"] != self.state_dim or state["config"]["hidden"] != self.config.hidden:
+            raise ValueError(f"saved learner has state_dim={state['state_dim']}, hidden="
+                             f"{state['config']['hidden']}; this learner state_dim={self.state_dim}, "
+                             f"hidden={self.config.hidden}")
+        self.q_net.load_state_dict(state["q_net"])
+        self.target_net.load_state_dict(state["target_net"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        with torch.no_grad():
+            self.log_alpha.copy_(state["log_alpha"] if self.alpha_optimizer else
+                                 torch.tensor(math.log(self.config.alpha)))
+        if self.alpha_optimizer is not None and state["alpha_optimizer"] is not None:
+            self.alpha_optimizer.load_state_dict(state["alpha_optimizer"])
+        self.steps, self.skipped_updates = int(state["steps"]), int(state["skipped_updates"])
+
+    def save(self, path: str | Path) -> None:
+        """Save :meth:`state_dict` with ``torch.save`` (read back with ``weights_only=True``)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(self.state_dict(), tmp)
+        tmp.replace(path)
+
+    def load(self, path: str | Path) -> None:
+        self.load_state_dict(torch.load(path, weights_only=True))
+
+    def load_network(self, net: QNetwork) -> None:
+        """Start from a published policy network (online and target); optimiser state resets."""
+        if net.state_dim != self.state_dim or net.hidden != self.config.hidden:
+            raise ValueError(f"policy network has state_dim={net.state_dim}, hidden={net.hidden}; "
+                             f"learner expects {self.state_dim}, {self.config.hidden}")
+        self.q_net.load_state_dict(net.state_dict())
+        self.target_net.load_state_dict(net.state_dict())

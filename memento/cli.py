@@ -1,0 +1,78 @@
+"""The ``memento`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from memento.config import add_settings_arguments, settings_from_args
+
+__all__ = ["main"]
+
+# subcommand → (module with add_arguments/run_from_args, help)
+COMMANDS = {
+    "worker": ("streams.worker", "run the Faust stream worker (transitions, cases)"),
+    "learner": ("learner.service", "run the soft-Q learner (replay buffer, checkpoints)"),
+    "serve": ("serving.app", "run the HTTP recommendation server"),
+    "replay": ("memento.replay", "play users (synthetic or Tmall) against serving and Kafka"),
+    "demo": ("memento.demo", "start everything on an embedded broker and replay users"),
+}
+
+
+def _broker(args: argparse.Namespace) -> int:
+    from memento.broker import EmbeddedBroker
+
+    broker = EmbeddedBroker(args.engine, args.port, args.broker_dir)
+    if args.action == "start":
+        settings = settings_from_args(args)
+        print(broker.start(settings))
+    elif args.action == "stop":
+        print("stopped" if broker.stop() else "no broker recorded as running in " + args.broker_dir)
+    else:
+        state = broker.status()
+        if state is None:
+            print("no broker started from " + args.broker_dir)
+            return 1
+        print(f"{state['engine']} pid={state['pid']} bootstrap={state['bootstrap']} "
+              f"{'running' if state['running'] else 'not running'}")
+        return 0 if state["running"] else 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="memento", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    broker = sub.add_parser("broker", help="start/stop/status an embedded Kafka-protocol broker")
+    broker.add_argument("action", choices=["start", "stop", "status"])
+    broker.add_argument("--engine", choices=["noida", "tansu"], default="noida")
+    broker.add_argument("--port", type=int, default=9092)
+    broker.add_argument("--data-dir", dest="broker_dir", default=".memento/broker")
+    broker.set_defaults(handler=_broker)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        p.set_defaults(module=module)
+        try:
+            importlib.import_module(module).add_arguments(p)
+        except (ImportError, AttributeError) as exc:
+            p.set_defaults(import_error=exc)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+    if hasattr(args, "handler"):
+        return args.handler(args)
+    if getattr(args, "import_error", None):
+        print(f"memento {args.command}: unavailable ({args.import_error})", file=sys.stderr)
+        return 2
+    return int(importlib.import_module(args.module).run_from_args(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,518 @@
+"""One shard of the case bank: case metadata in columns, a vector index over the case states,
+a write-ahead log and snapshots.
+
+Cases live in *slots*: row ``s`` of the column arrays holds one case and the index knows the case's
+state under id ``s``. Two locks: ``_write_lock`` serialises writers (dedup, log append + fsync,
+eviction, snapshot); ``_lock`` guards the in-memory columns and the index for the short moment a
+write is applied, so searches only wait for in-memory work, never for disk.
+
+An approximate index is built online: the builder copies the live vectors under ``_lock``, builds
+outside any lock while searches keep using the current index, replays the adds and removals that
+happened meanwhile, and swaps the index in under ``_lock``. While a build runs, freed slots are
+retired instead of reused, so the builder's copy stays valid.
+
+>>> import numpy as np
+>>> from memory_store.options import BankOptions
+>>> from memory_store.records import CaseBatch
+>>> shard = Shard(0, dim=2, directory=None, options=BankOptions())
+>>> batch = CaseBatch(["a"], ["i"], ["s"], np.zeros(1), np.ones(1), np.array([[1, 0]], np.float32),
+...                   np.zeros((1, 2), np.float32))
+>>> shard.add(batch), shard.add(batch), len(shard)
+(1, 0, 1)
+>>> scores, ids, _ = shard.search(np.array([[1, 0]], np.float32), 2)
+>>> ids[0].tolist(), scores[0].tolist()
+[['a', None], [1.0, -inf]]
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from memento.schemas import Case
+from memory_store.eviction import make_eviction_policy
+from memory_store.index import FlatIndex, HNSWIndex, IVFIndex, ShardIndex, make_index
+from memory_store.options import BankOptions
+from memory_store.records import (RECORD_ADD, RECORD_EVICT, CaseBatch, decode_add, decode_evict,
+                                  encode_add, encode_evict)
+from memory_store.wal import WriteAheadLog
+
+__all__ = ["Shard"]
+
+logger = logging.getLogger("memory_store.shard")
+
+SNAPSHOT_FILE = "snapshot.npz"
+WAL_FILE = "wal.log"
+
+
+class Shard:
+    """Cases routed to one shard, searchable and (with a ``directory``) durable.
+
+    Parameters
+    ----------
+    shard_id
+        Position of the shard in its bank.
+    dim
+        Length of a case state (the search key) and of its item vector.
+    directory
+        Where the shard keeps ``wal.log`` and ``snapshot.npz``; None = in memory only.
+    options
+        The bank's :class:`~memory_store.options.BankOptions`.
+    """
+
+    def __init__(self, shard_id: int, dim: int, directory: str | os.PathLike | None,
+                 options: BankOptions) -> None:
+        self.shard_id = shard_id
+        self.dim = dim
+        self.feature_dim = 2 * dim + 1
+        self.options = options
+        self.directory = Path(directory) if directory is not None else None
+        self._eviction = make_eviction_policy(options.eviction, options.utility_hit_weight)
+        self._write_lock = threading.RLock()
+        self._lock = threading.Lock()
+        self._reset_columns(64)
+        self.index: ShardIndex = FlatIndex(dim)
+        self.built_size = 0
+        self.lsn = 0
+        self.next_seq = 0
+        self.evictions = 0
+        self.builds = 0
+        self.snapshot_time: float | None = None
+        self._pending: list[tuple[str, np.ndarray]] | None = None
+        self._builder: threading.Thread | None = None
+        self._build_error: BaseException | None = None
+        self._closed = False
+        self.wal: WriteAheadLog | None = None
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._load_snapshot()
+            self.wal = WriteAheadLog(self.directory / WAL_FILE, fsync=options.fsync)
+            self._replay()
+        self._maybe_build()
+
+    # ------------------------------------------------------------------ columns
+    def _reset_columns(self, capacity: int) -> None:
+        self.features = np.zeros((capacity, self.feature_dim), np.float32)
+        self.ts = np.zeros(capacity, np.float64)
+        self.added_at = np.zeros(capacity, np.float64)
+        self.seq = np.zeros(capacity, np.int64)
+        self.hits = np.zeros(capacity, np.int64)
+        self.ids: list[str | None] = [None] * capacity
+        self.item_ids: list[str | None] = [None] * capacity
+        self.sources: list[str | None] = [None] * capacity
+        self.slot_of: dict[str, int] = {}
+        self.high_water = 0
+        self.free: list[int] = []
+        self.retired: list[int] = []
+
+    def _grow(self, needed: int) -> None:
+        capacity = len(self.ts)
+        if needed <= capacity:
+            return
+        new_capacity = max(needed, capacity * 2)
+        for name in ("features", "ts", "added_at", "seq", "hits"):
+            old = getattr(self, name)
+            new = np.zeros((new_capacity,) + old.shape[1:], old.dtype)
+            new[:capacity] = old
+            setattr(self, name, new)
+        extra = [None] * (new_capacity - capacity)
+        self.ids.extend(extra)
+        self.item_ids.extend(extra)
+        self.sources.extend(extra)
+
+    def _allocate(self, count: int) -> np.ndarray:
+        reused = min(count, len(self.free))
+        slots = [self.free.pop() for _ in range(reused)]
+        fresh = count - reused
+        self._grow(self.high_water + fresh)
+        slots.extend(range(self.high_water, self.high_water + fresh))
+        self.high_water += fresh
+        return np.asarray(slots, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.slot_of)
+
+    def __contains__(self, case_id: str) -> bool:
+        return case_id in self.slot_of
+
+    # ------------------------------------------------------------------ writes
+    def add(self, batch: CaseBatch) -> int:
+        """Add the cases of ``batch`` not already present; durable on return. Returns how many."""
+        with self._write_lock:
+            self._check_open()
+            seen: set[str] = set()
+            rows = []
+            for row, case_id in enumerate(batch.case_ids):
+                if case_id not in self.slot_of and case_id not in seen:
+                    seen.add(case_id)
+                    rows.append(row)
+            if not rows:
+                return 0
+            if len(rows) != len(batch):
+                batch = batch.take(rows)
+            cap = self.options.max_cases_per_shard
+            victims: list[str] = []
+            if cap is not None:
+                if len(batch) > cap:
+                    batch = batch.take(np.arange(len(batch) - cap, len(batch)))
+                overflow = len(self.slot_of) + len(batch) - cap
+                if overflow > 0:
+                    victims = self._choose_victims(overflow)
+            records = []
+            if victims:
+                records.append((self.lsn + 1, RECORD_EVICT, encode_evict(victims)))
+            records.append((self.lsn + len(records) + 1, RECORD_ADD, encode_add(batch)))
+            if self.wal is not None:
+                self.wal.sync(self.wal.append(records))
+            if victims:
+                self._apply_evict(victims)
+            self._apply_add(batch)
+            self.lsn += len(records)
+            added = len(batch)
+        self._after_write()
+        return added
+
+    def _choose_victims(self, count: int) -> list[str]:
+        with self._lock:
+            slots = np.fromiter(self.slot_of.values(), np.int64, len(self.slot_of))
+            chosen = self._eviction.select(slots, self.seq[slots], self.features[slots, -1],
+                                           self.hits[slots], count)
+            return [self.ids[s] for s in chosen.tolist()]
+
+    def _apply_add(self, batch: CaseBatch) -> None:
+        n = len(batch)
+        now = time.time()
+        with self._lock:
+            slots = self._allocate(n)
+            self.features[slots, :self.dim] = batch.states
+            self.features[slots, self.dim:2 * self.dim] = batch.item_vecs
+            self.features[slots, -1] = batch.outcomes
+            self.ts[slots] = batch.ts
+            self.added_at[slots] = now
+            self.seq[slots] = np.arange(self.next_seq, self.next_seq + n)
+            self.next_seq += n
+            self.hits[slots] = 0
+            for slot, case_id, item_id, source in zip(slots.tolist(), batch.case_ids, batch.item_ids,
+                                                      batch.sources):
+                self.ids[slot] = case_id
+                self.item_ids[slot] = item_id
+                self.sources[slot] = source
+                self.slot_of[case_id] = slot
+            self.index.add(slots, batch.states)
+            if self._pending is not None:
+                self._pending.append(("add", slots))
+
+    def _apply_evict(self, case_ids: list[str]) -> None:
+        with self._lock:
+            slots = [self.slot_of.pop(c) for c in case_ids if c in self.slot_of]
+            if not slots:
+                return
+            slots = np.asarray(slots, np.int64)
+            self.index.remove(slots)
+            for slot in slots.tolist():
+                self.ids[slot] = self.item_ids[slot] = self.sources[slot] = None
+            if self._pending is not None:
+                self._pending.append(("remove", slots))
+            if self._pending is not None or isinstance(self.index, HNSWIndex):
+                self.retired.extend(slots.tolist())
+            else:
+                self.free.extend(slots.tolist())
+            self.evictions += len(slots)
+
+    def _after_write(self) -> None:
+        self._maybe_build()
+        if self.wal is not None and self.wal.size_bytes > self.options.snapshot_wal_bytes:
+            self.snapshot()
+
+    # ------------------------------------------------------------------ reads
+    def search(self, queries: np.ndarray, k: int, with_features: bool = False
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Top-``k`` by inner product: scores [B,k], case ids [B,k] (object, None = no case),
+        features [B,k,2*dim+1] (zeros where no case) if asked."""
+        with self._lock:
+            scores, slots = self.index.search(queries, k)
+            ids_list = self.ids
+            ids = np.array([[ids_list[s] if s >= 0 else None for s in row] for row in slots.tolist()],
+                           dtype=object).reshape(slots.shape)
+            features = None
+            if with_features:
+                features = self.features[np.maximum(slots, 0)]
+                features[slots < 0] = 0.0
+        return scores, ids, features
+
+    def count_hits(self, case_ids: list[str]) -> None:
+        with self._lock:
+            for case_id in case_ids:
+                slot = self.slot_of.get(case_id)
+                if slot is not None:
+                    self.hits[slot] += 1
+
+    def get(self, case_id: str) -> Case | None:
+        with self._lock:
+            slot = self.slot_of.get(case_id)
+            if slot is None:
+                return None
+            row = self.features[slot]
+            return Case(case_id=case_id, state=row[:self.dim].tolist(), item_id=self.item_ids[slot],
+                        item_vec=row[self.dim:2 * self.dim].tolist(), outcome=float(row[-1]),
+                        ts=float(self.ts[slot]), source=self.sources[slot])
+
+    def features_of(self, case_ids: list[str]) -> np.ndarray:
+        with self._lock:
+            slots = []
+            for case_id in case_ids:
+                slot = self.slot_of.get(case_id)
+                if slot is None:
+                    raise KeyError(f"case bank has no case with id {case_id!r}")
+                slots.append(slot)
+            return self.features[np.asarray(slots, np.int64)]
+
+    def hit_count(self, case_id: str) -> int:
+        with self._lock:
+            slot = self.slot_of.get(case_id)
+            return 0 if slot is None else int(self.hits[slot])
+
+    # ------------------------------------------------------------------ online index switch
+    def _wanted_index(self) -> str | None:
+        live = len(self.slot_of)
+        approx = self.options.approx_index
+        if approx == "flat":
+            return None
+        if self.index.kind == "flat":
+            return approx if live > self.options.switch_threshold else None
+        if live > self.options.rebuild_growth * max(self.built_size, 1):
+            return approx
+        if isinstance(self.index, HNSWIndex) and \
+                len(self.retired) > self.options.rebuild_dead_fraction * max(live, 1):
+            return approx
+        return None
+
+    def _maybe_build(self) -> None:
+        if self._closed or self._builder is not None or self._pending is not None:
+            return
+        kind = self._wanted_index()
+        if kind is None:
+            return
+        if self.options.background_build:
+            self._builder = threading.Thread(target=self._build, args=(kind,), daemon=True,
+                                             name=f"casebank-shard{self.shard_id}-build")
+            self._builder.start()
+        else:
+            self._build(kind)
+
+    def _build(self, kind: str) -> None:
+        try:
+            self._build_and_swap(kind)
+        except BaseException as exc:  # reported in stats and logs; searches keep the old index
+            self._build_error = exc
+            logger.exception("case bank shard %d: building a %s index failed", self.shard_id, kind)
+            with self._lock:
+                self._pending = None
+                self.free.extend(self.retired)
+                self.retired = []
+        finally:
+            self._builder = None
+
+    def _build_and_swap(self, kind: str) -> None:
+        started = time.perf_counter()
+        with self._lock:
+            live = np.fromiter(self.slot_of.values(), np.int64, len(self.slot_of))
+            vectors = self.features[live, :self.dim].copy()
+            self._pending = []
+            retired_before = len(self.retired)
+        o = self.options
+        new = make_index(kind, self.dim, nlist_per_sqrt=o.nlist_per_sqrt, nprobe=o.nprobe,
+                         train_per_list=o.train_per_list, seed=o.seed, m=o.hnsw_m,
+                         ef_construction=o.hnsw_ef_construction, ef_search=o.hnsw_ef_search)
+        new.build(live, vectors)
+        # Catch up outside the lock while many writes are pending, then finish under it.
+        while True:
+            with self._lock:
+                ops, self._pending = self._pending, []
+                features = self.features
+                if len(ops) <= 8:
+                    self._replay_ops(new, ops, features)
+                    old_kind = self.index.kind
+                    self.index = new
+                    self.built_size = len(self.slot_of)
+                    self._pending = None
+                    if isinstance(new, HNSWIndex):
+                        self.free.extend(self.retired[:retired_before])
+                        self.retired = self.retired[retired_before:]
+                    else:
+                        self.free.extend(self.retired)
+                        self.retired = []
+                    self.builds += 1
+                    break
+            self._replay_ops(new, ops, features)
+        logger.info("case bank shard %d: switched %s -> %s index over %d cases in %.2fs",
+                    self.shard_id, old_kind, kind, self.built_size, time.perf_counter() - started)
+
+    def _replay_ops(self, index: ShardIndex, ops, features: np.ndarray) -> None:
+        for op, slots in ops:
+            if op == "add":
+                index.add(slots, features[slots, :self.dim])
+            else:
+                index.remove(slots)
+
+    def wait_for_build(self, timeout: float | None = None) -> bool:
+        """Wait until no index build runs (and start one that is due); True if idle."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            builder = self._builder
+            if builder is None:
+                self._maybe_build()
+                builder = self._builder
+                if builder is None:
+                    return True
+            builder.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            if deadline is not None and time.monotonic() >= deadline and builder.is_alive():
+                return False
+
+    # ------------------------------------------------------------------ durability
+    def flush(self) -> None:
+        if self.wal is not None:
+            self.wal.sync()
+
+    def snapshot(self) -> None:
+        """Write the shard's state to ``snapshot.npz`` atomically, then empty its log."""
+        if self.directory is None:
+            return
+        with self._write_lock:
+            self._check_open()
+            with self._lock:
+                live = np.fromiter(self.slot_of.values(), np.int64, len(self.slot_of))
+                index = self.index
+                arrays = dict(
+                    lsn=np.int64(self.lsn), next_seq=np.int64(self.next_seq),
+                    slots=live, high_water=np.int64(self.high_water),
+                    case_ids=np.array([self.ids[s] for s in live.tolist()], dtype=str),
+                    item_ids=np.array([self.item_ids[s] for s in live.tolist()], dtype=str),
+                    sources=np.array([self.sources[s] for s in live.tolist()], dtype=str),
+                    features=self.features[live], ts=self.ts[live], added_at=self.added_at[live],
+                    seq=self.seq[live], hits=self.hits[live], retired=np.asarray(self.retired, np.int64),
+                    index_kind=np.array(index.kind), built_size=np.int64(self.built_size),
+                    evictions=np.int64(self.evictions))
+            # Serialising the index while searches read it is safe: no writer holds _write_lock.
+            arrays["index"] = index.serialize()
+            path = self.directory / SNAPSHOT_FILE
+            tmp = path.with_suffix(".tmp")
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            dir_fd = os.open(self.directory, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+            self.wal.reset()
+            self.snapshot_time = time.time()
+
+    def _load_snapshot(self) -> None:
+        path = self.directory / SNAPSHOT_FILE
+        if not path.exists():
+            return
+        with np.load(path, allow_pickle=False) as z:
+            live = z["slots"]
+            self._reset_columns(max(64, int(z["high_water"])))
+            self.high_water = int(z["high_water"])
+            self.features[live] = z["features"]
+            self.ts[live] = z["ts"]
+            self.added_at[live] = z["added_at"]
+            self.seq[live] = z["seq"]
+            self.hits[live] = z["hits"]
+            for slot, case_id, item_id, source in zip(live.tolist(), z["case_ids"].tolist(),
+                                                      z["item_ids"].tolist(), z["sources"].tolist()):
+                self.ids[slot] = case_id
+                self.item_ids[slot] = item_id
+                self.sources[slot] = source
+                self.slot_of[case_id] = slot
+            self.lsn = int(z["lsn"])
+            self.next_seq = int(z["next_seq"])
+            self.built_size = int(z["built_size"])
+            self.evictions = int(z["evictions"])
+            kind = str(z["index_kind"])
+            raw = faiss.deserialize_index(np.ascontiguousarray(z["index"]))
+            retired = set(z["retired"].tolist())
+        if kind == "flat":
+            self.index = FlatIndex(self.dim, raw)
+        elif kind == "ivf":
+            self.index = IVFIndex(self.dim, nprobe=self.options.nprobe, index=raw)
+        else:
+            self.index = HNSWIndex(self.dim, ef_search=self.options.hnsw_ef_search, index=raw)
+            in_index = faiss.vector_to_array(raw.id_map)
+            dead = np.setdiff1d(in_index, live)
+            self.index.tombstones.update(dead.tolist())
+            retired.update(dead.tolist())
+        live_set = set(live.tolist())
+        self.retired = sorted(retired - live_set) if kind == "hnsw" else []
+        blocked = live_set | set(self.retired)
+        self.free = [s for s in range(self.high_water) if s not in blocked]
+        self.snapshot_time = path.stat().st_mtime
+
+    def _replay(self) -> None:
+        replayed = 0
+        for record in self.wal.replay():
+            if record.lsn <= self.lsn:
+                continue
+            if record.kind == RECORD_ADD:
+                batch = decode_add(record.payload, self.dim)
+                fresh = [i for i, c in enumerate(batch.case_ids) if c not in self.slot_of]
+                if fresh:
+                    self._apply_add(batch if len(fresh) == len(batch) else batch.take(fresh))
+                replayed += len(fresh)
+            elif record.kind == RECORD_EVICT:
+                self._apply_evict(decode_evict(record.payload))
+            else:
+                logger.warning("case bank shard %d: skipping WAL record of unknown type %d (lsn %d)",
+                               self.shard_id, record.kind, record.lsn)
+            self.lsn = record.lsn
+        if replayed:
+            logger.info("case bank shard %d: replayed %d cases from %s", self.shard_id, replayed,
+                        self.wal.path)
+
+    # ------------------------------------------------------------------ lifecycle
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"case bank shard {self.shard_id} is closed")
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {
+                "cases": len(self.slot_of),
+                "index_type": self.index.kind,
+                "index_building": self._pending is not None,
+                "built_size": self.built_size,
+                "builds": self.builds,
+                "evictions": self.evictions,
+                "wal_bytes": self.wal.size_bytes if self.wal is not None else 0,
+                "wal_fsyncs": self.wal.fsyncs if self.wal is not None else 0,
+                "wal_truncated_bytes": self.wal.truncated_bytes if self.wal is not None else 0,
+                "snapshot_age_s": (time.time() - self.snapshot_time) if self.snapshot_time else None,
+                "lsn": self.lsn,
+                "build_error": repr(self._build_error) if self._build_error else None,
+            }
+
+    def close(self, snapshot: bool) -> None:
+        if self._closed:
+            return
+        self._closed = True  # no new builds; a running one finishes first
+        builder = self._builder
+        if builder is not None:
+            builder.join(timeout=120)
+        with self._write_lock:
+            self._closed = False
+            if snapshot and self.wal is not None and self.wal.size_bytes > 0:
+                self.snapshot()
+            self._closed = True
+            if self.wal is not None:
+                self.wal.close()

@@ -1,0 +1,377 @@
+"""The serving HTTP application (aiohttp): recommend, feedback, cases, health, stats, metrics.
+
+:class:`ServingService` owns the moving parts of one serving process — case bank, user
+histories, the policy reference, Kafka followers and the publisher — and :func:`make_app` wraps
+it in an :class:`aiohttp.web.Application` implementing the HTTP contract (docs in
+``serving/openapi.py``). The policy is swapped by replacing one attribute: a request reads the
+reference once and finishes on the policy it started with, so a swap never fails or blocks a
+request; loading and verifying happen on the checkpoint follower's thread.
+
+>>> cfg = ServingConfig(api_token="secret")
+>>> cfg.options.alpha, cfg.generator
+(0.1, 'case')
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from memento.config import Settings
+from memento.encoder import ItemEncoder, StateEncoder, load_products
+from memento.history import UserHistories
+from memento.kafka_io import DeadLetterWriter, make_producer
+from memento.qnet import QNetwork
+from memento.schemas import CheckpointAnnouncement, Recommendation, encode, to_dict
+from serving.followers import ActionFollower, CaseFollower, CheckpointFollower
+from serving.generator import CaseItemGenerator, ChatCompletionGenerator, Generator
+from serving.metrics import ServingMetrics
+from serving.openapi import openapi_document
+from serving.policy import NoCandidatesError, PolicyOptions, RetrievalPolicy
+from serving.publisher import Publisher
+from serving.validation import RequestError, parse_feedback, parse_json, parse_recommend
+
+__all__ = ["ServingConfig", "ServingService", "make_app", "SERVICE_KEY"]
+
+log = logging.getLogger(__name__)
+
+SERVICE_KEY = web.AppKey("serving_service", object)
+_START_TASK = web.AppKey("serving_start_task", object)
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """Serving options beyond the shared :class:`~memento.config.Settings`.
+
+    Parameters
+    ----------
+    options
+        Policy options (top K, α, probability floor, seed).
+    api_token
+        Bearer token required on write endpoints (``/v1/feedback``); empty = no auth.
+    max_body_bytes
+        Largest accepted request body; larger ones get 413.
+    generator
+        ``case`` (default: the chosen case's item) or ``chat`` (OpenAI-compatible endpoint).
+    chat_url, chat_model, chat_api_key, chat_timeout_s
+        The chat endpoint, when ``generator == "chat"``.
+    worker_index
+        Index of this process among several workers on one port: selects its case bank
+        directory (``serving-bank`` for 0, ``serving-bank-<i>`` otherwise) and offsets the seed.
+    bank_shards
+        Shards of the serving case bank.
+    max_users
+        Users whose recent history is kept in memory.
+    """
+
+    options: PolicyOptions = field(default_factory=PolicyOptions)
+    api_token: str = ""
+    max_body_bytes: int = 64 * 1024
+    generator: str = "case"
+    chat_url: str = ""
+    chat_model: str = "gpt-4o-mini"
+    chat_api_key: str = ""
+    chat_timeout_s: float = 2.0
+    worker_index: int = 0
+    bank_shards: int = 4
+    max_users: int = 1_000_000
+
+    def __post_init__(self):
+        if self.generator not in ("case", "chat"):
+            raise ValueError(f"generator must be 'case' or 'chat', got {self.generator!r}")
+        if self.generator == "chat" and not self.chat_url:
+            raise ValueError("generator 'chat' needs chat_url (an OpenAI-compatible endpoint root)")
+
+
+class ServingService:
+    """One serving process's state and background work.
+
+    Parameters
+    ----------
+    settings
+        Shared settings (Kafka, topics, directories, dimensions).
+    config
+        Serving options.
+    """
+
+    def __init__(self, settings: Settings, config: ServingConfig | None = None):
+        self.settings = settings
+        self.config = config or ServingConfig(options=PolicyOptions(top_k=settings.top_k))
+        self.options = self.config.options
+        self.metrics = ServingMetrics()
+        catalogue = load_products(settings.products) if settings.products else None
+        self.items = ItemEncoder(settings.item_dim, catalogue)
+        self.states = StateEncoder(self.items, max_len=settings.history_len)
+        self.histories = UserHistories(max_users=self.config.max_users, max_len=settings.history_len)
+        self.rng = np.random.default_rng(self.options.seed + self.config.worker_index)
+        self.policy: RetrievalPolicy | None = None
+        self.version_seen_at: dict[int, float] = {}
+        self.bank = None
+        self.generator: Generator | None = None
+        self.publisher: Publisher | None = None
+        self.followers: list = []
+        self.recommendations_served = 0
+        self.started = threading.Event()
+        self.start_error: BaseException | None = None
+        self._closing = threading.Event()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    @property
+    def bank_path(self) -> Path:
+        name = "serving-bank" if self.config.worker_index == 0 else f"serving-bank-{self.config.worker_index}"
+        return Path(self.settings.data_dir) / name
+
+    def start(self) -> None:
+        """Open the bank, connect to Kafka, start the followers (blocking; run off the loop)."""
+        try:
+            from memory_store import CaseBank
+
+            self.bank = CaseBank(self.bank_path, dim=self.settings.state_dim,
+                                 num_shards=self.config.bank_shards)
+            self.metrics.cases.set(len(self.bank))
+            default = CaseItemGenerator(self.bank)
+            if self.config.generator == "chat":
+                self.generator = ChatCompletionGenerator(
+                    self.config.chat_url, self.config.chat_model, default,
+                    api_key=self.config.chat_api_key, timeout_s=self.config.chat_timeout_s,
+                    known_items=list(self.items.catalogue), on_fallback=self.metrics.generator_fallbacks.inc)
+            else:
+                self.generator = default
+            producer = self._connect_producer()
+            if producer is None:
+                return
+            self.publisher = Publisher(producer, self.metrics)
+            self.followers = [
+                ActionFollower(self.settings, self.histories, self.metrics),
+                CaseFollower(self.settings, self.bank, self.metrics,
+                             dead_letters=DeadLetterWriter(self.settings, producer)),
+                CheckpointFollower(self.settings, self.metrics, self._current_version, self._swap_in),
+            ]
+            for follower in self.followers:
+                follower.start()
+            self.started.set()
+            log.info("serving started: bank %s (%d cases), Kafka %s", self.bank_path, len(self.bank),
+                     self.settings.bootstrap_servers)
+        except BaseException as exc:
+            self.start_error = exc
+            log.exception("serving failed to start")
+            raise
+
+    def _connect_producer(self):
+        delay = 0.2
+        while not self._closing.is_set():
+            try:
+                return make_producer(self.settings, linger_ms=2)
+            except Exception as exc:  # NoBrokersAvailable and socket errors
+                log.warning("cannot reach Kafka at %s (%s); retrying", self.settings.bootstrap_servers, exc)
+                self._closing.wait(delay)
+                delay = min(delay * 2, 5.0)
+        return None
+
+    def close(self) -> None:
+        """Stop followers, flush the producer, close the bank (blocking)."""
+        self._closing.set()
+        for follower in self.followers:
+            follower.stop()
+        if self.publisher is not None:
+            self.publisher.close()
+        if self.bank is not None:
+            self.bank.close()
+        log.info("serving stopped")
+
+    # -- policy --------------------------------------------------------------------------------
+    def _current_version(self) -> int | None:
+        policy = self.policy
+        return None if policy is None else policy.version
+
+    def _swap_in(self, net: QNetwork, announcement: CheckpointAnnouncement) -> None:
+        previous = self._current_version()
+        self.policy = RetrievalPolicy(net, announcement.version, self.bank, self.options)
+        self.version_seen_at[announcement.version] = time.time()
+        self.metrics.reloads.inc()
+        self.metrics.policy_version.set(announcement.version)
+        log.info("policy version %d swapped in (was %s; announced %.3fs ago)", announcement.version,
+                 previous, time.time() - announcement.created_at)
+
+    # -- status --------------------------------------------------------------------------------
+    @property
+    def cases(self) -> int:
+        return 0 if self.bank is None else len(self.bank)
+
+    @property
+    def ready(self) -> bool:
+        return self.started.is_set() and self.policy is not None and self.cases > 0
+
+    def stats(self) -> dict:
+        def sample(name: str) -> float:
+            return self.metrics.registry.get_sample_value(name) or 0.0
+
+        return {
+            "policy_version": self._current_version(),
+            "cases": self.cases,
+            "cases_appended": int(sample("memento_serving_cases_appended_total")),
+            "reloads": int(sample("memento_serving_reloads_total")),
+            "reload_failures": int(sample("memento_serving_reload_failures_total")),
+            "requests": self.recommendations_served,
+        }
+
+
+def _error(status: int, message: str, **extra) -> web.Response:
+    return web.json_response({"error": message, **extra}, status=status)
+
+
+def make_app(service: ServingService) -> web.Application:
+    """The aiohttp application; starting it starts ``service`` in the background (``/healthz``
+    answers at once, ``/readyz`` once the policy and cases are in), cleanup closes it."""
+    settings, config, metrics = service.settings, service.config, service.metrics
+
+    @web.middleware
+    async def observe(request: web.Request, handler):
+        started = time.perf_counter()
+        route = request.match_info.route.resource
+        endpoint = route.canonical if route is not None else "unmatched"
+        try:
+            response = await handler(request)
+        except RequestError as exc:
+            response = _error(exc.status, str(exc))
+            response.headers.update(exc.headers)
+        except web.HTTPRequestEntityTooLarge:
+            response = _error(413, f"request body is larger than {config.max_body_bytes} bytes")
+        except web.HTTPException as exc:
+            if exc.empty_body or exc.status < 400:
+                raise
+            response = _error(exc.status, exc.reason)
+        metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+        metrics.requests.labels(endpoint, str(response.status)).inc()
+        return response
+
+    def require_token(request: web.Request) -> None:
+        if not config.api_token:
+            return
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise RequestError("missing bearer token: send the header 'Authorization: Bearer <token>'",
+                               401, headers={"WWW-Authenticate": "Bearer"})
+        if not hmac.compare_digest(token.strip().encode(), config.api_token.encode()):
+            raise RequestError("invalid bearer token in the 'Authorization' header", 403,
+                               headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+
+    def not_ready(what: str = "") -> web.Response:
+        reason = what or ("no policy loaded yet" if service.policy is None else "the case bank is empty"
+                          if service.started.is_set() else "still starting")
+        return _error(503, f"not ready: {reason}", policy_version=service._current_version(),
+                      cases=service.cases)
+
+    async def recommend(request: web.Request) -> web.Response:
+        req = parse_recommend(parse_json(await request.read()))
+        policy = service.policy
+        if policy is None or not service.ready:
+            return not_ready()
+        history = service.histories.get(req.user_id) + req.recent_items
+        state = service.states.encode(history, until=req.ts)
+        try:
+            decision = policy.recommend(state, service.rng)
+        except NoCandidatesError as exc:
+            return not_ready(str(exc))
+        generator = service.generator
+        if generator.blocking:
+            items = await asyncio.get_running_loop().run_in_executor(
+                None, generator.generate, decision, req.k, history)
+        else:
+            items = generator.generate(decision, req.k, history)
+        request_id = uuid.uuid4().hex
+        served_at = time.time()
+        record = Recommendation(
+            request_id=request_id, user_id=req.user_id, item_id=items[0], case_id=decision.case_id,
+            propensity=decision.propensity, policy_version=decision.policy_version, ts=req.ts,
+            state=decision.state.tolist(), case_features=decision.case_features.tolist(),
+            served_at=served_at)
+        service.publisher.publish(settings.topics.recommendations, req.user_id, encode(record))
+        metrics.published.inc()
+        metrics.mu_entropy.observe(decision.entropy)
+        metrics.propensity.observe(decision.propensity)
+        metrics.candidates.observe(len(decision.case_ids))
+        service.recommendations_served += 1
+        body = {"request_id": request_id, "user_id": req.user_id, "item_id": items[0], "items": items,
+                "case_id": decision.case_id, "propensity": decision.propensity,
+                "policy_version": decision.policy_version, "ts": req.ts}
+        if req.explain:
+            candidates = []
+            for i, case_id in enumerate(decision.case_ids):
+                case = service.bank.get(case_id)
+                candidates.append({"case_id": case_id, "item_id": case.item_id if case else None,
+                                   "probability": float(decision.probs[i]), "q": float(decision.q[i]),
+                                   "similarity": float(decision.similarities[i])})
+            body["candidates"] = candidates
+        return web.json_response(body)
+
+    async def feedback(request: web.Request) -> web.Response:
+        require_token(request)
+        action = parse_feedback(parse_json(await request.read()))
+        if service.publisher is None:
+            return not_ready("not connected to Kafka yet")
+        if not service.publisher.publish(settings.topics.actions, action.user_id, encode(action)):
+            return _error(503, "the Kafka publish queue is full; retry later")
+        return web.json_response({"accepted": True, "event_id": action.event_id}, status=202)
+
+    async def get_case(request: web.Request) -> web.Response:
+        case_id = request.match_info["case_id"]
+        case = service.bank.get(case_id) if service.bank is not None else None
+        if case is None:
+            return _error(404, f"no case with case_id {case_id!r}")
+        return web.json_response(to_dict(case))
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    async def readyz(request: web.Request) -> web.Response:
+        ready = service.ready
+        return web.json_response({"ready": ready, "policy_version": service._current_version(),
+                                  "cases": service.cases}, status=200 if ready else 503)
+
+    async def stats(request: web.Request) -> web.Response:
+        return web.json_response(service.stats())
+
+    async def prometheus(request: web.Request) -> web.Response:
+        return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def openapi(request: web.Request) -> web.Response:
+        return web.json_response(openapi_document(config.max_body_bytes))
+
+    async def on_startup(app: web.Application) -> None:
+        # Not awaited: /healthz must answer while the bank loads and Kafka connects.
+        app[_START_TASK] = asyncio.get_running_loop().run_in_executor(None, service.start)
+
+    async def on_cleanup(app: web.Application) -> None:
+        loop = asyncio.get_running_loop()
+        service._closing.set()
+        try:
+            await app[_START_TASK]
+        except BaseException:  # already logged by start()
+            pass
+        await loop.run_in_executor(None, service.close)
+
+    app = web.Application(middlewares=[observe], client_max_size=config.max_body_bytes)
+    app[SERVICE_KEY] = service
+    app.router.add_post("/v1/recommend", recommend)
+    app.router.add_post("/v1/feedback", feedback)
+    app.router.add_get("/v1/cases/{case_id}", get_case)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/v1/stats", stats)
+    app.router.add_get("/metrics", prometheus)
+    app.router.add_get("/openapi.json", openapi)
+    app.on_startup.append(on_startup)
+    app.on_cleanup.append(on_cleanup)
+    return app

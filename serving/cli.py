@@ -1,0 +1,128 @@
+"""``memento serve``: command-line flags and the process entry point.
+
+Flags override environment variables (``MEMENTO_<FIELD>``, see :class:`memento.config.Settings`);
+the bearer token comes from ``--api-token`` or ``MEMENTO_API_TOKEN``, the chat generator's key
+only from ``MEMENTO_CHAT_API_KEY``. With ``--workers N`` (N > 1) N processes share the port
+(SO_REUSEPORT), each with its own case bank directory, followers and metrics.
+
+>>> import argparse
+>>> p = argparse.ArgumentParser(); add_arguments(p)
+>>> a = p.parse_args(["--port", "9000", "--alpha", "0.5"])
+>>> a.port, a.alpha, a.workers
+(9000, 0.5, 1)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+
+from memento.config import Settings
+from serving.policy import PolicyOptions
+
+__all__ = ["add_arguments", "run_from_args", "settings_from_args", "config_from_args"]
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``memento serve``'s flags to ``parser``."""
+    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8080, help="HTTP port (default 8080)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="serving processes sharing the port via SO_REUSEPORT (default 1)")
+    parser.add_argument("--bootstrap-servers", default=None, help="Kafka bootstrap servers (env MEMENTO_BOOTSTRAP_SERVERS)")
+    parser.add_argument("--data-dir", default=None, help="local state root; the case bank lives in DATA_DIR/serving-bank")
+    parser.add_argument("--checkpoint-dir", default=None,
+                        help="where announced checkpoints are looked up if their path does not exist here")
+    parser.add_argument("--products", default=None, help="product CSV for item features (env MEMENTO_PRODUCTS)")
+    parser.add_argument("--embedded-broker", action="store_true", default=None,
+                        help="talking to an embedded test broker (env MEMENTO_EMBEDDED_BROKER)")
+    parser.add_argument("--top-k", type=int, default=None, help="nearest cases mu chooses among (default settings.top_k)")
+    parser.add_argument("--alpha", type=float, default=0.1, help="temperature of mu = softmax(Q/alpha) (default 0.1)")
+    parser.add_argument("--min-prob", type=float, default=0.01, help="floor on each candidate's probability (default 0.01)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling generator (worker i uses seed+i)")
+    parser.add_argument("--api-token", default=None, help="bearer token for write endpoints (env MEMENTO_API_TOKEN)")
+    parser.add_argument("--max-body-bytes", type=int, default=64 * 1024, help="largest request body (default 65536)")
+    parser.add_argument("--generator", choices=("case", "chat"), default="case",
+                        help="item generator: the chosen case's item, or an OpenAI-compatible chat endpoint")
+    parser.add_argument("--chat-url", default="", help="chat endpoint root, e.g. http://127.0.0.1:8000/v1")
+    parser.add_argument("--chat-model", default="gpt-4o-mini", help="model name sent to the chat endpoint")
+    parser.add_argument("--log-level", default=os.environ.get("MEMENTO_LOG_LEVEL", "INFO"))
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    return Settings.from_env(
+        bootstrap_servers=args.bootstrap_servers, data_dir=args.data_dir,
+        checkpoint_dir=args.checkpoint_dir, products=args.products, top_k=args.top_k,
+        embedded_broker=args.embedded_broker)
+
+
+def config_from_args(args: argparse.Namespace, settings: Settings, worker_index: int = 0):
+    from serving.app import ServingConfig
+
+    return ServingConfig(
+        options=PolicyOptions(top_k=settings.top_k, alpha=args.alpha, min_prob=args.min_prob, seed=args.seed),
+        api_token=args.api_token if args.api_token is not None else os.environ.get("MEMENTO_API_TOKEN", ""),
+        max_body_bytes=args.max_body_bytes, generator=args.generator, chat_url=args.chat_url,
+        chat_model=args.chat_model, chat_api_key=os.environ.get("MEMENTO_CHAT_API_KEY", ""),
+        worker_index=worker_index)
+
+
+def _serve(args: argparse.Namespace, worker_index: int, reuse_port: bool) -> None:
+    import torch
+    from aiohttp import web
+
+    from serving.app import ServingService, make_app
+
+    logging.basicConfig(level=args.log_level.upper(),
+                        format=f"%(asctime)s serving[{worker_index}] %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(1)  # one small MLP per request: threads only add contention
+    settings = settings_from_args(args)
+    service = ServingService(settings, config_from_args(args, settings, worker_index))
+    log.info("serving worker %d on http://%s:%d (Kafka %s)", worker_index, args.host, args.port,
+             settings.bootstrap_servers)
+    web.run_app(make_app(service), host=args.host, port=args.port, reuse_port=reuse_port or None,
+                handle_signals=True, shutdown_timeout=5.0, print=None, access_log=None)
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Run serving until SIGTERM/SIGINT; returns the exit code."""
+    if args.workers < 1:
+        raise SystemExit("--workers must be >= 1")
+    if args.workers == 1:
+        _serve(args, 0, reuse_port=False)
+        return 0
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s serving %(levelname)s %(message)s")
+    ctx = multiprocessing.get_context("spawn")
+    workers = [ctx.Process(target=_serve, args=(args, i, True), name=f"serving-{i}") for i in range(args.workers)]
+    for w in workers:
+        w.start()
+
+    def forward(signum, frame):
+        for w in workers:
+            if w.is_alive():
+                os.kill(w.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    code = 0
+    for w in workers:
+        w.join()
+        code = code or (w.exitcode or 0)
+    log.info("all %d serving workers stopped", len(workers))
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="memento serve", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run_from_args(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""Background Kafka consumers that keep a serving process current.
+
+Every follower reads its topic from the beginning without a consumer group: each serving process
+(and each of its workers) needs the whole stream, and re-reading is harmless because what they
+feed is idempotent (the case bank by case id, the policy by version) or bounded (histories).
+
+* :class:`ActionFollower` folds actions into per-user histories (the state encoder's input);
+* :class:`CaseFollower` appends new cases to the serving case bank, in batches;
+* :class:`CheckpointFollower` loads each newer announced checkpoint off the event loop and hands
+  it over for an atomic swap; a checkpoint failing verification is rejected and counted.
+
+Each runs one :class:`kafka.KafkaConsumer` in its own thread; :meth:`TopicFollower.stop` ends it.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+from kafka.errors import KafkaError
+
+from memento.checkpoint import CheckpointError, load_checkpoint
+from memento.config import Settings
+from memento.encoder import HistoryEntry
+from memento.history import UserHistories
+from memento.kafka_io import DeadLetterWriter, make_consumer
+from memento.qnet import QNetwork
+from memento.schemas import Action, Case, CheckpointAnnouncement, SchemaError, decode
+from serving.metrics import ServingMetrics
+
+__all__ = ["TopicFollower", "ActionFollower", "CaseFollower", "CheckpointFollower"]
+
+log = logging.getLogger(__name__)
+
+
+class TopicFollower(threading.Thread, abc.ABC):
+    """Polls one topic from the beginning and hands each batch to :meth:`_handle`.
+
+    Parameters
+    ----------
+    settings
+        Bootstrap servers and topic names.
+    topic
+        The topic to follow.
+    metrics
+        Where malformed messages are counted.
+    poll_timeout_ms
+        Longest wait of one poll (bounds how long :meth:`stop` takes).
+    max_records
+        Largest batch handed to :meth:`_handle`.
+    """
+
+    def __init__(self, settings: Settings, topic: str, metrics: ServingMetrics, *,
+                 poll_timeout_ms: int = 100, max_records: int = 1000):
+        super().__init__(name=f"follow-{topic}", daemon=True)
+        self.settings = settings
+        self.topic = topic
+        self.metrics = metrics
+        self.poll_timeout_ms = poll_timeout_ms
+        self.max_records = max_records
+        self.records_seen = 0
+        self._stop_event = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            try:
+                consumer = make_consumer(self.settings, [self.topic], group_id=None,
+                                         from_beginning=True, max_poll_records=self.max_records)
+            except (KafkaError, OSError) as exc:
+                log.warning("%s: cannot connect to Kafka at %s (%s); retrying", self.name,
+                            self.settings.bootstrap_servers, exc)
+                self._stop_event.wait(1.0)
+                continue
+            try:
+                while not self._stop_event.is_set():
+                    batches = consumer.poll(timeout_ms=self.poll_timeout_ms, max_records=self.max_records)
+                    records = [r for part in batches.values() for r in part]
+                    if records:
+                        self.records_seen += len(records)
+                        self._handle(records)
+                return
+            except KafkaError as exc:
+                log.warning("%s: Kafka error (%s); reconnecting from the last position", self.name, exc)
+            except Exception as exc:  # a handler bug must be visible, not a silently dead thread
+                log.exception("%s stopped on an unexpected error", self.name)
+                self.error = exc
+                return
+            finally:
+                consumer.close()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop_event.set()
+        if self.is_alive():
+            self.join(timeout)
+
+    def _malformed(self, record, reason: str) -> None:
+        self.metrics.malformed.labels(self.topic).inc()
+        log.warning("%s[%d]@%d malformed: %s", record.topic, record.partition, record.offset, reason)
+
+    @abc.abstractmethod
+    def _handle(self, records: list) -> None:
+        """Process a batch of consumer records (in topic-partition order)."""
+
+
+class ActionFollower(TopicFollower):
+    """Feeds the actions topic into ``histories``. Malformed actions are counted here and
+    dead-lettered by the stream worker, which owns that topic's dead letters."""
+
+    def __init__(self, settings: Settings, histories: UserHistories, metrics: ServingMetrics, **kwargs):
+        super().__init__(settings, settings.topics.actions, metrics, **kwargs)
+        self.histories = histories
+
+    def _handle(self, records: list) -> None:
+        for record in records:
+            try:
+                action = decode(Action, record.value)
+            except SchemaError as exc:
+                self.metrics.malformed.labels(self.topic).inc()
+                log.debug("actions[%d]@%d malformed: %s", record.partition, record.offset, exc)
+                continue
+            self.histories.add(action.user_id, HistoryEntry(action.item_id, action.action, action.ts))
+            self.metrics.actions_seen.inc()
+
+
+class CaseFollower(TopicFollower):
+    """Appends the cases topic to ``bank`` in batches (idempotent by case id).
+
+    Parameters
+    ----------
+    bank
+        ``memory_store.CaseBank`` of dimension ``settings.state_dim``.
+    dead_letters
+        Optional writer for malformed case messages.
+    """
+
+    def __init__(self, settings: Settings, bank, metrics: ServingMetrics,
+                 dead_letters: DeadLetterWriter | None = None, **kwargs):
+        super().__init__(settings, settings.topics.cases, metrics, **kwargs)
+        self.bank = bank
+        self.dim = settings.state_dim
+        self.dead_letters = dead_letters
+
+    def _handle(self, records: list) -> None:
+        cases = []
+        for record in records:
+            try:
+                case = decode(Case, record.value)
+                if len(case.state) != self.dim or len(case.item_vec) != self.dim:
+                    raise SchemaError(f"Case: fields 'state' and 'item_vec' must have {self.dim} "
+                                      f"values, got {len(case.state)} and {len(case.item_vec)}")
+            except SchemaError as exc:
+                self._malformed(record, str(exc))
+                if self.dead_letters is not None:
+                    self.dead_letters.send(record.topic, record.partition, record.offset, str(exc),
+                                           record.value)
+                continue
+            cases.append(case)
+        if cases:
+            added = self.bank.add(cases)
+            self.metrics.cases_appended.inc(added)
+            self.metrics.cases.set(len(self.bank))
+
+
+class CheckpointFollower(TopicFollower):
+    """Loads announced checkpoints newer than the serving version and calls ``on_policy``.
+
+    Within one batch only the newest loadable announcement is built (a restarted server does
+    not replay every old version). A rejected version is never retried.
+
+    Parameters
+    ----------
+    current_version
+        Returns the version now serving (None before the first).
+    on_policy
+        Called with ``(net, announcement)`` from this thread after a successful load.
+    checkpoint_dir
+        Where to look for the file when the announced path does not exist here (a shared
+        volume mounted at another path): ``checkpoint_dir / basename(path)``.
+    """
+
+    def __init__(self, settings: Settings, metrics: ServingMetrics,
+                 current_version: Callable[[], int | None],
+                 on_policy: Callable[[QNetwork, CheckpointAnnouncement], None],
+                 checkpoint_dir: str | None = None, **kwargs):
+        super().__init__(settings, settings.topics.checkpoints, metrics, **kwargs)
+        self.current_version = current_version
+        self.on_policy = on_policy
+        self.checkpoint_dir = checkpoint_dir if checkpoint_dir is not None else settings.checkpoint_dir
+        self.rejected: dict[int, str] = {}
+
+    def _resolve(self, announced: str) -> str:
+        path = Path(announced)
+        if not path.exists() and self.checkpoint_dir:
+            local = Path(self.checkpoint_dir) / path.name
+            if local.exists():
+                return str(local)
+        return announced
+
+    def _handle(self, records: list) -> None:
+        announcements = []
+        for record in records:
+            try:
+                announcements.append(decode(CheckpointAnnouncement, record.value))
+            except SchemaError as exc:
+                self._malformed(record, str(exc))
+        current = self.current_version()
+        newer = sorted((a for a in announcements
+                        if (current is None or a.version > current) and a.version not in self.rejected),
+                       key=lambda a: a.version, reverse=True)
+        for ann in newer:
+            started = time.perf_counter()
+            try:
+                if ann.state_dim != self.settings.state_dim:
+                    raise CheckpointError(f"announced state_dim {ann.state_dim} != serving's "
+                                          f"{self.settings.state_dim}")
+                net = load_checkpoint(self._resolve(ann.path), ann.sha256,
+                                      expect_state_dim=self.settings.state_dim)
+            except CheckpointError as exc:
+                self.rejected[ann.version] = str(exc)
+                self.metrics.reload_failures.inc()
+                log.error("rejected checkpoint version %d (%s); still serving version %s",
+                          ann.version, exc, current)
+                continue
+            self.metrics.reload_seconds.observe(time.perf_counter() - started)
+            self.on_policy(net, ann)
+            return

@@ -1,0 +1,157 @@
+"""The retrieval policy μ(c|s): nearest cases, scored by Q, sampled from softmax(Q/α).
+
+For a state s, the policy takes the ``top_k`` nearest cases of the bank (cosine of states),
+scores them with the soft-Q network, forms μ(c|s) = softmax(Q(s, c)/α) with a probability floor
+(:func:`memento.softq.policy_probs`), and samples one case from μ with a seeded generator. The
+propensity μ(c|s) of the chosen case is what the stream worker and the learner need for
+off-policy correction, so it is returned with the decision.
+
+A policy object is immutable: hot reload builds a new one and swaps the reference.
+
+>>> import numpy as np, torch
+>>> from memento.qnet import QNetwork
+>>> from memento.schemas import Case
+>>> from memory_store import CaseBank
+>>> bank = CaseBank(None, dim=4)
+>>> unit = lambda i: [1.0 if j == i else 0.0 for j in range(4)]
+>>> _ = bank.add([Case(f"c{i}", unit(i), f"item{i}", unit(i), 1.0, 0.0) for i in range(3)])
+>>> torch.manual_seed(0) and None
+>>> policy = RetrievalPolicy(QNetwork(4, 8), version=7, bank=bank, options=PolicyOptions(top_k=2))
+>>> d = policy.recommend(np.array(unit(1), np.float32), np.random.default_rng(0))
+>>> d.case_ids[0], len(d.case_ids), d.policy_version
+('c1', 2, 7)
+>>> 0.0 < d.propensity <= 1.0 and abs(float(d.probs.sum()) - 1.0) < 1e-5
+True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from memento.qnet import QNetwork
+from memento.softq import entropy, policy_probs
+
+__all__ = ["PolicyOptions", "Decision", "RetrievalPolicy", "NoCandidatesError"]
+
+
+class NoCandidatesError(LookupError):
+    """The case bank returned no case for the state (the bank is empty)."""
+
+
+@dataclass(frozen=True)
+class PolicyOptions:
+    """How serving turns Q values into a choice.
+
+    Parameters
+    ----------
+    top_k
+        Number of nearest cases μ chooses among; must equal the learner's K so that μ and the
+        TD target's soft value range over the same candidate set.
+    alpha
+        Temperature of μ = softmax(Q/α): small α is greedy in Q, large α is uniform.
+    min_prob
+        Floor on each candidate's probability (keeps every propensity away from 0 so that
+        off-policy weights 1/μ stay bounded).
+    seed
+        Seed of the sampling generator (one per serving process; worker i uses seed + i).
+    """
+
+    top_k: int = 16
+    alpha: float = 0.1
+    min_prob: float = 0.01
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if not self.alpha > 0:
+            raise ValueError(f"alpha must be > 0, got {self.alpha}")
+        if not 0.0 <= self.min_prob < 1.0:
+            raise ValueError(f"min_prob must be in [0, 1), got {self.min_prob}")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One sampled choice with everything needed to explain and log it.
+
+    Arrays are over the valid candidates only, in search order (most similar first).
+    """
+
+    state: np.ndarray          # [D] the state s the policy saw
+    case_ids: list[str]        # [n]
+    similarities: np.ndarray   # [n] cosine of s with each case's state
+    features: np.ndarray       # [n, 2D+1] case feature vectors
+    q: np.ndarray              # [n] Q(s, c)
+    probs: np.ndarray          # [n] μ(c|s)
+    chosen: int                # index of the sampled case
+    policy_version: int
+    entropy: float = field(default=0.0)
+
+    @property
+    def case_id(self) -> str:
+        return self.case_ids[self.chosen]
+
+    @property
+    def propensity(self) -> float:
+        return float(self.probs[self.chosen])
+
+    @property
+    def case_features(self) -> np.ndarray:
+        return self.features[self.chosen]
+
+    def ranked(self) -> list[int]:
+        """Candidate indices: the chosen one first, then by decreasing probability."""
+        order = [int(i) for i in np.argsort(-self.probs, kind="stable") if int(i) != self.chosen]
+        return [self.chosen] + order
+
+
+class RetrievalPolicy:
+    """Soft-Q retrieval policy over a case bank.
+
+    Parameters
+    ----------
+    net
+        The Q network (frozen: serving never trains it).
+    version
+        Policy version announced by the learner.
+    bank
+        The case bank (``memory_store.CaseBank``); only ``search_with_features`` is used.
+    options
+        Sampling options.
+    """
+
+    def __init__(self, net: QNetwork, version: int, bank, options: PolicyOptions | None = None):
+        self.net = net.eval()
+        for p in self.net.parameters():
+            p.requires_grad_(False)
+        self.version = int(version)
+        self.bank = bank
+        self.options = options or PolicyOptions()
+
+    def _scores(self, state: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """Q values [1, K] of the candidates; subclasses may score differently."""
+        return self.net(state, features)
+
+    def recommend(self, state: np.ndarray, rng: np.random.Generator) -> Decision:
+        """Retrieve, score and sample; raises :class:`NoCandidatesError` on an empty bank."""
+        state = np.ascontiguousarray(state, dtype=np.float32).reshape(-1)
+        ids, scores, features, mask = self.bank.search_with_features(state[None], self.options.top_k)
+        n = int(mask[0].sum())
+        if n == 0:
+            raise NoCandidatesError("the case bank has no case to choose from")
+        # Valid hits come first (best first) and padding after, so the first n columns are the set.
+        feats = np.ascontiguousarray(features[0, :n], dtype=np.float32)
+        with torch.no_grad():
+            q = self._scores(torch.from_numpy(state)[None], torch.from_numpy(feats)[None])
+            mu = policy_probs(q, self.options.alpha, self.options.min_prob)
+            ent = float(entropy(mu)[0])
+        q_np = q[0].double().numpy()
+        probs = mu[0].double().numpy()
+        probs = probs / probs.sum()
+        chosen = int(rng.choice(n, p=probs))
+        return Decision(state=state, case_ids=list(ids[0][:n]), similarities=scores[0, :n].copy(),
+                        features=feats, q=q_np.astype(np.float32), probs=probs, chosen=chosen,
+                        policy_version=self.version, entropy=ent)

@@ -1,0 +1,191 @@
+"""Reward attribution: joins a user's served recommendations with their later actions.
+
+This module is the stream worker's logic without Faust, so that it can be tested directly and
+reused by the in-process evaluation. A user's stream state is a JSON-able dict (it lives in a
+changelog-backed Faust table)::
+
+    {"history": [[item_id, action, ts, event_id], ...],   # event-time ordered
+     "pending": [recommendation dicts],                    # windows still open
+     "closed": [request ids recently closed],              # for idempotence
+     "seen": [event ids recently seen]}
+
+Rules, all in event time:
+
+* A recommendation at time t opens a window [t, t + window]. Its reward is the largest
+  :class:`~memento.config.RewardWeights` weight among the user's actions on the recommended
+  item inside the window, 0 if none.
+* Actions and recommendations may arrive in any order; the reward is computed from the
+  history when the window closes, so an action that arrived before its recommendation counts.
+* A window closes once the partition's watermark (largest event time seen) passes
+  ``t + window + allowed_lateness``. Actions older than ``watermark - window - lateness``
+  arrive too late to change any closed window: they are counted as late (and still update
+  the user's history).
+* Duplicate actions (same event id) and duplicate recommendations (same request id) are
+  ignored, so replaying a partition changes nothing.
+
+>>> from memento.config import RewardWeights
+>>> from memento.encoder import ItemEncoder, StateEncoder
+>>> attr = RewardAttribution(StateEncoder(ItemEncoder(8)), RewardWeights(), window_s=60, allowed_lateness_s=0)
+>>> st = attr.new_state()
+>>> rec = {"request_id": "r1", "user_id": "u", "item_id": "7", "case_id": "c", "propensity": 0.5,
+...        "policy_version": 1, "ts": 100.0, "state": [0.0] * 8, "case_features": [0.0] * 17}
+>>> attr.add_recommendation(st, rec)
+'pending'
+>>> attr.add_action(st, "e1", "7", "cart", 130.0)
+'new'
+>>> [t.reward for t, _ in attr.close_due(st, watermark=200.0, now=0.0)]
+[3.0]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from memento.config import RewardWeights
+from memento.encoder import HistoryEntry, StateEncoder
+from memento.schemas import Case, Recommendation, Transition
+
+__all__ = ["RewardAttribution", "AttributionStats"]
+
+_MAX_HISTORY = 1000
+_MAX_REMEMBERED_IDS = 200
+
+
+@dataclass
+class AttributionStats:
+    hit: int = 0
+    miss: int = 0
+    late: int = 0
+    duplicate: int = 0
+
+
+class RewardAttribution:
+    """Attribution rules over one user's stream state.
+
+    Parameters
+    ----------
+    encoder
+        The shared state encoder (computes s′ at the end of the window).
+    rewards
+        Reward weight per action.
+    window_s
+        Attribution window after a recommendation, event-time seconds.
+    allowed_lateness_s
+        Extra event time a window stays open for late events.
+    history_len
+        Number of recent actions kept for the state, beyond those a pending window needs.
+    """
+
+    def __init__(self, encoder: StateEncoder, rewards: RewardWeights, *, window_s: float = 600.0,
+                 allowed_lateness_s: float = 60.0, history_len: int = 30):
+        self.encoder = encoder
+        self.rewards = rewards
+        self.window_s = window_s
+        self.allowed_lateness_s = allowed_lateness_s
+        self.history_len = history_len
+        self.stats = AttributionStats()
+
+    @staticmethod
+    def new_state() -> dict[str, Any]:
+        return {"history": [], "pending": [], "closed": [], "seen": []}
+
+    def close_time(self, rec_ts: float) -> float:
+        """Watermark at which the window of a recommendation made at ``rec_ts`` closes."""
+        return rec_ts + self.window_s + self.allowed_lateness_s
+
+    def history(self, state: dict[str, Any]) -> list[HistoryEntry]:
+        return [HistoryEntry(h[0], h[1], h[2]) for h in state["history"]]
+
+    def add_action(self, state: dict[str, Any], event_id: str, item_id: str, action: str, ts: float,
+                   watermark: float | None = None) -> str:
+        """Record an action; returns ``new``, ``duplicate`` or ``late``."""
+        if event_id in state["seen"]:
+            self.stats.duplicate += 1
+            return "duplicate"
+        state["seen"].append(event_id)
+        del state["seen"][:-_MAX_REMEMBERED_IDS]
+        history = state["history"]
+        history.append([item_id, action, ts, event_id])
+        if len(history) > 1 and history[-2][2] > ts:
+            history.sort(key=lambda h: h[2])
+        self._prune(state)
+        if watermark is not None and ts < watermark - self.window_s - self.allowed_lateness_s:
+            self.stats.late += 1
+            return "late"
+        return "new"
+
+    def add_recommendation(self, state: dict[str, Any], rec: dict[str, Any]) -> str:
+        """Open a window for a served recommendation; returns ``pending`` or ``duplicate``."""
+        rid = rec["request_id"]
+        if rid in state["closed"] or any(p["request_id"] == rid for p in state["pending"]):
+            self.stats.duplicate += 1
+            return "duplicate"
+        state["pending"].append(rec)
+        return "pending"
+
+    def next_close(self, state: dict[str, Any]) -> float | None:
+        """Watermark at which this user's earliest open window closes (None when none)."""
+        return min((self.close_time(p["ts"]) for p in state["pending"]), default=None)
+
+    def state_before(self, state: dict[str, Any], ts: float) -> np.ndarray:
+        """The user's state from actions strictly before ``ts``."""
+        return self.encoder.encode([e for e in self.history(state) if e.ts < ts])
+
+    def close_due(self, state: dict[str, Any], watermark: float, now: float) -> list[tuple[Transition, Case]]:
+        """Close every window whose close time the watermark has passed."""
+        due = [p for p in state["pending"] if self.close_time(p["ts"]) < watermark]
+        if not due:
+            return []
+        state["pending"] = [p for p in state["pending"] if self.close_time(p["ts"]) >= watermark]
+        out = [self._close(state, rec, now) for rec in sorted(due, key=lambda p: p["ts"])]
+        self._prune(state)
+        return out
+
+    def _close(self, state: dict[str, Any], rec: dict[str, Any], now: float) -> tuple[Transition, Case]:
+        start, end = rec["ts"], rec["ts"] + self.window_s
+        weights = [self.rewards.weight(h[1]) for h in state["history"]
+                   if h[0] == rec["item_id"] and start <= h[2] <= end]
+        reward = max(weights, default=0.0)
+        if reward > 0:
+            self.stats.hit += 1
+        else:
+            self.stats.miss += 1
+        next_state = self.encoder.encode(self.history(state), until=end)
+        state["closed"].append(rec["request_id"])
+        del state["closed"][:-_MAX_REMEMBERED_IDS]
+        transition = Transition(
+            transition_id=rec["request_id"], user_id=rec["user_id"], state=rec["state"],
+            case_id=rec["case_id"], case_features=rec["case_features"], item_id=rec["item_id"],
+            propensity=rec["propensity"], reward=reward, next_state=[float(x) for x in next_state],
+            done=False, policy_version=rec["policy_version"], ts=rec["ts"], closed_at=now)
+        case = Case(case_id=f"rec:{rec['request_id']}", state=rec["state"], item_id=rec["item_id"],
+                    item_vec=[float(x) for x in self.encoder.items.encode(rec["item_id"])],
+                    outcome=reward, ts=rec["ts"], source="recommendation")
+        return transition, case
+
+    def organic_case(self, state: dict[str, Any], event_id: str, item_id: str, action: str, ts: float) -> Case:
+        """A case from an action the user took on their own: (state before it, item, its weight)."""
+        return Case(case_id=f"act:{event_id}", state=[float(x) for x in self.state_before(state, ts)],
+                    item_id=item_id, item_vec=[float(x) for x in self.encoder.items.encode(item_id)],
+                    outcome=self.rewards.weight(action), ts=ts, source="action")
+
+    def _prune(self, state: dict[str, Any]) -> None:
+        history = state["history"]
+        oldest_needed = min((p["ts"] for p in state["pending"]), default=None)
+        keep_from = max(0, len(history) - self.history_len)
+        if oldest_needed is not None:
+            while keep_from > 0 and history[keep_from - 1][2] >= oldest_needed:
+                keep_from -= 1
+        keep_from = max(keep_from, len(history) - _MAX_HISTORY)
+        if keep_from:
+            del history[:keep_from]
+
+    @staticmethod
+    def recommendation_dict(rec: Recommendation) -> dict[str, Any]:
+        return {"request_id": rec.request_id, "user_id": rec.user_id, "item_id": rec.item_id,
+                "case_id": rec.case_id, "propensity": rec.propensity,
+                "policy_version": rec.policy_version, "ts": rec.ts, "state": rec.state,
+                "case_features": rec.case_features}

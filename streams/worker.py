@@ -1,0 +1,41 @@
+"""``memento worker``: runs the Faust stream worker as a process."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from prometheus_client import start_http_server
+
+from memento.config import add_settings_arguments, settings_from_args
+from memento.kafka_io import ensure_topics, wait_for_broker
+
+__all__ = ["add_arguments", "run_from_args"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_settings_arguments(parser)
+    parser.add_argument("--worker-id", default="0", help="distinguishes workers' local table stores")
+    parser.add_argument("--store", default="rocksdb://", choices=["rocksdb://", "memory://"],
+                        help="Faust table store (changelog-backed either way)")
+    parser.add_argument("--metrics-port", type=int, default=9101, help="Prometheus metrics port (0: off)")
+    parser.add_argument("--tick-interval", type=float, default=0.5,
+                        help="seconds between watermark ticks that close reward windows")
+    parser.add_argument("--loglevel", default="info")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    from faust import Worker
+
+    from streams.app import TransitionWorker
+
+    wait_for_broker(settings, timeout=60)
+    ensure_topics(settings)
+    if args.metrics_port:
+        start_http_server(args.metrics_port, addr="127.0.0.1" if settings.embedded_broker else "0.0.0.0")
+    worker = TransitionWorker(settings, worker_id=args.worker_id, store=args.store,
+                              tick_interval_s=args.tick_interval)
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+    Worker(worker.app, loglevel=args.loglevel, quiet=True).execute_from_commandline()
+    return 0

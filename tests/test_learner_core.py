@@ -1,0 +1,173 @@
+"""Learning core: TD target, soft value, soft-Q on a two-case problem, non-finite guard."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from learner.buffer import ReplayBuffer
+from learner.storage import ReplayBatch, ReplayTransition
+from learner.trainer import SoftQConfig, SoftQLearner, UnhealthyLearnerError
+from memento.checkpoint import load_checkpoint
+from memento.encoder import case_feature_vector
+from memento.softq import policy_probs, soft_value
+
+D, K = 4, 2
+
+
+class FixedQ(nn.Module):
+    """A stand-in target network whose Q values are given."""
+
+    def __init__(self, q: torch.Tensor):
+        super().__init__()
+        self.q = q
+
+    def forward(self, state, cases):
+        return self.q
+
+
+def _batch(reward, done, next_mask, propensity=None) -> ReplayBatch:
+    n = len(reward)
+    f = 2 * D + 1
+    return ReplayBatch(
+        indices=np.arange(n), weights=np.ones(n, np.float32),
+        state=np.zeros((n, D), np.float32), case_features=np.zeros((n, f), np.float32),
+        reward=np.asarray(reward, np.float32), done=np.asarray(done, bool),
+        propensity=np.asarray(propensity if propensity is not None else [0.5] * n, np.float32),
+        next_state=np.zeros((n, D), np.float32),
+        candidate_features=np.zeros((n, K, f), np.float32), candidate_mask=np.zeros((n, K), bool),
+        next_candidate_features=np.zeros((n, K, f), np.float32),
+        next_candidate_mask=np.asarray(next_mask, bool))
+
+
+def test_td_target_matches_hand_computation():
+    learner = SoftQLearner(D, SoftQConfig(gamma=0.5, alpha=0.1, hidden=8))
+    learner.target_net = FixedQ(torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [2.0, -5.0]]))
+    batch = _batch(reward=[1.0, 1.0, 0.5, 0.0], done=[False, True, False, False],
+                   next_mask=[[True, True], [True, True], [False, False], [False, True]])
+    y = learner.compute_td_target(batch).numpy()
+    v0 = 0.1 * math.log(math.exp(1.0 / 0.1) + math.exp(0.0 / 0.1))   # α·logsumexp(Q/α)
+    expected = [1.0 + 0.5 * v0,   # ordinary transition
+                1.0,              # episode ended: no bootstrap
+                0.5,              # s′ has no candidate case: soft value 0
+                0.5 * -5.0]       # the masked-out candidate (Q=2) must not count
+    np.testing.assert_allclose(y, expected, rtol=1e-6)
+
+
+def test_soft_value_tends_to_max_as_alpha_shrinks():
+    q = torch.tensor([[0.3, 1.7, -2.0, 1.2]])
+    gaps = []
+    for alpha in (1.0, 0.3, 0.1, 0.01, 0.001):
+        v = float(soft_value(q, alpha))
+        gap = v - 1.7
+        assert 0.0 <= gap <= alpha * math.log(4) + 1e-6   # max ≤ V ≤ max + α·log K
+        gaps.append(gap)
+    assert gaps == sorted(gaps, reverse=True) and gaps[-1] < 1e-5
+
+
+def _two_case_problem(n: int, seed: int, p_good=0.7, p_bad=0.4) -> tuple[ReplayBuffer, np.ndarray, np.ndarray]:
+    """One state s, two cases; the policy that logged the data was uniform (propensity 0.5).
+    Case A pays 1 with probability p_good, case B with p_bad; s′ = s (continuing task)."""
+    rng = np.random.default_rng(seed)
+    state = np.array([1.0, 0.0, 0.0, 0.0], np.float32)
+    good = case_feature_vector(state, [0, 1, 0, 0], 1.0)
+    bad = case_feature_vector(state, [0, 0, 1, 0], 0.0)
+    cands = np.stack([good, bad])
+    mask = np.ones(2, bool)
+    buffer = ReplayBuffer.create(n, D, K, seed=seed)
+    for i in range(n):
+        pick_good = rng.random() < 0.5
+        reward = float(rng.random() < (p_good if pick_good else p_bad))
+        buffer.add(ReplayTransition(f"t{i}", state, good if pick_good else bad, reward, False, 0.5,
+                                    state, cands, mask, cands, mask))
+    return buffer, state, cands
+
+
+@pytest.mark.parametrize("loss,iw_clip", [("mse", None), ("huber", 5.0)])
+def test_softq_learns_the_better_case(loss, iw_clip):
+    buffer, state, cands = _two_case_problem(400, seed=3)
+    learner = SoftQLearner(D, SoftQConfig(gamma=0.5, alpha=0.1, tau=0.05, lr=3e-3, batch_size=64,
+                                          hidden=32, loss=loss, importance_weight_clip=iw_clip, seed=0))
+    s, c = torch.tensor(state)[None], torch.tensor(cands)[None]
+    with torch.no_grad():
+        before = policy_probs(learner.q_net(s, c), 0.1)[0, 0].item()
+    for _ in range(600):
+        metrics = learner.update(buffer.sample(64))
+        assert metrics["skipped"] == 0.0
+    with torch.no_grad():
+        q = learner.q_net(s, c)
+        p_good = policy_probs(q, 0.1)[0, 0].item()
+    # Q(s, A) - Q(s, B) should approach 0.7 - 0.4 = 0.3 and Q itself r̄ + γ·V(s) ≈ 0.7 + 0.5·V
+    assert p_good > 0.9, (before, p_good, q)
+    assert 0.15 < float(q[0, 0] - q[0, 1]) < 0.45
+    assert learner.steps == 600 and learner.healthy
+
+
+def test_alpha_tuning_moves_entropy_toward_target():
+    buffer, state, cands = _two_case_problem(200, seed=5)
+    learner = SoftQLearner(D, SoftQConfig(alpha=0.1, target_entropy=0.6, lr=1e-2, hidden=16, seed=0))
+    for _ in range(300):
+        metrics = learner.update(buffer.sample(64))
+    # with two candidates the maximum entropy is log 2 = 0.69; the target 0.6 asks for a softer μ
+    assert learner.alpha > 0.1
+    assert abs(metrics["entropy"] - 0.6) < 0.1
+
+
+def test_non_finite_update_is_skipped_and_blocks_publishing(tmp_path):
+    buffer, _, _ = _two_case_problem(100, seed=1)
+    learner = SoftQLearner(D, SoftQConfig(hidden=16, seed=0))
+    learner.update(buffer.sample(32))
+    ann = learner.save_checkpoint(tmp_path, version=1)
+    assert load_checkpoint(ann.path, ann.sha256, expect_state_dim=D) is not None
+
+    before = [p.detach().clone() for p in learner.q_net.parameters()]
+    bad = buffer.sample(32)
+    bad.reward[3] = np.nan                       # a NaN reward poisons the TD target
+    metrics = learner.update(bad)
+    assert metrics["skipped"] == 1.0 and learner.skipped_updates == 1 and learner.steps == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, learner.q_net.parameters()))
+    assert not learner.healthy
+    with pytest.raises(UnhealthyLearnerError, match="refusing to publish policy v2"):
+        learner.save_checkpoint(tmp_path, version=2)
+    assert not (tmp_path / "policy-v000002.safetensors").exists()
+
+    learner.update(buffer.sample(32))            # a finite update restores health
+    assert learner.healthy
+    learner.save_checkpoint(tmp_path, version=2)
+
+    with torch.no_grad():                         # NaN weights: every update is skipped
+        next(learner.q_net.parameters())[0, 0] = float("nan")
+    assert not learner.healthy
+    for _ in range(3):
+        assert learner.update(buffer.sample(32))["skipped"] == 1.0
+    assert learner.skipped_updates == 4 and not learner.healthy
+    with pytest.raises(UnhealthyLearnerError):
+        learner.save_checkpoint(tmp_path, version=3)
+
+
+def test_learner_state_round_trip(tmp_path):
+    buffer, state, cands = _two_case_problem(100, seed=2)
+    cfg = SoftQConfig(hidden=16, seed=0, target_entropy=0.5)
+    learner = SoftQLearner(D, cfg)
+    for _ in range(20):
+        learner.update(buffer.sample(16))
+    learner.save(tmp_path / "learner.pt")
+    restored = SoftQLearner(D, SoftQConfig(hidden=16, seed=99, target_entropy=0.5))
+    restored.load(tmp_path / "learner.pt")
+    batch = buffer.sample(16)
+    assert restored.steps == 20 and restored.alpha == pytest.approx(learner.alpha)
+    a, b = learner.update(batch), restored.update(batch)
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+    with pytest.raises(ValueError, match="hidden"):
+        SoftQLearner(D, SoftQConfig(hidden=8)).load(tmp_path / "learner.pt")
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="gamma must be in"):
+        SoftQConfig(gamma=1.5)
+    with pytest.raises(ValueError, match="loss must be 'mse' or 'huber'"):
+        SoftQConfig(loss="l1")
