@@ -128,6 +128,7 @@ class WorldConfig:
     browse_mean: float = 3.0
     browse_sharpness: float = 1.0
     drift_eta: float = 0.05
+    drift_anchor: float = 0.0
     activity_sigma: float = 0.8
     rewards: RewardWeights = RewardWeights()
 
@@ -140,7 +141,7 @@ class WorldConfig:
             raise ValueError(f"WorldConfig.user_categories ({self.user_categories}) exceeds "
                              f"n_top_categories ({self.n_top_categories})")
         for name in ("appeal_std", "item_noise", "user_noise", "browse_mean", "browse_sharpness",
-                     "drift_eta", "activity_sigma"):
+                     "drift_eta", "drift_anchor", "activity_sigma"):
             if float(getattr(self, name)) < 0:
                 raise ValueError(f"WorldConfig.{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.null_brand_share <= 1.0:
@@ -335,7 +336,8 @@ class SyntheticWorld:
         eta = self.config.drift_eta
         if eta > 0:
             u, i = self.user_index(user), self.item_index(item)
-            self.tastes[u] = _unit(self.tastes[u] + eta * self.item_vectors[i])
+            anchor = self.config.drift_anchor * self.initial_tastes[u]
+            self.tastes[u] = _unit(self.tastes[u] + eta * self.item_vectors[i] + anchor)
 
     def reset_tastes(self) -> None:
         """Undo all drift."""
