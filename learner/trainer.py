@@ -3,8 +3,10 @@
 One update (CleanRL dqn.py shape): sample a batch, compute the TD target
 y = r + γ(1 − done)·α·logsumexp(Q_target(s′, ·)/α) over s′'s candidates under ``no_grad``,
 regress Q(s, c) on it (MSE or Huber, optionally importance-weighted), clip gradients, step,
-then Polyak-average the target network. α is fixed or tuned so that the entropy of μ(·|s)
-tracks a target entropy (as in discrete SAC).
+then Polyak-average the target network. α is fixed or tuned so that the entropy of μ tracks a
+target entropy (as in discrete SAC). The entropy is that of μ(·|s′) over s′'s candidates under
+the target network, whose Q values the TD target computes anyway (the candidate set of s is
+only scored when importance weights are on).
 
 Guard rail: an update whose loss, Q values, target or gradient is not finite is skipped
 (nothing is stepped), counted in ``skipped_updates``, and makes the learner unhealthy; an
@@ -152,28 +154,36 @@ class SoftQLearner:
     @torch.no_grad()
     def compute_td_target(self, batch: ReplayBatch) -> torch.Tensor:
         """y = r + γ(1 − done)·α·logsumexp(Q_target(s′, ·)/α); 0 soft value where s′ has no candidate."""
-        t = self._tensors(batch)
-        return self._td_target(t, self.alpha)
+        return self._td_target(self._tensors(batch), self.alpha)[0]
 
-    def _td_target(self, t: dict[str, torch.Tensor], alpha: float) -> torch.Tensor:
-        with torch.no_grad():
-            next_q = self.target_net(t["next_state"], t["next_candidate_features"])
-            return td_target(t["reward"].float(), t["done"], next_q, gamma=self.config.gamma,
-                             alpha=alpha, next_mask=t["next_candidate_mask"].bool())
+    @torch.no_grad()
+    def _td_target(self, t: dict[str, torch.Tensor], alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The TD target and the mean entropy of μ(·|s′) under the target network (rows of s′
+        with at least one candidate; NaN when there are none)."""
+        next_q = self.target_net(t["next_state"], t["next_candidate_features"])
+        next_mask = t["next_candidate_mask"].bool()
+        y = td_target(t["reward"].float(), t["done"], next_q, gamma=self.config.gamma,
+                      alpha=alpha, next_mask=next_mask)
+        has_candidates = next_mask.any(-1)
+        if has_candidates.any():
+            probs = policy_probs(next_q[has_candidates], alpha, self.config.min_prob, next_mask[has_candidates])
+            next_entropy = entropy(probs).mean()
+        else:
+            next_entropy = torch.tensor(float("nan"))
+        return y, next_entropy
 
     @torch.no_grad()
     def policy_at_state(self, t: dict[str, torch.Tensor], q_chosen: torch.Tensor,
-                        alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """μ(·|s) of the current network over s's candidates plus the chosen case (a candidate
-        identical to the chosen case is counted once); returns (μ(c|s) of the chosen case, entropy)."""
+                        alpha: float) -> torch.Tensor:
+        """μ(c|s) of the chosen case under the current network, over s's candidates plus the
+        chosen case (a candidate identical to the chosen case is counted once)."""
         cand, mask = t["candidate_features"], t["candidate_mask"].bool()
         q_cand = self.q_net(t["state"], cand)
         same = (cand - t["case_features"].unsqueeze(1)).abs().amax(-1) <= 1e-6
         mask = mask & ~same
         q = torch.cat([q_cand, q_chosen.unsqueeze(1)], dim=1)
         full_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        probs = policy_probs(q, alpha, self.config.min_prob, full_mask)
-        return probs[:, -1], entropy(probs)
+        return policy_probs(q, alpha, self.config.min_prob, full_mask)[:, -1]
 
     def update(self, batch: ReplayBatch) -> dict[str, float]:
         """One gradient step on ``batch``; returns loss, mean Q, mean target, α, policy entropy,
@@ -181,11 +191,11 @@ class SoftQLearner:
         cfg = self.config
         t = self._tensors(batch)
         alpha = self.alpha
-        y = self._td_target(t, alpha)
+        y, policy_entropy = self._td_target(t, alpha)
         q_chosen = self.q_net(t["state"], t["case_features"].unsqueeze(1)).squeeze(1)
-        mu_chosen, policy_entropy = self.policy_at_state(t, q_chosen.detach(), alpha)
         weights = t["weights"].float()
         if cfg.importance_weight_clip is not None:
+            mu_chosen = self.policy_at_state(t, q_chosen.detach(), alpha)
             iw = (mu_chosen / t["propensity"].float().clamp(min=1e-6)).clamp(max=cfg.importance_weight_clip)
             weights = weights * iw
         td_error = q_chosen - y
@@ -196,7 +206,7 @@ class SoftQLearner:
         loss = (weights * per_sample).mean()
         metrics = {"loss": float(loss.detach()), "q_mean": float(q_chosen.detach().mean()),
                    "target_mean": float(y.mean()), "alpha": alpha,
-                   "entropy": float(policy_entropy.mean()), "importance_weight_mean": float(weights.mean()),
+                   "entropy": float(policy_entropy), "importance_weight_mean": float(weights.mean()),
                    "grad_norm": float("nan"), "skipped": 0.0}
 
         self.optimizer.zero_grad(set_to_none=True)
@@ -220,9 +230,9 @@ class SoftQLearner:
         with torch.no_grad():
             for p_target, p in zip(self.target_net.parameters(), self.q_net.parameters()):
                 p_target.lerp_(p, cfg.tau)
-        if self.alpha_optimizer is not None and torch.isfinite(policy_entropy).all():
+        if self.alpha_optimizer is not None and torch.isfinite(policy_entropy):
             # discrete-SAC temperature loss: α·(H(μ) − H_target); raises α when μ is too peaked
-            alpha_loss = self.log_alpha.exp() * (policy_entropy.mean() - cfg.target_entropy)
+            alpha_loss = self.log_alpha.exp() * (policy_entropy - cfg.target_entropy)
             self.alpha_optimizer.zero_grad(set_to_none=True)
             alpha_loss.backward()
             self.alpha_optimizer.step()

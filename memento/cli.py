@@ -15,10 +15,21 @@ __all__ = ["main"]
 COMMANDS = {
     "worker": ("streams.worker", "run the Faust stream worker (transitions, cases)"),
     "learner": ("learner.service", "run the soft-Q learner (replay buffer, checkpoints)"),
-    "serve": ("serving.app", "run the HTTP recommendation server"),
+    "serve": ("serving.cli", "run the HTTP recommendation server"),
     "replay": ("memento.replay", "play users (synthetic or Tmall) against serving and Kafka"),
     "demo": ("memento.demo", "start everything on an embedded broker and replay users"),
 }
+
+# ``memento bench NAME`` → module with add_arguments/run(args) -> dict of figures
+BENCHMARKS = {
+    "memory": ("memory_store.bench", "case bank: adds/s, search latency, recall vs faiss.IndexFlatIP"),
+    "serving": ("serving.bench", "HTTP serving: latency at fixed rates and flat out, reload visibility"),
+}
+
+
+def _bench(args: argparse.Namespace) -> int:
+    importlib.import_module(args.bench_module).run(args)
+    return 0
 
 
 def _broker(args: argparse.Namespace) -> int:
@@ -51,6 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
     broker.add_argument("--port", type=int, default=9092)
     broker.add_argument("--data-dir", dest="broker_dir", default=".memento/broker")
     broker.set_defaults(handler=_broker)
+    bench = sub.add_parser("bench", help="benchmarks that print figures against a baseline")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    for name, (module, help_text) in BENCHMARKS.items():
+        p = bench_sub.add_parser(name, help=help_text)
+        p.set_defaults(handler=_bench, bench_module=module)
+        try:
+            importlib.import_module(module).add_arguments(p)
+        except (ImportError, AttributeError) as exc:
+            p.set_defaults(import_error=exc)
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text)
         p.set_defaults(module=module)
@@ -66,11 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(logging.WARNING)
-    if hasattr(args, "handler"):
-        return args.handler(args)
     if getattr(args, "import_error", None):
         print(f"memento {args.command}: unavailable ({args.import_error})", file=sys.stderr)
         return 2
+    if hasattr(args, "handler"):
+        return args.handler(args)
     return int(importlib.import_module(args.module).run_from_args(args) or 0)
 
 

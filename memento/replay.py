@@ -31,10 +31,12 @@ attributes rewards, :func:`summarise_windows` builds the per-window table, and
 from __future__ import annotations
 
 import abc
+import dataclasses
 import http.client
 import json
 import logging
 import math
+import sys
 import time
 import urllib.parse
 from collections import Counter
@@ -128,7 +130,7 @@ class ReplayConfig:
     moment_step_s: float = 60.0
     response_delay_s: float = 2.0
     start_ts: float = SYNTHETIC_EPOCH
-    warmup_moments: int = 1
+    warmup_moments: int = 2
     warmup_events: int = 300
     world: WorldConfig = field(default_factory=WorldConfig)
     send_context: bool = False
@@ -158,11 +160,11 @@ class ReplayConfig:
         window = self.window_s
         if not window > 0:
             raise ValueError(f"reward window must be > 0 event seconds, got {window}")
+        if self.response_delay_s <= 0:
+            raise ValueError(f"ReplayConfig.response_delay_s must be > 0, got {self.response_delay_s}")
         if 4 * self.response_delay_s >= window:
             raise ValueError(f"ReplayConfig.response_delay_s ({self.response_delay_s}) puts the "
                              f"response outside the reward window ({window} s)")
-        if self.response_delay_s <= 0:
-            raise ValueError(f"ReplayConfig.response_delay_s must be > 0, got {self.response_delay_s}")
 
     @property
     def window_s(self) -> float:
@@ -170,8 +172,9 @@ class ReplayConfig:
 
 
 def build_world(config: ReplayConfig) -> SyntheticWorld:
-    """The synthetic world a replay with ``config`` plays (write its products CSV for serving)."""
-    return SyntheticWorld(config.world, seed=config.seed)
+    """The synthetic world a replay with ``config`` plays (write its products CSV for serving);
+    its expected and oracle rewards use the settings' reward weights."""
+    return SyntheticWorld(dataclasses.replace(config.world, rewards=config.settings.rewards), seed=config.seed)
 
 
 # -- moments: what a source generates -----------------------------------------------------
@@ -896,11 +899,11 @@ def run_from_args(args) -> int:
     try:
         config = config_from_args(args)
     except ValueError as exc:
-        print(f"memento replay: {exc}")
+        print(f"memento replay: {exc}", file=sys.stderr)
         return 2
     if args.write_products or args.write_log:
         if config.source != "synthetic":
-            print("memento replay: --write-products/--write-log need --source synthetic")
+            print("memento replay: --write-products/--write-log need --source synthetic", file=sys.stderr)
             return 2
         world = build_world(config)
         if args.write_products:
@@ -913,7 +916,7 @@ def run_from_args(args) -> int:
     try:
         summary = run_replay(config, progress=not args.no_progress)
     except (ServingNotReady, FileNotFoundError, ValueError, KafkaError) as exc:
-        print(f"memento replay: {exc}")
+        print(f"memento replay: {exc}", file=sys.stderr)
         return 1
     print(summary.table())
     if args.summary_json:

@@ -15,7 +15,8 @@ The reward of an item is the largest :class:`memento.config.RewardWeights` weigh
 actions taken on it (0 without a click), so :meth:`SyntheticWorld.expected_reward` is exact and
 :meth:`SyntheticWorld.oracle_item` is the best achievable recommendation. Users also browse on
 their own (items drawn by a softmax over their click score), which is what builds their history,
-and their tastes drift toward what they consume: ``u <- normalise(u + drift_eta * v_i)``.
+and their tastes drift toward what they consume:
+``u <- normalise(u + drift_eta * v_i + drift_anchor * u_0)`` with ``u_0`` the initial taste.
 
 >>> import numpy as np
 >>> world = SyntheticWorld(WorldConfig(n_items=40, n_users=5), seed=1)
@@ -33,7 +34,7 @@ from __future__ import annotations
 import calendar
 import csv
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -95,6 +96,10 @@ class WorldConfig:
         Inverse temperature of the organic browsing softmax over the click logit.
     drift_eta
         Step of the taste drift toward consumed (clicked) items; 0 disables drift.
+    drift_anchor
+        Pull back toward the user's initial taste at each consumption, so tastes wander
+        around it instead of collapsing (the world stays stationary, and a rising reward
+        curve means the recommender learned, not that the users narrowed).
     activity_sigma
         Users are picked with lognormal(0, activity_sigma) activity weights.
     rewards
@@ -128,7 +133,7 @@ class WorldConfig:
     browse_mean: float = 3.0
     browse_sharpness: float = 1.0
     drift_eta: float = 0.05
-    drift_anchor: float = 0.0
+    drift_anchor: float = 0.1
     activity_sigma: float = 0.8
     rewards: RewardWeights = RewardWeights()
 
@@ -332,7 +337,7 @@ class SyntheticWorld:
         return out
 
     def consume(self, user: str | int, item: str | int) -> None:
-        """Taste drift: ``u <- normalise(u + drift_eta * v_item)``."""
+        """Taste drift: ``u <- normalise(u + drift_eta * v_item + drift_anchor * u_initial)``."""
         eta = self.config.drift_eta
         if eta > 0:
             u, i = self.user_index(user), self.item_index(item)

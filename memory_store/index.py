@@ -9,7 +9,7 @@ accept incremental adds and removals.
 >>> index = FlatIndex(dim=2)
 >>> index.add(np.array([7, 9]), np.array([[1, 0], [0, 1]], np.float32))
 >>> scores, ids = index.search(np.array([[1, 0]], np.float32), k=3)
->>> ids.tolist(), scores[0, 2]
+>>> ids.tolist(), float(scores[0, 2])
 ([[7, 9, -1]], -inf)
 """
 
@@ -133,6 +133,7 @@ class IVFIndex(ShardIndex):
         sample = vectors if n <= nlist * self.train_per_list else \
             vectors[np.sort(rng.choice(n, nlist * self.train_per_list, replace=False))]
         index.cp.seed = self.seed
+        index.cp.min_points_per_centroid = 1  # a sample is used on purpose; silence faiss' warning
         index.train(np.ascontiguousarray(sample, np.float32))
         index.set_direct_map_type(faiss.DirectMap.Hashtable)
         index.add_with_ids(np.ascontiguousarray(vectors, np.float32), np.ascontiguousarray(ids, np.int64))

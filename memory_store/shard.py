@@ -19,9 +19,9 @@ retired instead of reused, so the builder's copy stays valid.
 ...                   np.zeros((1, 2), np.float32))
 >>> shard.add(batch), shard.add(batch), len(shard)
 (1, 0, 1)
->>> scores, ids, _ = shard.search(np.array([[1, 0]], np.float32), 2)
+>>> scores, slots, ids, _ = shard.search(np.array([[1, 0]], np.float32), 2)
 >>> ids[0].tolist(), scores[0].tolist()
-[['a', None], [1.0, -inf]]
+(['a', None], [1.0, -inf])
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ class Shard:
         self.added_at = np.zeros(capacity, np.float64)
         self.seq = np.zeros(capacity, np.int64)
         self.hits = np.zeros(capacity, np.int64)
-        self.ids: list[str | None] = [None] * capacity
+        self.ids = np.full(capacity, None, dtype=object)  # case id per slot, None = free
         self.item_ids: list[str | None] = [None] * capacity
         self.sources: list[str | None] = [None] * capacity
         self.slot_of: dict[str, int] = {}
@@ -122,8 +122,10 @@ class Shard:
             new = np.zeros((new_capacity,) + old.shape[1:], old.dtype)
             new[:capacity] = old
             setattr(self, name, new)
+        ids = np.full(new_capacity, None, dtype=object)
+        ids[:capacity] = self.ids
+        self.ids = ids
         extra = [None] * (new_capacity - capacity)
-        self.ids.extend(extra)
         self.item_ids.extend(extra)
         self.sources.extend(extra)
 
@@ -233,26 +235,26 @@ class Shard:
 
     # ------------------------------------------------------------------ reads
     def search(self, queries: np.ndarray, k: int, with_features: bool = False
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """Top-``k`` by inner product: scores [B,k], case ids [B,k] (object, None = no case),
-        features [B,k,2*dim+1] (zeros where no case) if asked."""
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+        """Top-``k`` by inner product: scores [B,k], slots [B,k] (-1 = none), case ids [B,k]
+        (object, None = none) and, if asked, features [B,k,2*dim+1] (zeros where none)."""
         with self._lock:
             scores, slots = self.index.search(queries, k)
-            ids_list = self.ids
-            ids = np.array([[ids_list[s] if s >= 0 else None for s in row] for row in slots.tolist()],
-                           dtype=object).reshape(slots.shape)
+            missing = slots < 0
+            safe = np.where(missing, 0, slots) if missing.any() else slots
+            ids = self.ids[safe]
+            ids[missing] = None
             features = None
             if with_features:
-                features = self.features[np.maximum(slots, 0)]
-                features[slots < 0] = 0.0
-        return scores, ids, features
+                features = self.features[safe]
+                features[missing] = 0.0
+        return scores, slots, ids, features
 
-    def count_hits(self, case_ids: list[str]) -> None:
+    def count_hits(self, slots: np.ndarray, ids: np.ndarray) -> None:
+        """Count one retrieval for each (slot, id) still holding that id."""
         with self._lock:
-            for case_id in case_ids:
-                slot = self.slot_of.get(case_id)
-                if slot is not None:
-                    self.hits[slot] += 1
+            same = self.ids[slots] == ids
+            np.add.at(self.hits, slots[same], 1)
 
     def get(self, case_id: str) -> Case | None:
         with self._lock:
@@ -393,7 +395,7 @@ class Shard:
                 arrays = dict(
                     lsn=np.int64(self.lsn), next_seq=np.int64(self.next_seq),
                     slots=live, high_water=np.int64(self.high_water),
-                    case_ids=np.array([self.ids[s] for s in live.tolist()], dtype=str),
+                    case_ids=self.ids[live].astype(str),
                     item_ids=np.array([self.item_ids[s] for s in live.tolist()], dtype=str),
                     sources=np.array([self.sources[s] for s in live.tolist()], dtype=str),
                     features=self.features[live], ts=self.ts[live], added_at=self.added_at[live],

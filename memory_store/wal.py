@@ -8,7 +8,7 @@ file to the last good record, so the next append continues a valid log.
 
 >>> import tempfile, pathlib
 >>> wal = WriteAheadLog(pathlib.Path(tempfile.mkdtemp()) / "wal.log")
->>> wal.append([(1, 1, b"hello")]); wal.sync()
+>>> wal.sync(wal.append([(1, 1, b"hello")]))
 >>> [(r.lsn, r.payload) for r in wal.replay()]
 [(1, b'hello')]
 >>> wal.close()

@@ -70,6 +70,9 @@ class ServingConfig:
         directory (``serving-bank`` for 0, ``serving-bank-<i>`` otherwise) and offsets the seed.
     bank_shards
         Shards of the serving case bank.
+    compute_threads
+        Threads for torch and FAISS (process-wide). One request scores one state, so more
+        threads only add contention; 1 is fastest on small machines.
     max_users
         Users whose recent history is kept in memory.
     """
@@ -84,6 +87,7 @@ class ServingConfig:
     chat_timeout_s: float = 2.0
     worker_index: int = 0
     bank_shards: int = 4
+    compute_threads: int = 1
     max_users: int = 1_000_000
 
     def __post_init__(self):
@@ -134,10 +138,13 @@ class ServingService:
     def start(self) -> None:
         """Open the bank, connect to Kafka, start the followers (blocking; run off the loop)."""
         try:
+            import torch
             from memory_store import CaseBank
 
+            torch.set_num_threads(self.config.compute_threads)
             self.bank = CaseBank(self.bank_path, dim=self.settings.state_dim,
-                                 num_shards=self.config.bank_shards)
+                                 num_shards=self.config.bank_shards,
+                                 omp_threads=self.config.compute_threads)
             self.metrics.cases.set(len(self.bank))
             default = CaseItemGenerator(self.bank)
             if self.config.generator == "chat":

@@ -22,7 +22,6 @@ import signal
 import sys
 
 from memento.config import Settings
-from serving.policy import PolicyOptions
 
 __all__ = ["add_arguments", "run_from_args", "settings_from_args", "config_from_args"]
 
@@ -64,6 +63,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 def config_from_args(args: argparse.Namespace, settings: Settings, worker_index: int = 0):
     from serving.app import ServingConfig
+    from serving.policy import PolicyOptions
 
     return ServingConfig(
         options=PolicyOptions(top_k=settings.top_k, alpha=args.alpha, min_prob=args.min_prob, seed=args.seed),
@@ -74,14 +74,12 @@ def config_from_args(args: argparse.Namespace, settings: Settings, worker_index:
 
 
 def _serve(args: argparse.Namespace, worker_index: int, reuse_port: bool) -> None:
-    import torch
     from aiohttp import web
 
     from serving.app import ServingService, make_app
 
     logging.basicConfig(level=args.log_level.upper(),
                         format=f"%(asctime)s serving[{worker_index}] %(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(1)  # one small MLP per request: threads only add contention
     settings = settings_from_args(args)
     service = ServingService(settings, config_from_args(args, settings, worker_index))
     log.info("serving worker %d on http://%s:%d (Kafka %s)", worker_index, args.host, args.port,

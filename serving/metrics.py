@@ -11,7 +11,7 @@ True
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 __all__ = ["ServingMetrics", "LATENCY_BUCKETS_S"]
 
@@ -71,5 +71,8 @@ class ServingMetrics:
                                            "Generator failures answered by the default generator",
                                            registry=r)
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self, include_default: bool = True) -> bytes:
+        """This service's metrics, then the default registry's (process metrics and the case
+        bank's, which memory_store registers there)."""
+        text = generate_latest(self.registry)
+        return text + generate_latest(REGISTRY) if include_default else text

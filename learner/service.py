@@ -1,0 +1,505 @@
+"""The learner process: Kafka transitions in, versioned soft-Q checkpoints out.
+
+It consumes two topics in one consumer group: *cases* go into a local replica of the case bank,
+*transitions* (s, c, μ(c|s), r, s′) get the top-K candidate cases of s and s′ from that replica
+and go into the replay buffer (a repeated transition id is ignored and counted). Once the
+buffer holds ``learning_starts`` transitions, each new transition buys ``updates_per_transition``
+gradient updates (at most ``max_updates_per_poll`` between two polls, at most
+``max_update_backlog`` owed); every ``publish_every`` updates (and
+at most once per ``publish_min_interval_s``) the network is written with
+:func:`memento.checkpoint.save_checkpoint` and announced on the checkpoints topic. Version 0 (or,
+after a restart, the next version) is published at start-up so serving can become ready.
+Versions strictly increase across restarts; the replay buffer and the optimiser state are saved
+on shutdown (and every ``state_save_interval_s``) and restored at start-up. Offsets are
+committed after each poll's records are in the buffer.
+
+Run it as ``memento learner`` (see :func:`add_arguments`) or::
+
+    python -m learner.service --bootstrap-servers 127.0.0.1:9092 --metrics-port 9102
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import math
+import re
+import signal
+import threading
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, start_http_server
+
+from learner.buffer import ReplayBuffer
+from learner.storage import ReplayTransition
+from learner.trainer import SoftQConfig, SoftQLearner
+from memento.checkpoint import CheckpointError, load_checkpoint
+from memento.config import Settings
+from memento.encoder import case_feature_dim
+from memento.kafka_io import DeadLetterWriter, make_consumer, make_producer
+from memento.schemas import Case, CheckpointAnnouncement, SchemaError, Transition, decode, encode
+
+__all__ = ["LearnerServiceConfig", "LearnerService", "LearnerMetrics", "latest_checkpoint",
+           "add_arguments", "run_from_args", "main"]
+
+log = logging.getLogger("memento.learner")
+
+_CHECKPOINT_NAME = re.compile(r"^policy-v(\d+)\.safetensors$")
+
+
+def _opt(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class LearnerServiceConfig:
+    """How the learner process feeds, paces and publishes the soft-Q learner."""
+
+    buffer_capacity: int = _opt(10_000, "replay buffer rows (≈8 kB each at item_dim 32, top_k 16)")
+    prioritized: bool = _opt(False, "prioritized (proportional) replay instead of uniform")
+    priority_alpha: float = _opt(0.6, "prioritized replay: priority exponent")
+    priority_beta: float = _opt(0.4, "prioritized replay: importance-weight exponent")
+    learning_starts: int = _opt(64, "transitions in the buffer before the first update")
+    updates_per_transition: float = _opt(1.0, "gradient updates per new transition (may be < 1)")
+    max_updates_per_poll: int = _opt(256, "cap on updates between two polls (the rest waits)")
+    max_update_backlog: int = _opt(4096, "cap on updates owed; beyond it they are dropped and counted")
+    publish_every: int = _opt(200, "successful updates between two published checkpoints")
+    publish_min_interval_s: float = _opt(2.0, "minimum seconds between two published checkpoints")
+    keep_checkpoints: int = _opt(50, "checkpoint files kept in the checkpoint dir (older ones deleted)")
+    state_save_interval_s: float = _opt(60.0, "seconds between saves of the replay buffer and optimiser")
+    log_every_s: float = _opt(10.0, "seconds between progress log lines")
+    poll_timeout_ms: int = _opt(200, "Kafka poll timeout")
+    max_poll_records: int = _opt(500, "records per Kafka poll")
+    group_id: str = _opt("memento-learner", "Kafka consumer group id")
+
+    def __post_init__(self):
+        if self.buffer_capacity < 1 or self.learning_starts < 1 or self.publish_every < 1:
+            raise ValueError("buffer_capacity, learning_starts and publish_every must be >= 1")
+        if self.updates_per_transition < 0 or self.max_updates_per_poll < 1 or self.max_update_backlog < 1:
+            raise ValueError("updates_per_transition must be >= 0, max_updates_per_poll and "
+                             "max_update_backlog >= 1")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+
+
+class _DefaultRegistryCollector:
+    """Re-exports the default registry (process metrics, the case bank's metrics)."""
+
+    def collect(self):
+        yield from REGISTRY.collect()
+
+
+class LearnerMetrics:
+    """The learner's Prometheus metrics, on their own registry (so that several services can
+    live in one test process), which also serves the default registry's metrics."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        self.registry.register(_DefaultRegistryCollector())
+        r, p = self.registry, "memento_learner_"
+        self.transitions = Counter(p + "transitions", "transitions consumed (valid)", registry=r)
+        self.duplicates = Counter(p + "duplicate_transitions", "transitions ignored as duplicates", registry=r)
+        self.dead_letters = Counter(p + "dead_letters", "malformed transitions sent to the dead-letter topic", registry=r)
+        self.cases = Counter(p + "cases", "cases added to the bank replica", registry=r)
+        self.cases_rejected = Counter(p + "cases_rejected", "cases that did not decode or had wrong dims", registry=r)
+        self.updates = Counter(p + "updates", "successful gradient updates", registry=r)
+        self.skipped = Counter(p + "skipped_updates", "updates skipped as non-finite", registry=r)
+        self.dropped = Counter(p + "dropped_updates", "updates owed beyond the backlog cap, not run", registry=r)
+        self.publish_refused = Counter(p + "publish_refused", "publications refused: learner unhealthy", registry=r)
+        self.checkpoints = Counter(p + "checkpoints_published", "checkpoints announced", registry=r)
+        self.loss = Gauge(p + "loss", "last update's loss", registry=r)
+        self.q_mean = Gauge(p + "q_mean", "last update's mean Q(s, c)", registry=r)
+        self.target_mean = Gauge(p + "target_mean", "last update's mean TD target", registry=r)
+        self.alpha = Gauge(p + "alpha", "temperature α", registry=r)
+        self.entropy = Gauge(p + "policy_entropy", "mean entropy of μ(·|s) in the last batch", registry=r)
+        self.buffer_size = Gauge(p + "buffer_size", "transitions in the replay buffer", registry=r)
+        self.bank_size = Gauge(p + "bank_size", "cases in the bank replica", registry=r)
+        self.version = Gauge(p + "checkpoint_version", "last published policy version", registry=r)
+        self.steps_per_s = Gauge(p + "steps_per_second", "gradient updates per second", registry=r)
+        self.healthy = Gauge(p + "healthy", "1 when the learner may publish", registry=r)
+
+
+def latest_checkpoint(directory: str | Path) -> tuple[int, Path] | None:
+    """The highest ``policy-v*.safetensors`` version in ``directory`` and its path.
+
+    >>> import tempfile; from memento.checkpoint import save_checkpoint; from memento.qnet import QNetwork
+    >>> d = tempfile.mkdtemp()
+    >>> for v in (0, 2, 1):
+    ...     _ = save_checkpoint(QNetwork(4, 8), d, version=v, step=0)
+    >>> latest_checkpoint(d)[0], latest_checkpoint(d + "/missing")
+    (2, None)
+    """
+    best = None
+    directory = Path(directory)
+    if directory.is_dir():
+        for path in directory.iterdir():
+            m = _CHECKPOINT_NAME.match(path.name)
+            if m and (best is None or int(m.group(1)) > best[0]):
+                best = (int(m.group(1)), path)
+    return best
+
+
+class LearnerService:
+    """The long-running learner.
+
+    Parameters
+    ----------
+    settings
+        Shared settings (bootstrap servers, topics, data and checkpoint dirs, item_dim).
+    config
+        Soft-Q hyperparameters.
+    service
+        Buffer, pacing and publishing options.
+    metrics_port
+        Port of the Prometheus endpoint (0 picks a free one, None serves none).
+    """
+
+    def __init__(self, settings: Settings, config: SoftQConfig | None = None,
+                 service: LearnerServiceConfig | None = None, *, metrics_port: int | None = None):
+        torch.set_num_threads(1)  # the demo machine's 2 cores are shared by every process
+        self.settings, self.config = settings, config or SoftQConfig(top_k=settings.top_k)
+        self.options = service or LearnerServiceConfig()
+        self.state_dim = settings.item_dim
+        if self.config.top_k != settings.top_k:
+            log.warning("learner top_k=%d differs from serving's settings.top_k=%d: the TD target's "
+                        "soft value and serving's policy will range over different candidate sets",
+                        self.config.top_k, settings.top_k)
+        self.metrics = LearnerMetrics()
+        self.metrics_port = metrics_port
+        self.learner = SoftQLearner(self.state_dim, self.config)
+        self.buffer = self._new_buffer()
+        self.state_dir = Path(settings.data_dir, "learner")
+        self.checkpoint_dir = Path(settings.checkpoint_dir)
+        self.version = -1                 # last published version
+        self.published: list[CheckpointAnnouncement] = []
+        self.transitions_consumed = 0
+        self.duplicates = 0
+        self.dead_letters = 0
+        self._update_credit = 0.0
+        self._last_publish_step = 0
+        self._last_publish_time = -math.inf
+        self._last_metrics: dict[str, float] = {}
+        self.bank = None
+        self.producer = None
+        self.ready = threading.Event()    # set once the start-up checkpoint is announced
+
+    def _new_buffer(self) -> ReplayBuffer:
+        return ReplayBuffer.create(
+            self.options.buffer_capacity, self.state_dim, self.config.top_k,
+            prioritized=self.options.prioritized, priority_alpha=self.options.priority_alpha,
+            priority_beta=self.options.priority_beta, seed=self.config.seed)
+
+    # -- state ---------------------------------------------------------------------------
+    def restore(self) -> None:
+        """Restore the replay buffer, optimiser state and the latest version number."""
+        latest = latest_checkpoint(self.checkpoint_dir)
+        if latest is not None:
+            self.version = latest[0]
+        learner_path = self.state_dir / "learner.pt"
+        restored = False
+        if learner_path.exists():
+            try:
+                self.learner.load(learner_path)
+                restored = True
+                log.info("restored learner state (%d updates) from %s", self.learner.steps, learner_path)
+            except (ValueError, KeyError, RuntimeError) as exc:  # e.g. --hidden changed since
+                log.warning("not restoring the learner state from %s: %s", learner_path, exc)
+                self.learner = SoftQLearner(self.state_dim, self.config)
+        if not restored and latest is not None:
+            data = latest[1].read_bytes()
+            try:
+                net = load_checkpoint(latest[1], hashlib.sha256(data).hexdigest(),
+                                      expect_state_dim=self.state_dim)
+                self.learner.load_network(net)
+                log.info("restored policy network from %s", latest[1])
+            except (CheckpointError, ValueError) as exc:
+                log.warning("not restoring the network from %s: %s", latest[1], exc)
+        try:
+            self.buffer.load(self.state_dir / "replay")
+            log.info("restored replay buffer: %d transitions", len(self.buffer))
+        except FileNotFoundError:
+            pass
+        except (ValueError, KeyError) as exc:  # e.g. --buffer-capacity or --top-k changed since
+            log.warning("starting with an empty replay buffer: the saved one does not fit (%s)", exc)
+            self.buffer = self._new_buffer()
+        self._last_publish_step = self.learner.steps
+
+    def save_state(self) -> None:
+        self.buffer.save(self.state_dir / "replay")
+        self.learner.save(self.state_dir / "learner.pt")
+
+    # -- publishing -----------------------------------------------------------------------
+    def publish(self) -> CheckpointAnnouncement | None:
+        """Save and announce the next version; None (and counted) if the learner is unhealthy."""
+        if not self.learner.healthy:
+            self.metrics.publish_refused.inc()
+            log.warning("not publishing: the learner is unhealthy (%d skipped updates)",
+                        self.learner.skipped_updates)
+            return None
+        version = self.version + 1
+        ann = self.learner.save_checkpoint(self.checkpoint_dir, version=version, metrics=self._last_metrics)
+        self.producer.send(self.settings.topics.checkpoints, key="policy", value=encode(ann))
+        self.producer.flush(timeout=10)
+        self.version = version
+        self.published.append(ann)
+        self._last_publish_step = self.learner.steps
+        self._last_publish_time = time.monotonic()
+        self.metrics.checkpoints.inc()
+        self.metrics.version.set(version)
+        log.info("published policy v%d (step %d) %s", version, ann.step, ann.path)
+        self._prune_checkpoints()
+        return ann
+
+    def _prune_checkpoints(self) -> None:
+        versions = sorted((int(m.group(1)), p) for p in self.checkpoint_dir.iterdir()
+                          if (m := _CHECKPOINT_NAME.match(p.name)))
+        for _, path in versions[: -self.options.keep_checkpoints]:
+            path.unlink(missing_ok=True)
+
+    # -- ingestion ------------------------------------------------------------------------
+    def _decode_case(self, raw: bytes) -> Case | None:
+        try:
+            case = decode(Case, raw)
+        except SchemaError as exc:
+            log.warning("ignoring case: %s", exc)
+            return None
+        if len(case.state) != self.state_dim or len(case.item_vec) != self.state_dim:
+            log.warning("ignoring case %s: state/item_vec have %d/%d dims, expected %d", case.case_id,
+                        len(case.state), len(case.item_vec), self.state_dim)
+            return None
+        return case
+
+    def _check_transition(self, t: Transition) -> None:
+        d, f = self.state_dim, case_feature_dim(self.state_dim)
+        for name, expected in (("state", d), ("next_state", d), ("case_features", f)):
+            if len(getattr(t, name)) != expected:
+                raise SchemaError(f"Transition: field {name!r} has {len(getattr(t, name))} values, "
+                                  f"expected {expected} (item_dim {d})")
+        if not 0.0 < t.propensity <= 1.0:
+            raise SchemaError(f"Transition: field 'propensity' must be in (0, 1], got {t.propensity}")
+
+    def handle(self, records: Sequence) -> int:
+        """Process one poll's records (cases first, then transitions); returns new transitions."""
+        topics = self.settings.topics
+        cases, transitions = [], []
+        for rec in records:
+            if rec.topic == topics.cases:
+                case = self._decode_case(rec.value)
+                if case is None:
+                    self.metrics.cases_rejected.inc()
+                else:
+                    cases.append(case)
+            elif rec.topic == topics.transitions:
+                try:
+                    t = decode(Transition, rec.value)
+                    self._check_transition(t)
+                except SchemaError as exc:
+                    self.dead_letters += 1
+                    self.metrics.dead_letters.inc()
+                    self.dead_letter.send(rec.topic, rec.partition, rec.offset, str(exc), rec.value)
+                    continue
+                transitions.append(t)
+        if cases:
+            self.metrics.cases.inc(self.bank.add(cases))
+            self.metrics.bank_size.set(len(self.bank))
+        return self._ingest(transitions) if transitions else 0
+
+    def _ingest(self, transitions: list[Transition]) -> int:
+        n = len(transitions)
+        queries = np.asarray([t.state for t in transitions] + [t.next_state for t in transitions], np.float32)
+        _, _, features, mask = self.bank.search_with_features(queries, self.config.top_k)
+        added = 0
+        for i, t in enumerate(transitions):
+            replay = ReplayTransition(
+                t.transition_id, np.asarray(t.state, np.float32), np.asarray(t.case_features, np.float32),
+                t.reward, t.done, t.propensity, np.asarray(t.next_state, np.float32),
+                features[i], mask[i], features[n + i], mask[n + i])
+            if self.buffer.add(replay):
+                added += 1
+            else:
+                self.duplicates += 1
+                self.metrics.duplicates.inc()
+        self.transitions_consumed += n
+        self.metrics.transitions.inc(n)
+        self.metrics.buffer_size.set(len(self.buffer))
+        if len(self.buffer) >= self.options.learning_starts:
+            owed = self._update_credit + added * self.options.updates_per_transition
+            self._update_credit = min(owed, float(self.options.max_update_backlog))
+            if owed > self._update_credit:
+                self.metrics.dropped.inc(int(owed - self._update_credit))
+        return added
+
+    # -- training -------------------------------------------------------------------------
+    def train(self, stop: threading.Event) -> int:
+        """Spend the update credit, at most ``max_updates_per_poll``; returns the updates run."""
+        done = 0
+        while self._update_credit >= 1.0 and done < self.options.max_updates_per_poll and not stop.is_set():
+            self._update_credit -= 1.0
+            batch = self.buffer.sample(self.config.batch_size)
+            m = self.learner.update(batch)
+            done += 1
+            if m["skipped"]:
+                self.metrics.skipped.inc()
+                log.warning("skipped a non-finite update (loss=%s, q_mean=%s)", m["loss"], m["q_mean"])
+            else:
+                self.metrics.updates.inc()
+                self._last_metrics = {k: m[k] for k in ("loss", "q_mean", "target_mean", "alpha", "entropy")}
+                if self.options.prioritized:
+                    self.buffer.update_priorities(batch.indices, self.learner.last_td_errors)
+                self.metrics.loss.set(m["loss"])
+                self.metrics.q_mean.set(m["q_mean"])
+                self.metrics.target_mean.set(m["target_mean"])
+                self.metrics.alpha.set(m["alpha"])
+                self.metrics.entropy.set(m["entropy"])
+            self.metrics.healthy.set(1.0 if self.learner.healthy else 0.0)
+            if (self.learner.steps - self._last_publish_step >= self.options.publish_every
+                    and time.monotonic() - self._last_publish_time >= self.options.publish_min_interval_s):
+                self.publish()
+        return done
+
+    # -- the loop -------------------------------------------------------------------------
+    def run(self, stop: threading.Event) -> None:
+        """Consume, train and publish until ``stop`` is set; saves its state on the way out."""
+        from memory_store import CaseBank  # imported here: the bank pulls in faiss
+
+        server = None
+        consumer = None
+        self.bank = CaseBank(self.settings.path("learner-bank"), dim=self.state_dim)
+        try:
+            self.restore()
+            self.metrics.buffer_size.set(len(self.buffer))
+            self.metrics.bank_size.set(len(self.bank))
+            if self.metrics_port is not None:
+                server, _ = start_http_server(self.metrics_port, registry=self.metrics.registry)
+                self.metrics_port = server.server_port
+                log.info("metrics on :%d/metrics", self.metrics_port)
+            self.producer = make_producer(self.settings)
+            self.dead_letter = DeadLetterWriter(self.settings, self.producer)
+            if self.publish() is None:
+                raise RuntimeError("the restored learner holds non-finite weights; refusing to start")
+            self.ready.set()
+            topics = self.settings.topics
+            consumer = make_consumer(self.settings, [topics.transitions, topics.cases],
+                                     group_id=self.options.group_id, enable_auto_commit=False,
+                                     max_poll_records=self.options.max_poll_records)
+            last_log = last_save = time.monotonic()
+            steps_at_log = self.learner.steps
+            while not stop.is_set():
+                owed = self._update_credit >= 1.0  # do not idle in poll while updates are owed
+                polled = consumer.poll(timeout_ms=0 if owed else self.options.poll_timeout_ms)
+                records = [rec for recs in polled.values() for rec in recs]
+                if records:
+                    self.handle(records)
+                    self.producer.flush(timeout=10)  # dead letters out before the offsets move
+                    consumer.commit()
+                self.train(stop)
+                now = time.monotonic()
+                if now - last_log >= self.options.log_every_s:
+                    rate = (self.learner.steps - steps_at_log) / (now - last_log)
+                    self.metrics.steps_per_s.set(rate)
+                    m = self._last_metrics
+                    log.info("transitions %d (dup %d, dead %d) buffer %d bank %d | updates %d "
+                             "(skipped %d) %.1f steps/s | loss %.4f Q %.3f target %.3f alpha %.3f "
+                             "entropy %.3f | policy v%d", self.transitions_consumed, self.duplicates,
+                             self.dead_letters, len(self.buffer), len(self.bank), self.learner.steps,
+                             self.learner.skipped_updates, rate, m.get("loss", math.nan),
+                             m.get("q_mean", math.nan), m.get("target_mean", math.nan),
+                             self.learner.alpha, m.get("entropy", math.nan), self.version)
+                    last_log, steps_at_log = now, self.learner.steps
+                if now - last_save >= self.options.state_save_interval_s:
+                    self.save_state()
+                    last_save = now
+        finally:
+            try:
+                self.save_state()
+            finally:
+                if consumer is not None:
+                    try:
+                        consumer.commit()
+                    except Exception as exc:  # the group may be gone on shutdown; offsets were committed per poll
+                        log.warning("final offset commit failed: %s", exc)
+                    consumer.close()
+                if self.producer is not None:
+                    self.producer.flush(timeout=10)
+                    self.producer.close(timeout=10)
+                self.bank.close()
+                if server is not None:
+                    server.shutdown()
+                    server.server_close()
+            log.info("learner stopped at policy v%d after %d updates", self.version, self.learner.steps)
+
+
+# -- command line ------------------------------------------------------------------------------
+
+def _parse_optional(kind):
+    def parse(text: str):
+        return None if text.lower() in ("none", "off", "") else kind(text)
+    return parse
+
+
+def _add_dataclass_options(parser: argparse.ArgumentParser, cls, title: str) -> None:
+    group = parser.add_argument_group(title)
+    for f in fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata.get('help', '')} (default: {f.default})"
+        type_name = str(f.type)
+        if type_name == "bool":
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS, help=help_text)
+            continue
+        kind = int if type_name.startswith("int") else float if type_name.startswith("float") else str
+        parse = _parse_optional(kind) if "None" in type_name else kind
+        group.add_argument(flag, dest=f.name, type=parse, default=argparse.SUPPRESS, help=help_text)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The ``memento learner`` flags; unset flags fall back to MEMENTO_* env vars, then defaults."""
+    parser.add_argument("--bootstrap-servers", default=None, help="Kafka bootstrap servers (MEMENTO_BOOTSTRAP_SERVERS)")
+    parser.add_argument("--data-dir", default=None, help="local state root (MEMENTO_DATA_DIR)")
+    parser.add_argument("--checkpoint-dir", default=None, help="where checkpoints are written (MEMENTO_CHECKPOINT_DIR)")
+    parser.add_argument("--metrics-port", type=int, default=9102,
+                        help="Prometheus port (0 = any free port, -1 = none; default 9102)")
+    _add_dataclass_options(parser, SoftQConfig, "soft-Q hyperparameters")
+    _add_dataclass_options(parser, LearnerServiceConfig, "replay, pacing and publishing")
+    return parser
+
+
+def _from_args(cls, args: argparse.Namespace, **fallback):
+    """Build ``cls`` from the flags that were given (unset flags are absent from ``args``)."""
+    values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+    for key, value in fallback.items():
+        values.setdefault(key, value)
+    return cls(**values)
+
+
+def run_from_args(args: argparse.Namespace, stop: threading.Event | None = None) -> int:
+    """Build the service from parsed flags and env vars, run it until SIGINT/SIGTERM."""
+    settings = Settings.from_env(bootstrap_servers=args.bootstrap_servers, data_dir=args.data_dir,
+                                 checkpoint_dir=args.checkpoint_dir)
+    config = _from_args(SoftQConfig, args, top_k=settings.top_k)
+    options = _from_args(LearnerServiceConfig, args)
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+    log.info("learner starting: %s | %s | %s", settings.bootstrap_servers, config, options)
+    port = None if args.metrics_port is not None and args.metrics_port < 0 else args.metrics_port
+    LearnerService(settings, config, options, metrics_port=port).run(stop)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = add_arguments(argparse.ArgumentParser(prog="memento learner", description=__doc__.split("\n\n")[0]))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return run_from_args(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,329 @@
+"""The case bank M: cases sharded by a stable hash of their id, searched by fan-out and exact merge.
+
+Routing: a case goes to shard ``blake2b(case_id) mod num_shards``. The hash never changes between
+processes or versions, so a bank directory must always be opened with the same ``num_shards``
+(recorded in ``bank.json`` and checked on open). Search asks every shard for its top ``k`` and
+keeps the best ``k`` of the union, which is exactly the top ``k`` one index over all cases would
+return (each shard's top ``k`` contains every one of its cases in the global top ``k``).
+
+>>> import numpy as np
+>>> from memento.schemas import Case
+>>> bank = CaseBank(None, dim=2, num_shards=2)
+>>> bank.add([Case("c1", [1.0, 0.0], "i1", [0.0, 1.0], 1.0, 0.0),
+...           Case("c2", [0.0, 1.0], "i2", [1.0, 0.0], 0.0, 0.0)])
+2
+>>> scores, ids = bank.search(np.array([[1.0, 0.0]], np.float32), k=3)
+>>> ids, scores.tolist()
+([['c1', 'c2']], [[1.0, 0.0, -inf]])
+>>> bank.close()
+"""
+
+from __future__ import annotations
+
+import collections
+import fcntl
+import hashlib
+import json
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Sequence
+
+import faiss
+import numpy as np
+
+from memento.encoder import case_feature_dim
+from memento.schemas import Case
+from memory_store import metrics
+from memory_store.options import BankOptions
+from memory_store.records import batch_from_cases
+from memory_store.shard import Shard
+
+__all__ = ["CaseBank", "shard_of"]
+
+MANIFEST = "bank.json"
+FORMAT_VERSION = 1
+
+
+def shard_of(case_id: str, num_shards: int) -> int:
+    """The shard a case id is routed to (stable across processes and runs)."""
+    digest = hashlib.blake2b(case_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % num_shards
+
+
+class CaseBank:
+    """Sharded, durable case bank with exact-merge fan-out search.
+
+    Parameters
+    ----------
+    path
+        Directory of the bank (created if missing); None keeps everything in memory.
+    dim
+        Length of a case state (the search key) and of its item vector.
+    num_shards
+        Number of shards; fixed for the life of a bank directory.
+    **options
+        See :class:`memory_store.options.BankOptions`.
+    """
+
+    def __init__(self, path: str | os.PathLike | None, dim: int, *, num_shards: int = 4,
+                 **options) -> None:
+        if not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"CaseBank: dim must be a positive integer, got {dim!r}")
+        if not isinstance(num_shards, int) or num_shards < 1:
+            raise ValueError(f"CaseBank: num_shards must be a positive integer, got {num_shards!r}")
+        self.options = BankOptions.from_kwargs(**options)
+        self.dim = dim
+        self.num_shards = num_shards
+        self.path = Path(path) if path is not None else None
+        self.name = self.options.name or (self.path.name if self.path is not None else "memory")
+        faiss.omp_set_num_threads(self.options.omp_threads or min(2, os.cpu_count() or 1))
+        self._lock_fd = -1
+        self._closed = False
+        if self.path is not None:
+            self._open_directory()
+        self.shards = [Shard(i, dim, self.path / f"shard-{i:03d}" if self.path is not None else None,
+                             self.options) for i in range(num_shards)]
+        self._pool = ThreadPoolExecutor(max_workers=num_shards, thread_name_prefix="casebank-add") \
+            if num_shards > 1 else None
+        self._adds_window: collections.deque = collections.deque()
+        self._adds_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._snapshotter = None
+        if self.path is not None and self.options.snapshot_interval_s:
+            self._snapshotter = threading.Thread(target=self._snapshot_loop, daemon=True,
+                                                 name="casebank-snapshot")
+            self._snapshotter.start()
+        self._pending_hits: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._hits_lock = threading.Lock()
+        self._search_seconds = metrics.SEARCH_SECONDS.labels(self.name)
+        self._searches = metrics.SEARCHES.labels(self.name)
+        metrics.register_bank(self)
+
+    def _open_directory(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = os.open(self.path / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise RuntimeError(f"CaseBank: {self.path} is open in another process") from None
+        manifest = self.path / MANIFEST
+        wanted = {"format": FORMAT_VERSION, "dim": self.dim, "num_shards": self.num_shards,
+                  "routing": "blake2b64(case_id) mod num_shards"}
+        if manifest.exists():
+            found = json.loads(manifest.read_text())
+            for key in ("dim", "num_shards"):
+                if found.get(key) != wanted[key]:
+                    os.close(self._lock_fd)
+                    raise ValueError(f"CaseBank: {self.path} was created with {key}={found.get(key)}, "
+                                     f"opened with {key}={wanted[key]}")
+        else:
+            tmp = manifest.with_suffix(".tmp")
+            tmp.write_text(json.dumps(wanted, indent=2))
+            os.replace(tmp, manifest)
+
+    # ------------------------------------------------------------------ writes
+    def add(self, cases: Sequence[Case]) -> int:
+        """Add ``cases``; returns how many were new (a known case id is a no-op). With a path,
+        every added case is in the fsynced write-ahead log when this returns."""
+        self._check_open()
+        cases = list(cases)
+        if not cases:
+            return 0
+        batch = batch_from_cases(cases, self.dim)
+        if self.options.eviction == "utility":
+            self._apply_hits()
+        if self.num_shards == 1:
+            groups = {0: batch}
+        else:
+            rows: dict[int, list[int]] = collections.defaultdict(list)
+            for row, case_id in enumerate(batch.case_ids):
+                rows[shard_of(case_id, self.num_shards)].append(row)
+            groups = {s: (batch if len(r) == len(batch) else batch.take(r)) for s, r in rows.items()}
+        if len(groups) == 1 or self._pool is None or self.path is None:
+            added = sum(self.shards[s].add(g) for s, g in groups.items())
+        else:
+            futures = [self._pool.submit(self.shards[s].add, g) for s, g in groups.items()]
+            added = sum(f.result() for f in futures)
+        if added:
+            metrics.ADDS.labels(self.name).inc(added)
+            with self._adds_lock:
+                self._adds_window.append((time.monotonic(), added))
+        return added
+
+    # ------------------------------------------------------------------ reads
+    def _check_queries(self, queries: np.ndarray, k: int) -> np.ndarray:
+        if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"CaseBank.search: k must be a positive integer, got {k!r}")
+        q = np.asarray(queries)
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise ValueError(f"CaseBank.search: queries must have shape [B, {self.dim}], got "
+                             f"{list(q.shape)}")
+        if not np.issubdtype(q.dtype, np.floating):
+            raise ValueError(f"CaseBank.search: queries must be floating point, got {q.dtype}")
+        return np.ascontiguousarray(q, np.float32)
+
+    def _search(self, queries: np.ndarray, k: int, with_features: bool):
+        self._check_open()
+        q = self._check_queries(queries, k)
+        started = time.perf_counter()
+        parts = [shard.search(q, k, with_features) for shard in self.shards]
+        if len(parts) == 1:
+            scores, slots, ids, features = parts[0]
+            order = None
+        else:
+            all_scores = np.concatenate([p[0] for p in parts], axis=1)
+            order = np.argsort(-all_scores, axis=1, kind="stable")[:, :k]
+            scores = np.take_along_axis(all_scores, order, axis=1)
+            ids = np.take_along_axis(np.concatenate([p[2] for p in parts], axis=1), order, axis=1)
+            features = None
+            if with_features:
+                features = np.concatenate([p[3] for p in parts], axis=1)[
+                    np.arange(len(q))[:, None], order]
+        id_lists = [[c for c in row if c is not None] for row in ids.tolist()]
+        self._search_seconds.observe(time.perf_counter() - started)
+        self._searches.inc(len(q))
+        self._pending_hits.append((
+            slots if order is None else
+            np.take_along_axis(np.concatenate([p[1] for p in parts], axis=1), order, axis=1),
+            np.zeros(1, np.int64) if order is None else order // k, ids))
+        if len(self._pending_hits) >= 256:
+            self._apply_hits()
+        return id_lists, scores, features
+
+    def _apply_hits(self) -> None:
+        with self._hits_lock:
+            pending, self._pending_hits = self._pending_hits, []
+        if not pending:
+            return
+        slots = np.concatenate([p[0].ravel() for p in pending])
+        shards = np.concatenate([np.broadcast_to(p[1], p[0].shape).ravel() for p in pending])
+        ids = np.concatenate([p[2].ravel() for p in pending])
+        valid = slots >= 0
+        for s in np.unique(shards[valid]).tolist():
+            mask = valid & (shards == s)
+            self.shards[s].count_hits(slots[mask], ids[mask])
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str]]]:
+        """Top ``k`` cases by inner product of ``queries`` [B, dim] with case states.
+
+        Returns scores float32 [B, k] (``-inf`` past the last real hit) and, per query, the ids of
+        the real hits, best first."""
+        id_lists, scores, _ = self._search(queries, k, False)
+        return scores, id_lists
+
+    def search_with_features(self, queries: np.ndarray, k: int
+                             ) -> tuple[list[list[str]], np.ndarray, np.ndarray, np.ndarray]:
+        """Like :meth:`search`, plus each hit's features (state, item vector, outcome), zero-padded,
+        and a mask that is True where a real case is. Returns (ids, scores, features, mask)."""
+        id_lists, scores, features = self._search(queries, k, True)
+        mask = np.isfinite(scores)
+        return id_lists, scores, features, mask
+
+    def get(self, case_id: str) -> Case | None:
+        self._check_open()
+        return self.shards[shard_of(case_id, self.num_shards)].get(case_id)
+
+    def features(self, case_ids: Sequence[str]) -> np.ndarray:
+        """Features [n, 2*dim+1] of ``case_ids``; KeyError naming the first unknown id."""
+        self._check_open()
+        case_ids = list(case_ids)
+        out = np.zeros((len(case_ids), case_feature_dim(self.dim)), np.float32)
+        rows: dict[int, list[int]] = collections.defaultdict(list)
+        for row, case_id in enumerate(case_ids):
+            rows[shard_of(case_id, self.num_shards)].append(row)
+        for s, r in rows.items():
+            out[r] = self.shards[s].features_of([case_ids[i] for i in r])
+        return out
+
+    def hit_count(self, case_id: str) -> int:
+        """How often ``case_id`` was among returned search hits (0 if unknown)."""
+        self._apply_hits()
+        return self.shards[shard_of(case_id, self.num_shards)].hit_count(case_id)
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self.shards)
+
+    def __contains__(self, case_id: object) -> bool:
+        return isinstance(case_id, str) and case_id in self.shards[shard_of(case_id, self.num_shards)]
+
+    # ------------------------------------------------------------------ maintenance
+    def adds_per_s(self, window_s: float = 10.0) -> float:
+        now = time.monotonic()
+        with self._adds_lock:
+            while self._adds_window and self._adds_window[0][0] < now - window_s:
+                self._adds_window.popleft()
+            return sum(n for _, n in self._adds_window) / window_s
+
+    def stats(self) -> dict:
+        self._check_open()
+        shards = [dict(shard=i, **s.stats()) for i, s in enumerate(self.shards)]
+        return {"name": self.name, "dim": self.dim, "num_shards": self.num_shards,
+                "cases": sum(s["cases"] for s in shards), "adds_per_s": self.adds_per_s(),
+                "durable": self.path is not None, "shards": shards}
+
+    def wait_for_index(self, timeout: float | None = None) -> bool:
+        """Wait until no shard is building an index (building any that is due); True if idle."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return all(s.wait_for_build(None if deadline is None else max(0.0, deadline - time.monotonic()))
+                   for s in self.shards)
+
+    def flush(self) -> None:
+        """Make every write durable (already the case after ``add`` with ``fsync=True``)."""
+        self._check_open()
+        for s in self.shards:
+            s.flush()
+
+    def snapshot(self) -> None:
+        """Snapshot every shard and empty its write-ahead log (no-op in memory)."""
+        self._check_open()
+        self._apply_hits()
+        for s in self.shards:
+            s.snapshot()
+
+    def _snapshot_loop(self) -> None:
+        interval = float(self.options.snapshot_interval_s)
+        while not self._stop.wait(min(interval, 5.0)):
+            for s in self.shards:
+                st = s.stats()
+                age = st["snapshot_age_s"]
+                if st["wal_bytes"] > 0 and (age is None or age >= interval):
+                    try:
+                        s.snapshot()
+                    except RuntimeError:  # closed meanwhile
+                        return
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("CaseBank is closed")
+
+    def close(self) -> None:
+        """Stop background work, snapshot (if ``snapshot_on_close``) and release the directory."""
+        if self._closed:
+            return
+        self._stop.set()
+        if self._snapshotter is not None:
+            self._snapshotter.join(timeout=60)
+        self._apply_hits()
+        for s in self.shards:
+            s.close(snapshot=self.options.snapshot_on_close)
+        self._closed = True
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        if self._lock_fd >= 0:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    def __enter__(self) -> "CaseBank":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"CaseBank(path={str(self.path) if self.path else None!r}, dim={self.dim}, " \
+               f"num_shards={self.num_shards}, cases={len(self)})"

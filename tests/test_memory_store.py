@@ -1,0 +1,301 @@
+"""Case bank: fan-out exactness, recall, online index switch, eviction, durability, concurrency."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import faiss
+import numpy as np
+import pytest
+from prometheus_client import generate_latest
+
+from memento.encoder import case_feature_vector
+from memento.schemas import Case
+from memory_store import CaseBank, shard_of
+
+DIM = 16
+
+
+def unit(rows: np.ndarray) -> np.ndarray:
+    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+
+
+def make_cases(states: np.ndarray, start: int = 0, prefix: str = "c") -> list[Case]:
+    return [Case(case_id=f"{prefix}{start + i}", state=s.tolist(), item_id=f"item{(start + i) % 97}",
+                 item_vec=(-s).tolist(), outcome=float((start + i) % 5), ts=1000.0 + start + i)
+            for i, s in enumerate(states)]
+
+
+def clustered(n: int, dim: int, rng: np.random.Generator, clusters: int = 50, spread: float = 0.35):
+    centres = rng.standard_normal((clusters, dim)).astype(np.float32)
+    points = centres[rng.integers(0, clusters, n)] + spread * rng.standard_normal((n, dim)).astype(np.float32)
+    return unit(points)
+
+
+def test_fan_out_top_k_equals_one_flat_index():
+    rng = np.random.default_rng(1)
+    states = unit(rng.standard_normal((3000, DIM)))
+    bank = CaseBank(None, DIM, num_shards=4, approx_index="flat")
+    assert bank.add(make_cases(states)) == 3000
+    assert sorted(len(s) for s in bank.shards)[0] > 500  # every shard got a share
+    flat = faiss.IndexFlatIP(DIM)
+    flat.add(states)
+    queries = unit(rng.standard_normal((50, DIM)))
+    want_scores, want_rows = flat.search(queries, 40)
+    scores, ids = bank.search(queries, 40)
+    assert scores.dtype == np.float32 and scores.shape == (50, 40)
+    assert ids == [[f"c{r}" for r in row] for row in want_rows.tolist()]
+    np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-6)
+    bank.close()
+
+
+def test_fewer_cases_than_k_pads_with_minus_inf_and_features_match_encoder():
+    bank = CaseBank(None, DIM, num_shards=3)
+    rng = np.random.default_rng(2)
+    cases = make_cases(unit(rng.standard_normal((5, DIM))))
+    bank.add(cases)
+    query = np.asarray([cases[0].state], np.float32)
+    ids, scores, features, mask = bank.search_with_features(query, 8)
+    assert len(ids[0]) == 5 and ids[0][0] == "c0"
+    assert mask.tolist() == [[True] * 5 + [False] * 3]
+    assert np.isneginf(scores[0, 5:]).all()
+    assert features.shape == (1, 8, 2 * DIM + 1) and not features[0, 5:].any()
+    by_id = {c.case_id: c for c in cases}
+    for slot, case_id in enumerate(ids[0]):
+        c = by_id[case_id]
+        np.testing.assert_array_equal(features[0, slot], case_feature_vector(c.state, c.item_vec, c.outcome))
+    np.testing.assert_array_equal(bank.features(["c3"])[0], features[0, ids[0].index("c3")])
+    assert bank.get("c2") == cases[2]
+    assert bank.get("nope") is None and "c1" in bank and "nope" not in bank
+    with pytest.raises(KeyError, match="'nope'"):
+        bank.features(["c1", "nope"])
+    bank.close()
+
+
+def test_bad_input_is_named():
+    bank = CaseBank(None, DIM)
+    with pytest.raises(ValueError, match=r"shape \[B, 16\]"):
+        bank.search(np.zeros((2, 3), np.float32), 4)
+    with pytest.raises(ValueError, match="k must be"):
+        bank.search(np.zeros((1, DIM), np.float32), 0)
+    bad = Case("x", [0.0] * 3, "i", [0.0] * DIM, 1.0, 0.0)
+    with pytest.raises(ValueError, match="'x' field 'state' has 3 values"):
+        bank.add([bad])
+    with pytest.raises(TypeError, match="unknown option 'shardz'"):
+        CaseBank(None, DIM, shardz=2)
+    bank.close()
+
+
+def test_duplicate_ids_are_idempotent(tmp_path):
+    rng = np.random.default_rng(3)
+    cases = make_cases(unit(rng.standard_normal((20, DIM))))
+    with CaseBank(tmp_path / "bank", DIM) as bank:
+        assert bank.add(cases + cases[:5]) == 20
+        assert bank.add(cases[10:]) == 0
+        assert len(bank) == 20
+    with CaseBank(tmp_path / "bank", DIM) as bank:
+        assert len(bank) == 20 and bank.add(cases[:3]) == 0
+
+
+def test_routing_is_stable_and_manifest_checked(tmp_path):
+    assert shard_of("case-42", 4) == shard_of("case-42", 4)
+    assert len({shard_of(f"c{i}", 4) for i in range(100)}) == 4
+    CaseBank(tmp_path / "b", DIM, num_shards=2).close()
+    with pytest.raises(ValueError, match="num_shards=2, opened with num_shards=3"):
+        CaseBank(tmp_path / "b", DIM, num_shards=3)
+
+
+@pytest.mark.parametrize("approx", ["ivf", "hnsw"])
+def test_approximate_index_recall_at_k_on_clustered_data(approx):
+    rng = np.random.default_rng(4)
+    states = clustered(12000, DIM, rng)
+    bank = CaseBank(None, DIM, num_shards=2, approx_index=approx, switch_threshold=2000,
+                    background_build=False)
+    for start in range(0, len(states), 2000):
+        bank.add(make_cases(states[start:start + 2000], start))
+    assert bank.wait_for_index(60)
+    assert {s["index_type"] for s in bank.stats()["shards"]} == {approx}
+    flat = faiss.IndexFlatIP(DIM)
+    flat.add(states)
+    queries = clustered(200, DIM, rng)
+    k = 32
+    _, exact = flat.search(queries, k)
+    _, ids = bank.search(queries, k)
+    recall = np.mean([len({f"c{r}" for r in want} & set(got)) / k for want, got in zip(exact.tolist(), ids)])
+    assert recall >= 0.95, f"{approx} recall@{k} = {recall:.3f}"
+    bank.close()
+
+
+def test_online_switch_does_not_block_searches_and_keeps_every_case():
+    rng = np.random.default_rng(5)
+    states = clustered(16000, DIM, rng)
+    bank = CaseBank(None, DIM, num_shards=2, switch_threshold=3000, approx_index="ivf")
+    bank.add(make_cases(states[:8000]))
+    latencies = []
+    deadline = time.monotonic() + 20
+    # Keep adding while the background builders run, so their catch-up path is exercised.
+    start = 8000
+    while any(s["index_building"] for s in bank.stats()["shards"]) and time.monotonic() < deadline:
+        t0 = time.perf_counter()
+        bank.search(states[:1], 10)
+        latencies.append(time.perf_counter() - t0)
+        if start < len(states):
+            bank.add(make_cases(states[start:start + 200], start))
+            start += 200
+    assert bank.wait_for_index(60)
+    bank.add(make_cases(states[start:], start))
+    assert {s["index_type"] for s in bank.stats()["shards"]} == {"ivf"}
+    assert len(bank) == 16000
+    # Every case, including those added during the build, is findable by its own state.
+    sample = rng.choice(16000, 300, replace=False)
+    _, ids = bank.search(states[sample], 1)
+    found = np.mean([got[0] == f"c{i}" for i, got in zip(sample.tolist(), ids)])
+    assert found >= 0.98
+    if latencies:
+        assert max(latencies) < 0.5, "a search waited for an index build"
+    bank.close()
+
+
+@pytest.mark.parametrize("policy", ["oldest", "utility"])
+def test_eviction_keeps_the_bound(tmp_path, policy):
+    rng = np.random.default_rng(6)
+    cap = 50
+    bank = CaseBank(tmp_path / "bank", DIM, num_shards=2, max_cases_per_shard=cap, eviction=policy)
+    states = unit(rng.standard_normal((400, DIM)))
+    for start in range(0, 400, 37):
+        bank.add(make_cases(states[start:start + 37], start))
+        assert all(len(s) <= cap for s in bank.shards)
+    assert len(bank) == 2 * cap
+    if policy == "oldest":
+        # Survivors of each shard are its newest cases.
+        for s in range(2):
+            ids = [f"c{i}" for i in range(400) if shard_of(f"c{i}", 2) == s]
+            assert all(i in bank for i in ids[-cap:]) and not any(i in bank for i in ids[:-cap])
+    else:
+        # outcome = index % 5: the survivors are high-outcome cases.
+        kept = [int(c.case_id[1:]) % 5 for s in bank.shards for c in map(bank.get, list(s.slot_of))]
+        assert np.mean(kept) > 3.0
+    before = sorted(c for s in bank.shards for c in s.slot_of)
+    assert bank.stats()["shards"][0]["evictions"] > 0
+    bank.close()
+    with CaseBank(tmp_path / "bank", DIM, num_shards=2, max_cases_per_shard=cap, eviction=policy) as again:
+        assert sorted(c for s in again.shards for c in s.slot_of) == before
+
+
+def test_utility_eviction_protects_frequently_retrieved_cases():
+    bank = CaseBank(None, DIM, num_shards=1, max_cases_per_shard=10, eviction="utility",
+                    utility_hit_weight=1.0)
+    rng = np.random.default_rng(7)
+    states = unit(rng.standard_normal((11, DIM)))
+    cases = [Case(f"c{i}", s.tolist(), "i", s.tolist(), 0.0, float(i)) for i, s in enumerate(states)]
+    bank.add(cases[:10])
+    for _ in range(5):
+        bank.search(states[:1], 1)  # c0 is the oldest but keeps being retrieved
+    assert bank.hit_count("c0") == 5
+    bank.add(cases[10:])
+    assert "c0" in bank and "c1" not in bank and len(bank) == 10
+
+
+def test_wal_replay_after_unclean_stop_and_snapshot(tmp_path):
+    rng = np.random.default_rng(8)
+    states = unit(rng.standard_normal((300, DIM)))
+    bank = CaseBank(tmp_path / "bank", DIM, snapshot_on_close=False)
+    bank.add(make_cases(states[:100]))
+    bank.snapshot()
+    bank.add(make_cases(states[100:], 100))
+    assert bank.stats()["shards"][0]["wal_bytes"] > 0
+    bank.close()  # no snapshot: the next open replays the log over the snapshot
+    with CaseBank(tmp_path / "bank", DIM) as again:
+        assert len(again) == 300
+        assert again.get("c250") == make_cases(states[250:251], 250)[0]
+        _, ids = again.search(states[[7, 250]], 1)
+        assert ids == [["c7"], ["c250"]]
+
+
+@pytest.mark.parametrize("damage", ["torn", "garbage"])
+def test_corrupt_wal_tail_is_truncated_with_a_log_line(tmp_path, caplog, damage):
+    rng = np.random.default_rng(9)
+    states = unit(rng.standard_normal((60, DIM)))
+    bank = CaseBank(tmp_path / "bank", DIM, num_shards=1, snapshot_on_close=False)
+    bank.add(make_cases(states[:30]))
+    bank.add(make_cases(states[30:], 30))
+    bank.close()
+    wal = tmp_path / "bank" / "shard-000" / "wal.log"
+    size = wal.stat().st_size
+    with open(wal, "r+b") as f:
+        if damage == "torn":
+            f.truncate(size - 17)  # the second record loses its last bytes
+        else:
+            f.seek(size - 40)
+            f.write(b"\xff" * 10)  # bit rot inside the second record
+    with caplog.at_level(logging.WARNING, logger="memory_store.wal"):
+        again = CaseBank(tmp_path / "bank", DIM, num_shards=1)
+    lines = [r.getMessage() for r in caplog.records if "corrupt tail" in r.getMessage()]
+    assert len(lines) == 1 and "wal.log" in lines[0] and "truncating" in lines[0]
+    assert len(again) == 30 and "c29" in again and "c30" not in again
+    first_record_end = wal.stat().st_size
+    assert first_record_end < size
+    again.add(make_cases(states[30:], 30))  # the log continues cleanly after the truncation
+    again.close()
+    with CaseBank(tmp_path / "bank", DIM, num_shards=1) as third:
+        assert len(third) == 60
+
+
+def test_concurrent_search_during_appends(tmp_path):
+    rng = np.random.default_rng(10)
+    states = unit(rng.standard_normal((4000, DIM)))
+    bank = CaseBank(tmp_path / "bank", DIM, num_shards=4, switch_threshold=400)
+    errors: list[BaseException] = []
+    stop = threading.Event()
+    searches = [0]
+
+    def searcher():
+        try:
+            while not stop.is_set():
+                ids, scores, features, mask = bank.search_with_features(states[:4], 5)
+                for row in range(4):
+                    n = len(ids[row])
+                    assert mask[row].sum() == n and np.isfinite(scores[row, :n]).all()
+                    # A visible case is complete: its features hold its own state.
+                    for j, case_id in enumerate(ids[row]):
+                        i = int(case_id[1:])
+                        np.testing.assert_allclose(features[row, j, :DIM], states[i], atol=1e-6)
+                searches[0] += 1
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=searcher) for _ in range(2)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30
+    for start in range(0, 4000, 100):
+        bank.add(make_cases(states[start:start + 100], start))
+        assert time.monotonic() < deadline
+    stop.set()
+    for t in threads:
+        t.join(10)
+    assert not errors, errors[0]
+    assert searches[0] > 10
+    bank.wait_for_index(60)
+    assert len(bank) == 4000
+    _, ids = bank.search(states[:3], 1)
+    assert ids == [["c0"], ["c1"], ["c2"]]
+    bank.close()
+
+
+def test_metrics_exported(tmp_path):
+    with CaseBank(tmp_path / "metricbank", DIM, num_shards=2, name="metricbank") as bank:
+        bank.add(make_cases(unit(np.random.default_rng(11).standard_normal((10, DIM)))))
+        bank.search(np.zeros((1, DIM), np.float32), 3)
+        bank.snapshot()
+        text = generate_latest().decode()
+        for name in ('memento_casebank_cases{bank="metricbank",shard="0"}',
+                     'memento_casebank_index_type{bank="metricbank",shard="1",type="flat"} 1.0',
+                     'memento_casebank_adds_total{bank="metricbank"} 10.0',
+                     'memento_casebank_search_seconds_count{bank="metricbank"}',
+                     'memento_casebank_snapshot_age_seconds{bank="metricbank",shard="0"}',
+                     'memento_casebank_wal_bytes{bank="metricbank",shard="1"} 0.0',
+                     'memento_casebank_adds_per_second{bank="metricbank"}'):
+            assert name in text, name

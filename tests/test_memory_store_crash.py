@@ -1,0 +1,66 @@
+"""A case bank process killed with SIGKILL in the middle of appends loses no acknowledged case."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from memory_store import CaseBank
+
+DIM = 8
+
+WRITER = r"""
+import sys
+import numpy as np
+from memento.schemas import Case
+from memory_store import CaseBank
+
+path, batch = sys.argv[1], int(sys.argv[2])
+bank = CaseBank(path, 8, num_shards=3, switch_threshold=500, snapshot_wal_bytes=200_000)
+rng = np.random.default_rng(0)
+start = len(bank)
+while True:
+    states = rng.standard_normal((batch, 8))
+    bank.add([Case(f"c{start + i}", s.tolist(), "item", s.tolist(), 1.0, 0.0)
+              for i, s in enumerate(states)])
+    start += batch
+    print(start, flush=True)  # every case below `start` is acknowledged
+"""
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("batch", [1, 97])
+def test_sigkill_mid_append_keeps_every_acknowledged_case(tmp_path, batch):
+    path = tmp_path / "bank"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    acknowledged = 0
+    for round_ in range(2):  # the second round restarts on the recovered bank and crashes again
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(batch)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        try:
+            target = acknowledged + (300 if batch == 1 else 3000)
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                line = proc.stdout.readline()
+                if not line:
+                    pytest.fail(f"writer exited early: {proc.stderr.read()[-2000:]}")
+                acknowledged = int(line)
+                if acknowledged >= target:
+                    break
+            proc.send_signal(signal.SIGKILL)  # it is appending its next batch right now
+        finally:
+            proc.kill()
+            proc.wait(10)
+            proc.stdout.close()
+            proc.stderr.close()
+        assert acknowledged >= target, "writer too slow"
+        with CaseBank(path, DIM, num_shards=3) as bank:
+            missing = [i for i in range(acknowledged) if f"c{i}" not in bank]
+            assert not missing, f"round {round_}: {len(missing)} acknowledged cases lost, e.g. {missing[:5]}"
+            assert len(bank) >= acknowledged
+            acknowledged = len(bank)
