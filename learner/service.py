@@ -42,7 +42,7 @@ from learner.trainer import SoftQConfig, SoftQLearner
 from memento.checkpoint import CheckpointError, load_checkpoint
 from memento.config import Settings
 from memento.encoder import case_feature_dim
-from memento.kafka_io import DeadLetterWriter, make_consumer, make_producer
+from memento.kafka_io import DeadLetterWriter, make_consumer, make_producer, poll
 from memento.schemas import Case, CheckpointAnnouncement, SchemaError, Transition, decode, encode
 
 __all__ = ["LearnerServiceConfig", "LearnerService", "LearnerMetrics", "latest_checkpoint",
@@ -392,7 +392,7 @@ class LearnerService:
             steps_at_log = self.learner.steps
             while not stop.is_set():
                 owed = self._update_credit >= 1.0  # do not idle in poll while updates are owed
-                polled = consumer.poll(timeout_ms=0 if owed else self.options.poll_timeout_ms)
+                polled = poll(consumer, self.settings, 0 if owed else self.options.poll_timeout_ms)
                 records = [rec for recs in polled.values() for rec in recs]
                 if records:
                     self.handle(records)

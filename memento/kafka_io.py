@@ -16,7 +16,8 @@ from kafka.errors import KafkaError, TopicAlreadyExistsError
 from memento.config import TOPIC_PARTITIONS, Settings
 from memento.schemas import DeadLetter, encode
 
-__all__ = ["client_kwargs", "wait_for_broker", "ensure_topics", "make_producer", "make_consumer",
+__all__ = ["client_kwargs", "wait_for_broker", "ensure_topics", "make_producer", "make_consumer", "poll",
+           "throttle_aiokafka_empty_fetches",
            "DeadLetterWriter", "topic_specs"]
 
 log = logging.getLogger(__name__)
@@ -119,3 +120,53 @@ class DeadLetterWriter:
     def send(self, source_topic: str, partition: int, offset: int, reason: str, original: bytes | None) -> None:
         log.warning("dead-letter %s[%d]@%d: %s", source_topic, partition, offset, reason)
         self.producer.send(self.topic, value=encode(self.record(source_topic, partition, offset, reason, original)))
+
+
+# -- embedded-broker profile -------------------------------------------------------------------
+# noida-db answers a fetch at once when no data is there instead of waiting fetch_max_wait_ms, so
+# a consumer that waits in poll() spins (measured: ~87% of a core for one idle kafka-python
+# consumer, ~93% for an idle Faust worker). Under MEMENTO_EMBEDDED_BROKER=noida only, idle polls
+# sleep instead. Production (Apache Kafka) never takes these paths.
+
+EMPTY_FETCH_BACKOFF_S = 0.05
+
+
+def spins_on_empty_fetch(settings: Settings) -> bool:
+    return settings.embedded_broker == "noida"
+
+
+def poll(consumer: KafkaConsumer, settings: Settings, timeout_ms: int, **kwargs) -> dict:
+    """``consumer.poll(timeout_ms)``, without busy-waiting on a broker that spins idle fetches."""
+    if not spins_on_empty_fetch(settings) or not consumer.assignment():
+        # a group member still joining makes progress only inside a blocking poll
+        return consumer.poll(timeout_ms=timeout_ms, **kwargs)
+    records = consumer.poll(timeout_ms=0, **kwargs)
+    if not records and timeout_ms > 0:
+        time.sleep(min(timeout_ms / 1000.0, EMPTY_FETCH_BACKOFF_S))
+    return records
+
+
+def throttle_aiokafka_empty_fetches(settings: Settings) -> None:
+    """Make aiokafka (under Faust) pause after a fetch that brought nothing, on brokers that do not
+    honour ``fetch_max_wait_ms``. Idempotent; a no-op on other brokers."""
+    if not spins_on_empty_fetch(settings):
+        return
+    import asyncio
+
+    from aiokafka.consumer.fetcher import Fetcher
+
+    if getattr(Fetcher._proc_fetch_request, "_memento_throttled", False):
+        return
+    original = Fetcher._proc_fetch_request
+
+    async def proc_fetch_request(self, assignment, node_id, request):
+        has_new_data = await original(self, assignment, node_id, request)
+        if not has_new_data:
+            try:
+                await asyncio.sleep(EMPTY_FETCH_BACKOFF_S)
+            except asyncio.CancelledError:  # closing: the fetcher awaits its cancelled tasks
+                return False
+        return has_new_data
+
+    proc_fetch_request._memento_throttled = True
+    Fetcher._proc_fetch_request = proc_fetch_request

@@ -79,7 +79,9 @@ class CaseBank:
         self.num_shards = num_shards
         self.path = Path(path) if path is not None else None
         self.name = self.options.name or (self.path.name if self.path is not None else "memory")
-        faiss.omp_set_num_threads(self.options.omp_threads or min(2, os.cpu_count() or 1))
+        self._omp_threads = self.options.omp_threads or min(2, os.cpu_count() or 1)
+        self._thread_state = threading.local()
+        self._use_omp_threads()
         self._lock_fd = -1
         self._closed = False
         if self.path is not None:
@@ -166,8 +168,15 @@ class CaseBank:
             raise ValueError(f"CaseBank.search: queries must be floating point, got {q.dtype}")
         return np.ascontiguousarray(q, np.float32)
 
+    def _use_omp_threads(self) -> None:
+        # OpenMP's thread count is per calling thread: set it in every thread that searches.
+        if getattr(self._thread_state, "omp_threads", None) != self._omp_threads:
+            faiss.omp_set_num_threads(self._omp_threads)
+            self._thread_state.omp_threads = self._omp_threads
+
     def _search(self, queries: np.ndarray, k: int, with_features: bool):
         self._check_open()
+        self._use_omp_threads()
         q = self._check_queries(queries, k)
         started = time.perf_counter()
         parts = [shard.search(q, k, with_features) for shard in self.shards]

@@ -51,7 +51,9 @@ class BankOptions:
     snapshot_on_close
         Snapshot shards with a non-empty log in :meth:`CaseBank.close`, so the next open is fast.
     omp_threads
-        Threads faiss may use (``faiss.omp_set_num_threads``); None = min(2, CPU count).
+        Threads faiss may use (``faiss.omp_set_num_threads``). Default 1: searches are one query
+        at a time on the serving path, where OpenMP threads only add spin-waiting, badly so when
+        the cores are shared with other processes; None = min(2, CPU count).
     background_build
         Build approximate indexes in a background thread (True) or inside ``add`` (False, for tests).
     name
@@ -77,7 +79,7 @@ class BankOptions:
     snapshot_wal_bytes: int = 256 << 20
     snapshot_interval_s: float | None = 300.0
     snapshot_on_close: bool = True
-    omp_threads: int | None = None
+    omp_threads: int | None = 1
     background_build: bool = True
     name: str | None = None
     seed: int = 0

@@ -27,7 +27,7 @@ from memento.checkpoint import CheckpointError, load_checkpoint
 from memento.config import Settings
 from memento.encoder import HistoryEntry
 from memento.history import UserHistories
-from memento.kafka_io import DeadLetterWriter, make_consumer
+from memento.kafka_io import DeadLetterWriter, make_consumer, poll
 from memento.qnet import QNetwork
 from memento.schemas import Action, Case, CheckpointAnnouncement, SchemaError, decode
 from serving.metrics import ServingMetrics
@@ -52,21 +52,16 @@ class TopicFollower(threading.Thread, abc.ABC):
         Longest wait of one poll (bounds how long :meth:`stop` takes).
     max_records
         Largest batch handed to :meth:`_handle`.
-    idle_backoff_s
-        Pause after an empty poll instead of a blocking poll. Default: 0.05 s under the embedded
-        profile, where noida-db answers fetches at once instead of waiting ``fetch_max_wait_ms``
-        (a blocking poll spins at ~90% of a core per idle consumer), 0 (blocking poll) otherwise.
     """
 
     def __init__(self, settings: Settings, topic: str, metrics: ServingMetrics, *,
-                 poll_timeout_ms: int = 100, max_records: int = 1000, idle_backoff_s: float | None = None):
+                 poll_timeout_ms: int = 100, max_records: int = 1000):
         super().__init__(name=f"follow-{topic}", daemon=True)
         self.settings = settings
         self.topic = topic
         self.metrics = metrics
         self.poll_timeout_ms = poll_timeout_ms
         self.max_records = max_records
-        self.idle_backoff_s = (0.05 if settings.embedded_broker else 0.0) if idle_backoff_s is None else idle_backoff_s
         self.records_seen = 0
         self._stop_event = threading.Event()
         self.error: BaseException | None = None
@@ -82,15 +77,12 @@ class TopicFollower(threading.Thread, abc.ABC):
                 self._stop_event.wait(1.0)
                 continue
             try:
-                timeout_ms = 0 if self.idle_backoff_s > 0 else self.poll_timeout_ms
                 while not self._stop_event.is_set():
-                    batches = consumer.poll(timeout_ms=timeout_ms, max_records=self.max_records)
+                    batches = poll(consumer, self.settings, self.poll_timeout_ms, max_records=self.max_records)
                     records = [r for part in batches.values() for r in part]
                     if records:
                         self.records_seen += len(records)
                         self._handle(records)
-                    elif self.idle_backoff_s > 0:
-                        self._stop_event.wait(self.idle_backoff_s)
                 return
             except KafkaError as exc:
                 log.warning("%s: Kafka error (%s); reconnecting from the last position", self.name, exc)

@@ -4,8 +4,8 @@ transitions (s, c, μ(c|s), r, s′) and new cases.
 One agent consumes the actions, recommendations and ticks topics together. All three are keyed
 by user id and co-partitioned, so a user's events meet on one partition and one table shard.
 Per-user state (history, open windows, recently seen ids) lives in a changelog-backed Faust
-table (RocksDB store by default), so a restarted worker recovers it. Windows close in event time:
-each partition's watermark is the largest event time seen on it; ticks (one per partition every
+table (RocksDB store by default), so a restarted worker recovers it. Windows close in event time,
+by a per-partition watermark (:meth:`TransitionWorker.watermark`); ticks (one per partition every
 ``tick_interval_s``, produced by the worker's own timer) let a partition close its windows when
 no new user event arrives. The rules themselves are in :mod:`streams.attribution`.
 
@@ -24,7 +24,7 @@ from prometheus_client import Counter, Gauge
 
 from memento.config import TOPIC_PARTITIONS, Settings
 from memento.encoder import ItemEncoder, StateEncoder, load_products
-from memento.kafka_io import DeadLetterWriter
+from memento.kafka_io import DeadLetterWriter, throttle_aiokafka_empty_fetches
 from memento.schemas import Action, Recommendation, SchemaError, decode, encode
 from streams.attribution import RewardAttribution
 
@@ -63,10 +63,15 @@ class TransitionWorker:
         Faust table store URL: ``rocksdb://`` (default) or ``memory://``.
     tick_interval_s
         Wall-clock period of the watermark ticks.
+    idle_timeout_s
+        Wall-clock seconds after which an input partition that delivered nothing stops holding
+        the watermark back.
     """
 
+    INPUTS = ("action", "recommendation")
+
     def __init__(self, settings: Settings, *, worker_id: str = "0", store: str = "rocksdb://",
-                 tick_interval_s: float = 0.5, app_id: str = "memento-worker"):
+                 tick_interval_s: float = 0.5, idle_timeout_s: float = 5.0, app_id: str = "memento-worker"):
         self.settings = settings
         self.tick_interval_s = tick_interval_s
         catalogue = load_products(settings.products) if settings.products else {}
@@ -75,12 +80,15 @@ class TransitionWorker:
             encoder, settings.rewards, window_s=settings.window_s,
             allowed_lateness_s=settings.allowed_lateness_s, history_len=settings.history_len)
         self.partitions = TOPIC_PARTITIONS["actions"]
+        self.idle_timeout_s = idle_timeout_s
         self.watermarks: dict[int, float] = {}
+        self._input_latest: dict[int, dict[str, tuple[float, float]]] = {}
         self._due: dict[int, dict[str, float]] = {}
         self.app = self._build_app(app_id, worker_id, store)
 
     def _build_app(self, app_id: str, worker_id: str, store: str) -> faust.App:
         s = self.settings
+        throttle_aiokafka_empty_fetches(s)
         extra: dict[str, Any] = {}
         if s.embedded_broker:
             extra.update(broker_session_timeout=6.0, broker_heartbeat_interval=1.0)
@@ -142,8 +150,26 @@ class TransitionWorker:
             record = DeadLetterWriter.record(topic, partition, offset, reason, value)
             await self.dead_letter_topic.send(key=key, value=encode(record))
 
-    def _advance(self, partition: int, ts: float) -> float:
-        wm = max(self.watermarks.get(partition, float("-inf")), ts)
+    def _advance(self, source: str, partition: int, ts: float) -> None:
+        latest = self._input_latest.setdefault(partition, {})
+        previous = latest.get(source)
+        latest[source] = (ts if previous is None else max(ts, previous[0]), time.monotonic())
+
+    def watermark(self, partition: int) -> float | None:
+        """Event-time watermark of a partition: the smallest, over the input topics, of the largest
+        event time consumed from that topic's partition. Faust does not interleave topics in event
+        time, so one topic may be read ahead of the other; the minimum keeps a window open until
+        both have passed its end. An input that delivered nothing for ``idle_timeout_s`` is idle
+        and does not hold the watermark back (when all are idle, the largest time counts)."""
+        latest = self._input_latest.get(partition)
+        if not latest:
+            return None
+        now = time.monotonic()
+        active = [ts for ts, seen in latest.values() if now - seen < self.idle_timeout_s]
+        if len(latest) < len(self.INPUTS) and active:
+            return None  # an input not heard from yet may still hold earlier events
+        wm = min(active) if active else max(ts for ts, _ in latest.values())
+        wm = max(wm, self.watermarks.get(partition, float("-inf")))
         self.watermarks[partition] = wm
         return wm
 
@@ -167,6 +193,7 @@ class TransitionWorker:
     async def _on_action(self, partition: int, action: Action) -> None:
         EVENTS.labels("action").inc()
         watermark = self.watermarks.get(partition)
+        self._advance("action", partition, action.ts)
         state = self._load(action.user_id, partition)
         outcome = self.attribution.add_action(state, action.event_id, action.item_id, action.action,
                                               action.ts, watermark)
@@ -175,7 +202,6 @@ class TransitionWorker:
             return
         if outcome == "late":
             ATTRIBUTION.labels("late").inc()
-        self._advance(partition, action.ts)
         if action.request_id is None:
             case = self.attribution.organic_case(state, action.event_id, action.item_id, action.action, action.ts)
             await self.cases_topic.send(key=case.case_id.encode(), value=encode(case))
@@ -184,12 +210,12 @@ class TransitionWorker:
 
     async def _on_recommendation(self, partition: int, rec: Recommendation) -> None:
         EVENTS.labels("recommendation").inc()
+        self._advance("recommendation", partition, rec.ts)
         state = self._load(rec.user_id, partition)
         if self.attribution.add_recommendation(state, RewardAttribution.recommendation_dict(rec)) == "duplicate":
             ATTRIBUTION.labels("duplicate").inc()
             return
         OPEN_WINDOWS.inc()
-        self._advance(partition, rec.ts)
         self._save(rec.user_id, state)
 
     def _due_index(self, partition: int) -> dict[str, float]:
@@ -206,7 +232,7 @@ class TransitionWorker:
 
     async def _close_partition(self, partition: int) -> None:
         EVENTS.labels("tick").inc()
-        watermark = self.watermarks.get(partition)
+        watermark = self.watermark(partition)
         if watermark is None:
             return
         WATERMARK.labels(str(partition)).set(watermark)

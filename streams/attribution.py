@@ -39,6 +39,7 @@ Rules, all in event time:
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass
 from typing import Any
 
@@ -156,12 +157,13 @@ class RewardAttribution:
         next_state = self.encoder.encode(self.history(state), until=end)
         state["closed"].append(rec["request_id"])
         del state["closed"][:-_MAX_REMEMBERED_IDS]
+        state_vec = _unpack(rec["state"])
         transition = Transition(
-            transition_id=rec["request_id"], user_id=rec["user_id"], state=rec["state"],
-            case_id=rec["case_id"], case_features=rec["case_features"], item_id=rec["item_id"],
+            transition_id=rec["request_id"], user_id=rec["user_id"], state=state_vec,
+            case_id=rec["case_id"], case_features=_unpack(rec["case_features"]), item_id=rec["item_id"],
             propensity=rec["propensity"], reward=reward, next_state=[float(x) for x in next_state],
             done=False, policy_version=rec["policy_version"], ts=rec["ts"], closed_at=now)
-        case = Case(case_id=f"rec:{rec['request_id']}", state=rec["state"], item_id=rec["item_id"],
+        case = Case(case_id=f"rec:{rec['request_id']}", state=state_vec, item_id=rec["item_id"],
                     item_vec=[float(x) for x in self.encoder.items.encode(rec["item_id"])],
                     outcome=reward, ts=rec["ts"], source="recommendation")
         return transition, case
@@ -185,7 +187,18 @@ class RewardAttribution:
 
     @staticmethod
     def recommendation_dict(rec: Recommendation) -> dict[str, Any]:
+        """The compact form kept in the user's open windows (vectors as base64 float32)."""
         return {"request_id": rec.request_id, "user_id": rec.user_id, "item_id": rec.item_id,
                 "case_id": rec.case_id, "propensity": rec.propensity,
-                "policy_version": rec.policy_version, "ts": rec.ts, "state": rec.state,
-                "case_features": rec.case_features}
+                "policy_version": rec.policy_version, "ts": rec.ts, "state": _pack(rec.state),
+                "case_features": _pack(rec.case_features)}
+
+
+def _pack(vector) -> str:
+    return base64.b64encode(np.asarray(vector, dtype=np.float32).tobytes()).decode("ascii")
+
+
+def _unpack(packed) -> list[float]:
+    if isinstance(packed, list):
+        return [float(x) for x in packed]
+    return np.frombuffer(base64.b64decode(packed), dtype=np.float32).astype(float).tolist()
