@@ -111,7 +111,9 @@ def run_from_args(args: argparse.Namespace) -> int:
         env = settings.to_env()
         logs = workdir / "logs"
         print(f"broker {broker.bootstrap}; starting worker, learner and serving (logs in {logs}) ...", flush=True)
-        group.start("worker", memento_command("worker", "--metrics-port", str(free_port())), env=env, log_dir=logs)
+        # The demo never restarts its worker: Tansu's slow recovery workaround is not needed.
+        group.start("worker", memento_command("worker", "--metrics-port", str(free_port()), "--no-tansu-safe-recovery"),
+                    env=env, log_dir=logs)
         group.start("learner", memento_command("learner", "--metrics-port", str(free_port())), env=env, log_dir=logs)
         group.start("serve", memento_command("serve", "--port", str(port)), env=env, log_dir=logs)
         wait_http(url + "/healthz", timeout=90, group=group)

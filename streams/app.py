@@ -66,12 +66,17 @@ class TransitionWorker:
     idle_timeout_s
         Wall-clock seconds after which an input partition that delivered nothing stops holding
         the watermark back.
+    tansu_safe_recovery
+        Embedded Tansu only: send one record per producer batch so that table recovery after a
+        worker restart is complete (Tansu's ListOffsets defect). Costs most of the worker's
+        throughput on Tansu; a run that never restarts a worker can turn it off.
     """
 
     INPUTS = ("action", "recommendation")
 
     def __init__(self, settings: Settings, *, worker_id: str = "0", store: str = "rocksdb://",
-                 tick_interval_s: float = 0.5, idle_timeout_s: float = 5.0, app_id: str = "memento-worker"):
+                 tick_interval_s: float = 0.5, idle_timeout_s: float = 5.0, app_id: str = "memento-worker",
+                 tansu_safe_recovery: bool = True):
         self.settings = settings
         self.tick_interval_s = tick_interval_s
         catalogue = load_products(settings.products) if settings.products else {}
@@ -81,6 +86,7 @@ class TransitionWorker:
             allowed_lateness_s=settings.allowed_lateness_s, history_len=settings.history_len)
         self.partitions = TOPIC_PARTITIONS["actions"]
         self.idle_timeout_s = idle_timeout_s
+        self.tansu_safe_recovery = tansu_safe_recovery
         self.watermarks: dict[int, float] = {}
         self._input_latest: dict[int, dict[str, tuple[float, float]]] = {}
         self._due: dict[int, dict[str, float]] = {}
@@ -92,9 +98,10 @@ class TransitionWorker:
         extra: dict[str, Any] = {}
         if s.embedded_broker:
             extra.update(broker_session_timeout=6.0, broker_heartbeat_interval=1.0)
-        if s.embedded_broker == "tansu":
+        if s.embedded_broker == "tansu" and self.tansu_safe_recovery:
             # Tansu answers ListOffsets with the last batch's first offset + 1: one record per
-            # batch keeps changelog recovery complete (docs/embedded-brokers.md).
+            # batch keeps changelog recovery complete (docs/embedded-brokers.md), at a large cost
+            # in producer throughput.
             extra.update(producer_max_batch_size=1)
         app = faust.App(
             app_id,

@@ -18,10 +18,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--worker-id", default="0", help="distinguishes workers' local table stores")
     parser.add_argument("--store", default="rocksdb://", choices=["rocksdb://", "memory://"],
                         help="Faust table store (changelog-backed either way)")
-    parser.add_argument("--metrics-port", type=int, default=9101, help="Prometheus metrics port (0: off)")
+    parser.add_argument("--metrics-port", type=int, default=9101,
+                        help="Prometheus metrics port (0 = any free port, -1 = none; default 9101)")
     parser.add_argument("--tick-interval", type=float, default=0.5,
                         help="seconds between watermark ticks that close reward windows")
     parser.add_argument("--loglevel", default="info")
+    parser.add_argument("--no-tansu-safe-recovery", dest="tansu_safe_recovery", action="store_false",
+                        help="embedded Tansu only: batch producer records normally (fast) at the price of "
+                             "incomplete table recovery after a worker restart (docs/embedded-brokers.md)")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -32,10 +36,11 @@ def run_from_args(args: argparse.Namespace) -> int:
 
     wait_for_broker(settings, timeout=60)
     ensure_topics(settings)
-    if args.metrics_port:
-        start_http_server(args.metrics_port, addr="127.0.0.1" if settings.embedded_broker else "0.0.0.0")
+    if args.metrics_port >= 0:
+        server, _ = start_http_server(args.metrics_port, addr="127.0.0.1" if settings.embedded_broker else "0.0.0.0")
+        logging.getLogger(__name__).info("metrics on :%d/metrics", server.server_port)
     worker = TransitionWorker(settings, worker_id=args.worker_id, store=args.store,
-                              tick_interval_s=args.tick_interval)
+                              tick_interval_s=args.tick_interval, tansu_safe_recovery=args.tansu_safe_recovery)
     logging.getLogger("kafka").setLevel(logging.WARNING)
     Worker(worker.app, loglevel=args.loglevel, quiet=True).execute_from_commandline()
     return 0
