@@ -13,7 +13,6 @@ False
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -104,8 +103,8 @@ class ProcessGroup:
         self.stop_all()
 
 
-def wait_http(url: str, *, timeout: float, group: ProcessGroup | None = None, expect_status: int = 200) -> dict:
-    """Poll ``url`` until it answers ``expect_status``; returns the JSON body."""
+def wait_http(url: str, *, timeout: float, group: ProcessGroup | None = None, expect_status: int = 200) -> bytes:
+    """Poll ``url`` until it answers ``expect_status``; returns the body."""
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
@@ -114,7 +113,7 @@ def wait_http(url: str, *, timeout: float, group: ProcessGroup | None = None, ex
         try:
             with urllib.request.urlopen(url, timeout=2) as resp:
                 if resp.status == expect_status:
-                    return json.loads(resp.read() or b"{}")
+                    return resp.read()
                 last = resp.status
         except urllib.error.HTTPError as exc:
             last = f"{exc.code} {exc.read()[:200]!r}"

@@ -20,7 +20,8 @@ __all__ = ["scrape_config", "start_prometheus", "query"]
 
 
 def scrape_config(jobs: dict[str, list[str]], interval_s: float = 5.0) -> str:
-    lines = ["global:", f"  scrape_interval: {interval_s}s", f"  evaluation_interval: {interval_s}s", "scrape_configs:"]
+    interval = f"{round(interval_s * 1000)}ms"  # Prometheus durations take integers only
+    lines = ["global:", f"  scrape_interval: {interval}", f"  evaluation_interval: {interval}", "scrape_configs:"]
     for job, targets in jobs.items():
         lines += [f"  - job_name: {job}", "    static_configs:", f"      - targets: {json.dumps(targets)}"]
     return "\n".join(lines) + "\n"
