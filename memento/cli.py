@@ -33,12 +33,15 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _broker(args: argparse.Namespace) -> int:
-    from memento.broker import EmbeddedBroker
+    from memento.broker import BrokerError, EmbeddedBroker
 
     broker = EmbeddedBroker(args.engine, args.port, args.broker_dir)
     if args.action == "start":
-        settings = settings_from_args(args)
-        print(broker.start(settings))
+        try:
+            print(broker.start(settings_from_args(args)))
+        except (BrokerError, TimeoutError) as exc:
+            print(f"memento broker start: {exc}", file=sys.stderr)
+            return 1
     elif args.action == "stop":
         print("stopped" if broker.stop() else "no broker recorded as running in " + args.broker_dir)
     else:

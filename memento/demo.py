@@ -92,18 +92,19 @@ def run_from_args(args: argparse.Namespace) -> int:
         print(f"starting {args.engine} broker ...", flush=True)
         broker.start()
         settings = broker.settings(data_dir=str(workdir / "data"), checkpoint_dir=str(workdir / "checkpoints"))
-        config = ReplayConfig(source=args.source, events=args.events, rate=args.rate, seed=args.seed,
-                              settings=settings, summary_window=args.summary_window,
-                              response_log=str(workdir / "responses.jsonl"))
-        if args.source == "synthetic":
-            products = workdir / "products.csv"
-            SyntheticWorld(config.world, seed=args.seed).write_products_csv(products)
-        else:
+        tmall = {}
+        if args.source == "tmall":
             products = Path(args.products or TMALL_DIR / "sam_tianchi_2014001_rec_tmall_product.csv")
             if not Path(args.log).exists() or not products.exists():
                 print(f"memento demo: Tmall files not found ({args.log}, {products})", file=sys.stderr)
                 return 2
-            config = dataclasses.replace(config, log_path=args.log, products_path=str(products))
+            tmall = {"log_path": args.log, "products_path": str(products)}
+        config = ReplayConfig(source=args.source, events=args.events, rate=args.rate, seed=args.seed,
+                              settings=settings, summary_window=args.summary_window,
+                              response_log=str(workdir / "responses.jsonl"), **tmall)
+        if args.source == "synthetic":
+            products = workdir / "products.csv"
+            SyntheticWorld(config.world, seed=args.seed).write_products_csv(products)
         settings = dataclasses.replace(settings, products=str(products.resolve()))
         port = free_port()
         url = f"http://127.0.0.1:{port}"
