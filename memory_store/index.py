@@ -70,21 +70,11 @@ class ShardIndex(abc.ABC):
     def _faiss(self) -> faiss.Index: ...
 
 
-class FlatIndex(ShardIndex):
-    """Exact inner-product search over every vector."""
-
-    kind = "flat"
-
-    def __init__(self, dim: int, index: faiss.Index | None = None) -> None:
-        super().__init__(dim)
-        self.index = index if index is not None else faiss.IndexIDMap(
-            faiss.IndexFlat(dim, faiss.METRIC_INNER_PRODUCT))
+class _IdMappedIndex(ShardIndex):
+    """Hooks shared by indexes that hold the case slots as faiss ids (``self.index``)."""
 
     def _add(self, ids, vectors):
         self.index.add_with_ids(vectors, ids)
-
-    def _remove(self, ids):
-        self.index.remove_ids(faiss.IDSelectorBatch(ids))
 
     def _search(self, queries, k):
         return self.index.search(queries, k)
@@ -96,7 +86,21 @@ class FlatIndex(ShardIndex):
         return self.index
 
 
-class IVFIndex(ShardIndex):
+class FlatIndex(_IdMappedIndex):
+    """Exact inner-product search over every vector."""
+
+    kind = "flat"
+
+    def __init__(self, dim: int, index: faiss.Index | None = None) -> None:
+        super().__init__(dim)
+        self.index = index if index is not None else faiss.IndexIDMap(
+            faiss.IndexFlat(dim, faiss.METRIC_INNER_PRODUCT))
+
+    def _remove(self, ids):
+        self.index.remove_ids(faiss.IDSelectorBatch(ids))
+
+
+class IVFIndex(_IdMappedIndex):
     """Inverted-file index: vectors in ``nlist`` k-means cells, ``nprobe`` cells scanned per query.
 
     Parameters
@@ -141,20 +145,8 @@ class IVFIndex(ShardIndex):
         self.index = index
         return self
 
-    def _add(self, ids, vectors):
-        self.index.add_with_ids(vectors, ids)
-
     def _remove(self, ids):
         self.index.remove_ids(faiss.IDSelectorArray(ids))
-
-    def _search(self, queries, k):
-        return self.index.search(queries, k)
-
-    def _ntotal(self):
-        return self.index.ntotal
-
-    def _faiss(self):
-        return self.index
 
 
 class HNSWIndex(ShardIndex):
