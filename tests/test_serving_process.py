@@ -35,17 +35,20 @@ def test_two_workers_one_port_and_graceful_sigterm(engine, tmp_path):
             publish_cases(settings, make_cases(settings, 12))
             announce(settings, 4)
 
+            data = Path(settings.data_dir)
+
             def both_ready():
-                # Connections land on either worker; 12 consecutive ready answers make it very
-                # likely that both are ready, and the bank directories prove both loaded cases.
+                # Both workers opened their banks, and connections (which land on either worker)
+                # answered ready 30 times in a row: a worker not ready yet would have answered
+                # one of them with probability 1 - 2**-30.
+                if not ((data / "serving-bank").is_dir() and (data / "serving-bank-1").is_dir()):
+                    return False
                 try:
-                    return all(http("GET", f"{url}/readyz")[0] == 200 for _ in range(12))
+                    return all(http("GET", f"{url}/readyz")[0] == 200 for _ in range(30))
                 except OSError:
                     return False
 
             wait_for(both_ready, timeout=60, interval=0.3, what="both workers ready")
-            data = Path(settings.data_dir)
-            assert (data / "serving-bank").is_dir() and (data / "serving-bank-1").is_dir()
             request_ids = set()
             for i in range(20):
                 status, rec = http("POST", f"{url}/v1/recommend", {"user_id": f"u{i}"})
