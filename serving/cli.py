@@ -39,8 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint-dir", default=None,
                         help="where announced checkpoints are looked up if their path does not exist here")
     parser.add_argument("--products", default=None, help="product CSV for item features (env MEMENTO_PRODUCTS)")
-    parser.add_argument("--embedded-broker", action="store_true", default=None,
-                        help="talking to an embedded test broker (env MEMENTO_EMBEDDED_BROKER)")
+    parser.add_argument("--embedded-broker", choices=["noida", "tansu"], default=None,
+                        help="the embedded test broker in use, if any (env MEMENTO_EMBEDDED_BROKER)")
     parser.add_argument("--top-k", type=int, default=None, help="nearest cases mu chooses among (default settings.top_k)")
     parser.add_argument("--alpha", type=float, default=0.1, help="temperature of mu = softmax(Q/alpha) (default 0.1)")
     parser.add_argument("--min-prob", type=float, default=0.01, help="floor on each candidate's probability (default 0.01)")
