@@ -6,21 +6,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from memento.broker import EmbeddedBroker
 from memento.encoder import HistoryEntry, ItemEncoder, StateEncoder
 from memento.schemas import Action, DeadLetter, Recommendation, decode
 from serving.app import ServingConfig
 from serving.policy import PolicyOptions
-from test_serving_support import (ServerThread, announce, fresh_settings, http, make_cases, publish,
+from test_serving_support import (ServerThread, broker, announce, fresh_settings, http, make_cases, publish,
                                   publish_cases, read_topic, wait_for)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
-
-@pytest.fixture(scope="module", params=EmbeddedBroker.engines())
-def broker(request, tmp_path_factory):
-    with EmbeddedBroker(request.param, 0, str(tmp_path_factory.mktemp(f"broker-{request.param}"))) as b:
-        yield b
 
 
 def test_readiness_contract_and_published_recommendation(broker, tmp_path):

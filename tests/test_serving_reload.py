@@ -14,17 +14,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from memento.broker import EmbeddedBroker
-from test_serving_support import (ServerThread, announce, fresh_settings, http, make_cases,
+from test_serving_support import (ServerThread, broker, announce, fresh_settings, http, make_cases,
                                   publish_cases, send_announcement, wait_for)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
-
-@pytest.fixture(scope="module", params=EmbeddedBroker.engines())
-def broker(request, tmp_path_factory):
-    with EmbeddedBroker(request.param, 0, str(tmp_path_factory.mktemp(f"broker-{request.param}"))) as b:
-        yield b
 
 
 async def _load(url: str, stop_at: float, concurrency: int, log: list) -> None:

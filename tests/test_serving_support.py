@@ -13,9 +13,10 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+import pytest
 from aiohttp import web
 
-from memento.broker import free_port
+from memento.broker import EmbeddedBroker, free_port
 from memento.checkpoint import save_checkpoint
 from memento.config import Settings, TopicNames
 from memento.encoder import ItemEncoder
@@ -156,3 +157,10 @@ def read_topic(settings: Settings, topic: str, until, timeout: float = 15.0) -> 
     finally:
         consumer.close()
     raise AssertionError(f"timed out reading {topic}: {len(records)} records")
+
+
+@pytest.fixture(scope="module", params=EmbeddedBroker.engines())
+def broker(request, tmp_path_factory):
+    """One embedded broker per engine, shared by a test module."""
+    with EmbeddedBroker(request.param, 0, str(tmp_path_factory.mktemp(f"broker-{request.param}"))) as b:
+        yield b
