@@ -37,7 +37,7 @@ import torch
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, start_http_server
 
 from learner.buffer import ReplayBuffer
-from learner.storage import ReplayTransition
+from learner.candidates import with_candidates
 from learner.trainer import SoftQConfig, SoftQLearner
 from memento.checkpoint import CheckpointError, load_checkpoint
 from memento.config import Settings
@@ -46,7 +46,7 @@ from memento.kafka_io import DeadLetterWriter, make_consumer, make_producer, pol
 from memento.schemas import Case, CheckpointAnnouncement, SchemaError, Transition, decode, encode
 
 __all__ = ["LearnerServiceConfig", "LearnerService", "LearnerMetrics", "latest_checkpoint",
-           "add_arguments", "run_from_args", "main"]
+           "add_arguments", "run_from_args", "main", "add_dataclass_options", "options_from_args"]
 
 log = logging.getLogger("memento.learner")
 
@@ -312,14 +312,8 @@ class LearnerService:
 
     def _ingest(self, transitions: list[Transition]) -> int:
         n = len(transitions)
-        queries = np.asarray([t.state for t in transitions] + [t.next_state for t in transitions], np.float32)
-        _, _, features, mask = self.bank.search_with_features(queries, self.config.top_k)
         added = 0
-        for i, t in enumerate(transitions):
-            replay = ReplayTransition(
-                t.transition_id, np.asarray(t.state, np.float32), np.asarray(t.case_features, np.float32),
-                t.reward, t.done, t.propensity, np.asarray(t.next_state, np.float32),
-                features[i], mask[i], features[n + i], mask[n + i])
+        for replay in with_candidates(transitions, self.bank, self.config.top_k):
             if self.buffer.add(replay):
                 added += 1
             else:
@@ -443,9 +437,14 @@ def _parse_optional(kind):
     return parse
 
 
-def _add_dataclass_options(parser: argparse.ArgumentParser, cls, title: str) -> None:
+def add_dataclass_options(parser: argparse.ArgumentParser, cls, title: str,
+                          exclude: Sequence[str] = ()) -> None:
+    """One ``--flag`` per field of dataclass ``cls`` (help from the field's metadata); unset
+    flags are absent from the parsed namespace, so :func:`options_from_args` keeps defaults."""
     group = parser.add_argument_group(title)
     for f in fields(cls):
+        if f.name in exclude:
+            continue
         flag = "--" + f.name.replace("_", "-")
         help_text = f"{f.metadata.get('help', '')} (default: {f.default})"
         type_name = str(f.type)
@@ -465,12 +464,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint-dir", default=None, help="where checkpoints are written (MEMENTO_CHECKPOINT_DIR)")
     parser.add_argument("--metrics-port", type=int, default=9102,
                         help="Prometheus port (0 = any free port, -1 = none; default 9102)")
-    _add_dataclass_options(parser, SoftQConfig, "soft-Q hyperparameters")
-    _add_dataclass_options(parser, LearnerServiceConfig, "replay, pacing and publishing")
+    add_dataclass_options(parser, SoftQConfig, "soft-Q hyperparameters")
+    add_dataclass_options(parser, LearnerServiceConfig, "replay, pacing and publishing")
     return parser
 
 
-def _from_args(cls, args: argparse.Namespace, **fallback):
+def options_from_args(cls, args: argparse.Namespace, **fallback):
     """Build ``cls`` from the flags that were given (unset flags are absent from ``args``)."""
     values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
     for key, value in fallback.items():
@@ -482,8 +481,8 @@ def run_from_args(args: argparse.Namespace, stop: threading.Event | None = None)
     """Build the service from parsed flags and env vars, run it until SIGINT/SIGTERM."""
     settings = Settings.from_env(bootstrap_servers=args.bootstrap_servers, data_dir=args.data_dir,
                                  checkpoint_dir=args.checkpoint_dir)
-    config = _from_args(SoftQConfig, args, top_k=settings.top_k)
-    options = _from_args(LearnerServiceConfig, args)
+    config = options_from_args(SoftQConfig, args, top_k=settings.top_k)
+    options = options_from_args(LearnerServiceConfig, args)
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -18,6 +18,7 @@ COMMANDS = {
     "serve": ("serving.cli", "run the HTTP recommendation server"),
     "replay": ("memento.replay", "play users (synthetic or Tmall) against serving and Kafka"),
     "demo": ("memento.demo", "start everything on an embedded broker and replay users"),
+    "eval": ("memento.evaluation.cli", "compare retrieval policies in-process (simulator or logs)"),
 }
 
 # ``memento bench NAME`` → module with add_arguments/run(args) -> dict of figures

@@ -1,10 +1,12 @@
 """Item and state encoders: the one definition of how items and users become vectors.
 
 Items are encoded by signed feature hashing of their metadata (category, brand, seller, title
-tokens and the item id itself) into ``dim`` dimensions, L2-normalised. A user's state is the
-L2-normalised sum of the vectors of their recent items, weighted by action type and by recency
-(newest first, geometric decay). Every process (stream worker, serving, learner, eval) imports
-these classes, so a state computed anywhere means the same thing everywhere.
+tokens and the item id itself) into ``dim`` dimensions, L2-normalised; an optional
+:class:`TextEncoder` (off by default) adds a fixed random projection of the title's embedding.
+A user's state is the L2-normalised sum of the vectors of their recent items, weighted by action
+type and by recency (newest first, geometric decay). Every process (stream worker, serving,
+learner, eval) imports these classes, so a state computed anywhere means the same thing
+everywhere.
 
 >>> import numpy as np
 >>> enc = ItemEncoder(dim=8)
@@ -19,18 +21,21 @@ True
 
 from __future__ import annotations
 
+import abc
 import csv
+import functools
 import hashlib
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
 __all__ = [
-    "ItemMeta", "HistoryEntry", "ItemEncoder", "StateEncoder", "load_products", "ACTION_STRENGTH",
-    "case_feature_vector", "case_feature_dim",
+    "ItemMeta", "HistoryEntry", "ItemEncoder", "StateEncoder", "load_products", "normalise_item_id",
+    "ACTION_STRENGTH", "case_feature_vector", "case_feature_dim",
+    "TextEncoder", "SentenceTransformerTextEncoder", "text_encoder_from_path", "TEXT_PROJECTION_SEED",
 ]
 
 # How much an action says about taste, for the state encoder (not the reward).
@@ -97,8 +102,149 @@ def normalise_item_id(raw: str) -> str:
     return raw[1:] if len(raw) > 1 and raw[0] == "i" and raw[1:].isdigit() else raw
 
 
+class TextEncoder(abc.ABC):
+    """Turns texts (item titles) into fixed-size embeddings.
+
+    Subclasses implement :meth:`_encode` and :attr:`dim`; callers use :meth:`encode`, which
+    checks what the subclass returned.
+
+    >>> class Lengths(TextEncoder):
+    ...     dim = 2
+    ...     def _encode(self, texts):
+    ...         return [[len(t), 1.0] for t in texts]
+    >>> Lengths().encode(["ab", "abcd"]).tolist()
+    [[2.0, 1.0], [4.0, 1.0]]
+    """
+
+    @property
+    @abc.abstractmethod
+    def dim(self) -> int:
+        """Length of one embedding."""
+
+    @abc.abstractmethod
+    def _encode(self, texts: list[str]) -> Any:
+        """Embeddings of ``texts``, anything ``np.asarray`` turns into [len(texts), dim]."""
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """Embed ``texts``.
+
+        Parameters
+        ----------
+        texts
+            The texts, in order (a list, not a single string).
+
+        Returns
+        -------
+        np.ndarray
+            float32 array [len(texts), dim], all finite.
+
+        Raises
+        ------
+        ValueError
+            When the encoder returned the wrong shape or non-finite values.
+        """
+        if isinstance(texts, str):
+            raise TypeError(f"{type(self).__name__}.encode takes a sequence of texts, not one str")
+        texts = list(texts)
+        if not texts:
+            return np.zeros((0, self.dim), np.float32)
+        out = np.asarray(self._encode(texts), dtype=np.float32)
+        if out.shape != (len(texts), self.dim):
+            raise ValueError(f"text encoder {type(self).__name__} returned shape {out.shape} for "
+                             f"{len(texts)} texts; expected ({len(texts)}, {self.dim})")
+        if not np.isfinite(out).all():
+            raise ValueError(f"text encoder {type(self).__name__} returned non-finite values")
+        return out
+
+
+class SentenceTransformerTextEncoder(TextEncoder):
+    """A sentence-transformers model loaded from a local path (optional; not a dependency).
+
+    Parameters
+    ----------
+    model_path
+        Directory of a saved sentence-transformers model.
+    device
+        Torch device the model runs on.
+    batch_size
+        Texts per forward pass.
+
+    Raises
+    ------
+    FileNotFoundError
+        When ``model_path`` does not exist.
+    RuntimeError
+        When the ``sentence_transformers`` package is not installed.
+
+    >>> SentenceTransformerTextEncoder("/no/such/model")
+    Traceback (most recent call last):
+    ...
+    FileNotFoundError: text encoder model path '/no/such/model' does not exist
+    """
+
+    def __init__(self, model_path: str, device: str = "cpu", batch_size: int = 64):
+        if not Path(model_path).exists():
+            raise FileNotFoundError(f"text encoder model path {model_path!r} does not exist")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        try:
+            import sentence_transformers
+        except ImportError as err:
+            raise RuntimeError("the sentence_transformers package is not installed: "
+                               "pip install sentence-transformers; --text-encoder needs it") from err
+        self.model_path = str(model_path)
+        self.device = device
+        self.batch_size = batch_size
+        self._model = sentence_transformers.SentenceTransformer(self.model_path, device=device)
+        dim = self._model.get_sentence_embedding_dimension()
+        if dim is None:  # some models only know their output size after a forward pass
+            dim = int(np.asarray(self._model.encode([""], convert_to_numpy=True)).shape[-1])
+        self._dim = int(dim)
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    def _encode(self, texts: list[str]) -> np.ndarray:
+        return self._model.encode(texts, batch_size=self.batch_size, convert_to_numpy=True,
+                                  show_progress_bar=False)
+
+
+def text_encoder_from_path(path: str | None) -> TextEncoder | None:
+    """The CLI's ``--text-encoder PATH``: a :class:`SentenceTransformerTextEncoder`, or None.
+
+    Parameters
+    ----------
+    path
+        Model directory; None or "" means no text encoder (the default).
+
+    >>> text_encoder_from_path("") is None
+    True
+    """
+    if not path:
+        return None
+    return SentenceTransformerTextEncoder(path)
+
+
+# Every process derives the same projection from this seed and the two dimensions.
+TEXT_PROJECTION_SEED = 20240611
+# A hashed feature of weight w adds 4 signed entries of ±w, norm 2w; the projected title
+# embedding is scaled to the same norm (in expectation) so weights are comparable.
+_TEXT_SCALE = 2.0
+
+
+@functools.lru_cache(maxsize=8)
+def _text_projection(text_dim: int, dim: int) -> np.ndarray:
+    # RandomState's stream is frozen by NumPy (NEP 19), unlike Generator's: the projection
+    # stays the same across NumPy versions. Entries N(0, 1/dim) keep E|x P|^2 = |x|^2.
+    proj = np.random.RandomState(TEXT_PROJECTION_SEED).standard_normal((text_dim, dim))
+    proj = (proj / np.sqrt(dim)).astype(np.float32)
+    proj.setflags(write=False)
+    return proj
+
+
 class ItemEncoder:
-    """Hashes item metadata into a unit vector.
+    """Hashes item metadata (and optionally a title embedding) into a unit vector.
 
     Parameters
     ----------
@@ -107,15 +253,25 @@ class ItemEncoder:
     catalogue
         Item metadata by item id; unknown items are encoded from their id alone.
     weights
-        Relative weight of each feature group.
+        Relative weight of each feature group: ``category``, ``category_top``, ``brand``,
+        ``seller``, ``title`` (hashed tokens), ``id`` and ``text`` (the text encoder's part).
+    text_encoder
+        Optional encoder of item titles. Its unit-normalised embedding is projected to ``dim``
+        by a fixed Gaussian projection and added to the hashed vector; None (the default)
+        leaves the vectors exactly as without it.
+
+    >>> enc = ItemEncoder(4, {"7": ItemMeta("7", category="1-2", title="red shoe")})
+    >>> enc.encode_many(["7", "8"]).shape
+    (2, 4)
     """
 
     def __init__(self, dim: int = 32, catalogue: dict[str, ItemMeta] | None = None,
-                 weights: dict[str, float] | None = None):
+                 weights: dict[str, float] | None = None, text_encoder: TextEncoder | None = None):
         self.dim = dim
         self.catalogue = catalogue or {}
         self.weights = {"category": 1.0, "category_top": 0.7, "brand": 0.6, "seller": 0.5,
-                        "title": 0.3, "id": 0.5, **(weights or {})}
+                        "title": 0.3, "id": 0.5, "text": 1.0, **(weights or {})}
+        self.text_encoder = text_encoder
         self._cache: dict[str, np.ndarray] = {}
 
     def _features(self, item_id: str) -> Iterable[tuple[str, float]]:
@@ -134,23 +290,77 @@ class ItemEncoder:
         for tok in tokens:
             yield f"tok={tok}", self.weights["title"] / max(1.0, len(tokens) ** 0.5)
 
+    def _title(self, item_id: str) -> str | None:
+        """The title the text encoder sees, or None when there is no encoder or no title."""
+        if self.text_encoder is None:
+            return None
+        meta = self.catalogue.get(item_id)
+        title = meta.title.strip() if meta is not None else ""
+        return title or None
+
+    def _text_part(self, embedding: np.ndarray) -> np.ndarray | None:
+        norm = float(np.linalg.norm(embedding))
+        if norm == 0:
+            return None
+        proj = _text_projection(embedding.shape[0], self.dim)
+        scale = _TEXT_SCALE * self.weights["text"] / norm
+        return (embedding @ proj * scale).astype(np.float32)
+
+    def _build(self, item_id: str, embedding: np.ndarray | None) -> np.ndarray:
+        vec = np.zeros(self.dim, dtype=np.float32)
+        for token, weight in self._features(item_id):
+            # Several hashes per token spread it over dimensions (a random projection).
+            for j in range(4):
+                h = _hash(f"{j}:{token}")
+                vec[h % self.dim] += weight * (1.0 if (h >> 32) & 1 else -1.0)
+        if embedding is not None:
+            text = self._text_part(embedding)
+            if text is not None:
+                vec += text
+        norm = float(np.linalg.norm(vec))
+        vec /= norm if norm > 0 else 1.0
+        vec.setflags(write=False)
+        self._cache[item_id] = vec
+        return vec
+
     def encode(self, item_id: str) -> np.ndarray:
+        """Unit vector [dim] (float32, read-only, cached) of one item.
+
+        Parameters
+        ----------
+        item_id
+            The item; one missing from the catalogue is encoded from its id alone.
+        """
         vec = self._cache.get(item_id)
         if vec is None:
-            vec = np.zeros(self.dim, dtype=np.float32)
-            for token, weight in self._features(item_id):
-                # Several hashes per token spread it over dimensions (a random projection).
-                for j in range(4):
-                    h = _hash(f"{j}:{token}")
-                    vec[h % self.dim] += weight * (1.0 if (h >> 32) & 1 else -1.0)
-            norm = float(np.linalg.norm(vec))
-            vec /= norm if norm > 0 else 1.0
-            vec.setflags(write=False)
-            self._cache[item_id] = vec
+            title = self._title(item_id)
+            embedding = None if title is None else self.text_encoder.encode([title])[0]
+            vec = self._build(item_id, embedding)
         return vec
 
     def encode_many(self, item_ids: Sequence[str]) -> np.ndarray:
-        return np.stack([self.encode(i) for i in item_ids]) if item_ids else np.zeros((0, self.dim), np.float32)
+        """Vectors [len(item_ids), dim] of several items; the text encoder runs once for all
+        uncached titles.
+
+        Parameters
+        ----------
+        item_ids
+            The items, in order (repeats allowed).
+        """
+        if not item_ids:
+            return np.zeros((0, self.dim), np.float32)
+        if self.text_encoder is not None:
+            pending: dict[str, list[str]] = {}
+            for item_id in dict.fromkeys(item_ids):
+                title = None if item_id in self._cache else self._title(item_id)
+                if title is not None:
+                    pending.setdefault(title, []).append(item_id)
+            if pending:
+                embeddings = self.text_encoder.encode(list(pending))
+                for embedding, ids in zip(embeddings, pending.values()):
+                    for item_id in ids:
+                        self._build(item_id, embedding)
+        return np.stack([self.encode(i) for i in item_ids])
 
 
 class StateEncoder:

@@ -140,10 +140,17 @@ class RetrievalPolicy:
         state = np.ascontiguousarray(state, dtype=np.float32).reshape(-1)
         ids, scores, features, mask = self.bank.search_with_features(state[None], self.options.top_k)
         n = int(mask[0].sum())
+        # Valid hits come first (best first) and padding after, so the first n columns are the set.
+        return self.decide(state, list(ids[0][:n]), scores[0, :n], features[0, :n], rng)
+
+    def decide(self, state: np.ndarray, case_ids: list[str], similarities: np.ndarray,
+               features: np.ndarray, rng: np.random.Generator) -> Decision:
+        """Score already retrieved candidates with Q and sample one from μ."""
+        n = len(case_ids)
         if n == 0:
             raise NoCandidatesError("the case bank has no case to choose from")
-        # Valid hits come first (best first) and padding after, so the first n columns are the set.
-        feats = np.ascontiguousarray(features[0, :n], dtype=np.float32)
+        state = np.ascontiguousarray(state, dtype=np.float32).reshape(-1)
+        feats = np.ascontiguousarray(features[:n], dtype=np.float32)
         with torch.no_grad():
             q = self._scores(torch.from_numpy(state)[None], torch.from_numpy(feats)[None])
             mu = policy_probs(q, self.options.alpha, self.options.min_prob)
@@ -152,6 +159,6 @@ class RetrievalPolicy:
         probs = mu[0].double().numpy()
         probs = probs / probs.sum()
         chosen = int(rng.choice(n, p=probs))
-        return Decision(state=state, case_ids=list(ids[0][:n]), similarities=scores[0, :n].copy(),
+        return Decision(state=state, case_ids=list(case_ids), similarities=np.array(similarities[:n], copy=True),
                         features=feats, q=q_np.astype(np.float32), probs=probs, chosen=chosen,
                         policy_version=self.version, entropy=ent)

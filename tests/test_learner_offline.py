@@ -7,7 +7,7 @@ import argparse
 import pytest
 import torch
 
-from learner.service import LearnerService, LearnerServiceConfig, _from_args, add_arguments
+from learner.service import LearnerService, LearnerServiceConfig, options_from_args, add_arguments
 from learner.trainer import SoftQConfig
 from memento.config import Settings
 
@@ -19,15 +19,15 @@ def test_flags_build_the_configs():
     args = parser.parse_args(["--gamma", "0.3", "--target-entropy", "1.5", "--grad-clip", "none",
                               "--loss", "huber", "--prioritized", "--publish-every", "50",
                               "--metrics-port", "0"])
-    config = _from_args(SoftQConfig, args, top_k=8)
-    options = _from_args(LearnerServiceConfig, args)
+    config = options_from_args(SoftQConfig, args, top_k=8)
+    options = options_from_args(LearnerServiceConfig, args)
     assert (config.gamma, config.target_entropy, config.grad_clip, config.loss, config.top_k) == \
         (0.3, 1.5, None, "huber", 8)
     assert config.alpha == SoftQConfig().alpha and config.batch_size == 64   # unset flags: defaults
     assert options.prioritized and options.publish_every == 50 and options.learning_starts == 64
-    assert _from_args(SoftQConfig, parser.parse_args(["--top-k", "4"]), top_k=8).top_k == 4
+    assert options_from_args(SoftQConfig, parser.parse_args(["--top-k", "4"]), top_k=8).top_k == 4
     with pytest.raises(ValueError, match="loss must be 'mse' or 'huber'"):
-        _from_args(SoftQConfig, parser.parse_args(["--loss", "l1"]))
+        options_from_args(SoftQConfig, parser.parse_args(["--loss", "l1"]))
 
 
 def test_unhealthy_learner_does_not_publish(tmp_path):

@@ -1,0 +1,1 @@
+"""``memento eval``: policies replayed over a data stream in time order, in-process."""

@@ -1,0 +1,108 @@
+"""Ranking and reward metrics of one evaluation run, and their mean ± std over seeds.
+
+Per request the run records the reward attributed to the recommended item (the stream worker's
+rule), the target item (the logged item, or on the simulator the oracle's item), and the ranked
+list. ``hit@k`` is 1 when the target is among the first k items; ``NDCG@10`` is
+1/log2(1 + rank) of the target within the first 10 (binary relevance, one relevant item, so the
+ideal DCG is 1); coverage is the share of the catalogue that was recommended (first item) at
+least once.
+
+>>> m = RunMetrics(catalogue_size=4)
+>>> m.add(reward=1.0, items=["a", "b"], target="b")
+>>> m.add(reward=0.0, items=["c"], target="a")
+>>> s = m.summary()
+>>> s["reward_mean"], s["hit@1"], s["hit@10"], round(s["ndcg@10"], 4), s["coverage"]
+(0.5, 0.0, 0.5, 0.3155, 0.5)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+__all__ = ["RunMetrics", "ndcg_at", "aggregate"]
+
+
+def ndcg_at(items: Sequence[str], target: str | None, k: int = 10) -> float:
+    """NDCG@k of a list with one relevant item ``target``."""
+    if target is None:
+        return 0.0
+    for rank, item in enumerate(items[:k]):
+        if item == target:
+            return 1.0 / math.log2(rank + 2)
+    return 0.0
+
+
+@dataclass
+class RunMetrics:
+    """Accumulates one policy's requests in one run.
+
+    Parameters
+    ----------
+    catalogue_size
+        Number of items that could be recommended (for coverage).
+    """
+
+    catalogue_size: int
+    rewards: list[float] = field(default_factory=list)
+    expected: list[float] = field(default_factory=list)
+    oracle: list[float] = field(default_factory=list)
+    ceiling: list[float] = field(default_factory=list)
+    hits1: int = 0
+    hits10: int = 0
+    ndcg: float = 0.0
+    recommended: set = field(default_factory=set)
+
+    def add(self, reward: float, items: Sequence[str], target: str | None,
+            expected: float | None = None, oracle: float | None = None,
+            ceiling: float | None = None) -> None:
+        """One closed request; ``ceiling`` is the best expected reward among the retrieved
+        candidates' items (simulator), what any case policy could at most have earned."""
+        self.rewards.append(float(reward))
+        if ceiling is not None:
+            self.ceiling.append(float(ceiling))
+        if expected is not None:
+            self.expected.append(float(expected))
+        if oracle is not None:
+            self.oracle.append(float(oracle))
+        self.hits1 += int(target is not None and items[:1] == [target])
+        self.hits10 += int(target is not None and target in items[:10])
+        self.ndcg += ndcg_at(items, target, 10)
+        self.recommended.add(items[0])
+
+    def __len__(self) -> int:
+        return len(self.rewards)
+
+    def cumulative_reward(self) -> np.ndarray:
+        return np.cumsum(np.asarray(self.rewards, np.float64))
+
+    def summary(self) -> dict[str, float]:
+        n = max(1, len(self.rewards))
+        out = {"requests": float(len(self.rewards)), "reward_total": float(sum(self.rewards)),
+               "reward_mean": float(sum(self.rewards)) / n, "hit@1": self.hits1 / n,
+               "hit@10": self.hits10 / n, "ndcg@10": self.ndcg / n,
+               "coverage": len(self.recommended) / max(1, self.catalogue_size)}
+        if self.expected and self.oracle:
+            exp, orc = float(np.mean(self.expected)), float(np.mean(self.oracle))
+            out.update({"expected_reward_mean": exp, "oracle_reward_mean": orc,
+                        "regret_total": float(np.sum(self.oracle) - np.sum(self.expected)),
+                        "regret_mean": orc - exp, "share_of_oracle": exp / orc if orc > 0 else math.nan})
+        if self.ceiling and self.oracle:
+            orc = float(np.mean(self.oracle))
+            out["candidate_ceiling_share"] = float(np.mean(self.ceiling)) / orc if orc > 0 else math.nan
+        return out
+
+
+def aggregate(per_seed: Sequence[dict[str, float]]) -> dict[str, float]:
+    """``{metric: mean, metric + "_std": sample std}`` over seeds (std 0 for one seed); metrics
+    missing from some seeds are averaged over those that have them."""
+    keys = list(dict.fromkeys(k for run in per_seed for k in run))
+    out: dict[str, float] = {}
+    for key in keys:
+        values = np.asarray([run[key] for run in per_seed if key in run], np.float64)
+        out[key] = float(values.mean())
+        out[key + "_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    return out

@@ -1,0 +1,446 @@
+"""The policies ``memento eval`` compares, each a small class behind :class:`EvalPolicy`.
+
+For every request the evaluation retrieves the ``top_k`` cases nearest to the user's state (the
+same bank search serving does) and hands them to the policy as a :class:`Request`; the policy
+answers a :class:`Choice`: a ranked list of distinct items, the first being the
+recommendation, the candidate case it chose (case policies) and the probability it gave that
+choice. When a reward window closes, the policies that learn get the transition, exactly what
+the learner process would consume.
+
+* ``random`` — a uniformly random item of the catalogue.
+* ``popularity`` — the items with the most reward so far (all users), most popular first.
+* ``cosine`` — plain RAG: the nearest case's item, then the next nearest cases' items.
+* ``greedy-q`` — Memento's parametric memory: a success classifier P(r > 0 | s, c) on the same
+  network architecture (γ = 0, binary cross-entropy), argmax over the candidates.
+* ``linucb`` — a contextual bandit: LinUCB with one linear model shared by all candidate cases
+  over the features of (s, c). River's ``LinUCBDisjoint`` keeps one model per arm over a fixed
+  arm set; here the arms are the retrieved cases and change with every request, so the shared
+  (Li et al. 2010, eq. 6 without the disjoint part) form is written here.
+* ``softq`` — the product: :class:`serving.policy.RetrievalPolicy` (μ = softmax(Q/α) with the
+  probability floor, sampled) trained by :class:`learner.trainer.SoftQLearner` from a
+  :class:`learner.buffer.ReplayBuffer`, with the learner process's pacing
+  (:class:`learner.service.LearnerServiceConfig`: learning starts, updates per transition,
+  a new policy version every ``publish_every`` updates).
+
+>>> import numpy as np
+>>> req = Request("u", 0.0, np.ones(2, np.float32), ["c1", "c2"], np.array([0.9, 0.5]),
+...               np.zeros((2, 5), np.float32), ["7", "8"], ["9"])
+>>> CosinePolicy().choose(req, np.random.default_rng(0)).items
+['7', '8', '9']
+"""
+
+from __future__ import annotations
+
+import abc
+import copy
+import heapq
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from learner.buffer import ReplayBuffer
+from learner.candidates import with_candidates
+from learner.service import LearnerServiceConfig
+from learner.trainer import SoftQConfig, SoftQLearner
+from memento.qnet import QNetwork
+from memento.schemas import Transition
+from serving.policy import PolicyOptions, RetrievalPolicy
+
+__all__ = ["Request", "Choice", "EvalPolicy", "RandomPolicy", "PopularityPolicy", "CosinePolicy",
+           "GreedyQPolicy", "LinUCBPolicy", "SoftQPolicy", "POLICY_NAMES", "items_in_order"]
+
+POLICY_NAMES = ("random", "popularity", "cosine", "greedy-q", "linucb", "softq")
+
+
+@dataclass(frozen=True)
+class Request:
+    """One recommendation request with its retrieved candidates.
+
+    Parameters
+    ----------
+    user_id, ts
+        Who asks, and when (event time).
+    state
+        The user's state s, ``[D]``.
+    case_ids, similarities, features, case_items
+        The ``top_k`` nearest cases, most similar first: ids, cosine with s, feature vectors
+        ``[n, 2D+1]`` and items.
+    extra_items
+        Items of the next nearest cases beyond the top K, nearest first (to fill a list).
+    """
+
+    user_id: str
+    ts: float
+    state: np.ndarray
+    case_ids: list[str]
+    similarities: np.ndarray
+    features: np.ndarray
+    case_items: list[str]
+    extra_items: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A policy's answer.
+
+    Parameters
+    ----------
+    items
+        Distinct items, best first; ``items[0]`` is recommended.
+    case_index
+        The chosen candidate (index into the request's cases), None for item policies.
+    propensity
+        Probability with which the policy made this choice (1 for a deterministic policy).
+    distribution
+        π(item | s) over the items the policy may recommend; None means uniform over
+        ``catalogue_size`` items.
+    catalogue_size
+        Size of the catalogue (for a uniform distribution).
+    """
+
+    items: list[str]
+    case_index: int | None
+    propensity: float
+    distribution: dict[str, float] | None
+    catalogue_size: int = 0
+
+    def prob_of(self, item: str) -> float:
+        """π(item | s): the probability that the policy recommends ``item``."""
+        if self.distribution is None:
+            return 1.0 / self.catalogue_size
+        return self.distribution.get(item, 0.0)
+
+    def expectation(self, value: Callable[[str], float], catalogue: Sequence[str]) -> float:
+        """Σ_a π(a | s)·value(a)."""
+        if self.distribution is None:
+            return float(np.mean([value(a) for a in catalogue]))
+        return float(sum(p * value(a) for a, p in self.distribution.items()))
+
+
+def items_in_order(request: Request, order: Sequence[int], list_size: int) -> list[str]:
+    """Distinct items of the candidates in ``order``, then of the next nearest cases: the rule
+    of :class:`serving.generator.CaseItemGenerator`."""
+    items: list[str] = []
+    for index in order:
+        item = request.case_items[int(index)]
+        if item not in items:
+            items.append(item)
+            if len(items) == list_size:
+                return items
+    for item in request.extra_items:
+        if item not in items:
+            items.append(item)
+            if len(items) == list_size:
+                break
+    return items
+
+
+def _deterministic(items: list[str]) -> dict[str, float]:
+    return {items[0]: 1.0}
+
+
+class EvalPolicy(abc.ABC):
+    """A retrieval or recommendation policy under evaluation. Subclasses implement
+    :meth:`_choose`; learning policies also override :meth:`learn`."""
+
+    name = ""
+
+    def choose(self, request: Request, rng: np.random.Generator, list_size: int = 10) -> Choice:
+        """A ranked list of at most ``list_size`` distinct items for ``request``."""
+        choice = self._choose(request, rng, list_size)
+        if not choice.items or len(set(choice.items)) != len(choice.items):
+            raise RuntimeError(f"policy {self.name!r} returned {choice.items!r}: the list must be "
+                               f"non-empty and without repeats")
+        return choice
+
+    @abc.abstractmethod
+    def _choose(self, request: Request, rng: np.random.Generator, list_size: int) -> Choice: ...
+
+    def observe(self, user_id: str, item_id: str, reward: float) -> None:
+        """An action seen in the stream (organic or a response), with its reward weight."""
+
+    def learn(self, transitions: Sequence[Transition]) -> None:
+        """Transitions whose reward windows just closed."""
+
+    def stats(self) -> dict[str, float]:
+        """Training figures to report (updates, policy versions)."""
+        return {}
+
+
+class RandomPolicy(EvalPolicy):
+    """A uniformly random list of catalogue items.
+
+    Parameters
+    ----------
+    catalogue
+        The items to draw from.
+    """
+
+    name = "random"
+
+    def __init__(self, catalogue: Sequence[str]):
+        if not catalogue:
+            raise ValueError("random policy: the catalogue is empty")
+        self.catalogue = list(catalogue)
+
+    def _choose(self, request: Request, rng: np.random.Generator, list_size: int) -> Choice:
+        n = len(self.catalogue)
+        picks = rng.choice(n, size=min(list_size, n), replace=False)
+        return Choice([self.catalogue[int(i)] for i in picks], None, 1.0 / n, None, n)
+
+
+class PopularityPolicy(EvalPolicy):
+    """The items with the most reward so far over all users (ties: seen first ranks first);
+    random catalogue items until anything was seen.
+
+    Parameters
+    ----------
+    catalogue
+        Fallback items.
+    """
+
+    name = "popularity"
+
+    def __init__(self, catalogue: Sequence[str]):
+        self.catalogue = list(catalogue)
+        self.totals: Counter[str] = Counter()
+        self._first_seen: dict[str, int] = {}
+
+    def observe(self, user_id: str, item_id: str, reward: float) -> None:
+        self._first_seen.setdefault(item_id, len(self._first_seen))
+        self.totals[item_id] += reward
+
+    def _choose(self, request: Request, rng: np.random.Generator, list_size: int) -> Choice:
+        top = heapq.nsmallest(list_size, self.totals, key=lambda i: (-self.totals[i], self._first_seen[i]))
+        if len(top) < list_size:
+            rest = [i for i in self.catalogue if i not in self.totals]
+            if rest:
+                picks = rng.choice(len(rest), size=min(len(rest), list_size - len(top)), replace=False)
+                top += [rest[int(i)] for i in picks]
+        return Choice(top, None, 1.0, _deterministic(top))
+
+
+class CosinePolicy(EvalPolicy):
+    """Plain RAG: the nearest case's item first, then the next nearest cases' items."""
+
+    name = "cosine"
+
+    def _choose(self, request: Request, rng: np.random.Generator, list_size: int) -> Choice:
+        items = items_in_order(request, range(len(request.case_ids)), list_size)
+        return Choice(items, 0 if request.case_ids else None, 1.0, _deterministic(items))
+
+
+class _TrainedCasePolicy(EvalPolicy):
+    """A case policy trained from replayed transitions with the learner process's pacing.
+
+    Parameters
+    ----------
+    bank
+        The evaluation's case bank (candidates of s and s′ for each transition).
+    state_dim
+        Dimension of states and item vectors.
+    top_k
+        Candidates per state.
+    pacing
+        Buffer size, learning starts, updates per transition, ``publish_every``.
+    seed
+        Seeds the buffer's sampler.
+    """
+
+    def __init__(self, bank, state_dim: int, top_k: int, pacing: LearnerServiceConfig, seed: int):
+        self.bank, self.state_dim, self.top_k, self.pacing = bank, state_dim, top_k, pacing
+        self.buffer = ReplayBuffer.create(pacing.buffer_capacity, state_dim, top_k,
+                                          prioritized=pacing.prioritized,
+                                          priority_alpha=pacing.priority_alpha,
+                                          priority_beta=pacing.priority_beta, seed=seed)
+        self.updates = 0
+        self.skipped = 0
+        self.versions = 0
+        self._credit = 0.0
+        self._since_publish = 0
+
+    def learn(self, transitions: Sequence[Transition]) -> None:
+        added = sum(self.buffer.add(row) for row in with_candidates(transitions, self.bank, self.top_k))
+        if len(self.buffer) < self.pacing.learning_starts:
+            return
+        self._credit = min(self._credit + added * self.pacing.updates_per_transition,
+                           float(self.pacing.max_update_backlog))
+        while self._credit >= 1.0:
+            self._credit -= 1.0
+            batch = self.buffer.sample(self._batch_size())
+            td_errors = self._update(batch)
+            if td_errors is None:
+                self.skipped += 1
+                continue
+            self.updates += 1
+            if self.pacing.prioritized:
+                self.buffer.update_priorities(batch.indices, td_errors)
+            self._since_publish += 1
+            if self._since_publish >= self.pacing.publish_every:
+                self._since_publish = 0
+                self.versions += 1
+                self._publish()
+
+    @abc.abstractmethod
+    def _batch_size(self) -> int: ...
+
+    @abc.abstractmethod
+    def _update(self, batch) -> np.ndarray | None:
+        """One gradient step; the absolute errors per row, or None when it was skipped."""
+
+    @abc.abstractmethod
+    def _publish(self) -> None:
+        """Make the trained network the one that serves."""
+
+    def stats(self) -> dict[str, float]:
+        return {"updates": float(self.updates), "skipped_updates": float(self.skipped),
+                "policy_versions": float(self.versions)}
+
+
+class SoftQPolicy(_TrainedCasePolicy):
+    """μ = softmax(Q/α) over the candidates, sampled, as serving does; Q trained by soft
+    Q-learning as the learner process does. See :class:`_TrainedCasePolicy` for the parameters;
+    ``config`` holds the soft-Q hyperparameters and ``min_prob``/``alpha`` of μ."""
+
+    name = "softq"
+
+    def __init__(self, bank, state_dim: int, config: SoftQConfig, pacing: LearnerServiceConfig):
+        super().__init__(bank, state_dim, config.top_k, pacing, config.seed)
+        self.learner = SoftQLearner(state_dim, config)
+        self.options = PolicyOptions(top_k=config.top_k, alpha=config.alpha, min_prob=config.min_prob)
+        self.policy = RetrievalPolicy(copy.deepcopy(self.learner.q_net), 0, bank, self.options)
+
+    def _batch_size(self) -> int:
+        return self.learner.config.batch_size
+
+    def _update(self, batch) -> np.ndarray | None:
+        if self.learner.update(batch)["skipped"]:
+            return None
+        return self.learner.last_td_errors
+
+    def _publish(self) -> None:
+        if self.learner.healthy:
+            # serving's options follow the learner's tuned α, as a reload would carry it
+            options = PolicyOptions(self.options.top_k, self.learner.alpha, self.options.min_prob)
+            self.policy = RetrievalPolicy(copy.deepcopy(self.learner.q_net), self.versions, self.bank, options)
+
+    def _choose(self, request: Request, rng: np.random.Generator, list_size: int) -> Choice:
+        decision = self.policy.decide(request.state, request.case_ids, request.similarities,
+                                      request.features, rng)
+        items = items_in_order(request, decision.ranked(), list_size)
+        by_item: dict[str, float] = {}
+        for item, p in zip(request.case_items, decision.probs):
+            by_item[item] = by_item.get(item, 0.0) + float(p)
+        return Choice(items, decision.chosen, decision.propensity, by_item)
+
+
+class GreedyQPolicy(_TrainedCasePolicy):
+    """Memento's parametric case memory: a classifier of success P(r > 0 | s, c) with the Q
+    network's architecture, trained with binary cross-entropy (no bootstrapping, γ = 0), and
+    the argmax case chosen.
+
+    Parameters
+    ----------
+    bank, state_dim, top_k, pacing
+        As :class:`_TrainedCasePolicy`.
+    hidden, lr, batch_size, seed
+        Network width, Adam learning rate, batch size and seed.
+    """
+
+    name = "greedy-q"
+
+    def __init__(self, bank, state_dim: int, top_k: int, pacing: LearnerServiceConfig, *,
+                 hidden: int = 128, lr: float = 1e-3, batch_size: int = 64, seed: int = 1):
+        super().__init__(bank, state_dim, top_k, pacing, seed)
+        torch.manual_seed(seed)
+        self.net = QNetwork(state_dim, hidden)
+        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=lr)
+        self.batch_size = batch_size
+        self.serving_net = copy.deepcopy(self.net).eval()
+
+    def _batch_size(self) -> int:
+        return self.batch_size
+
+    def _update(self, batch) -> np.ndarray | None:
+        state = torch.as_tensor(batch.state)
+        case = torch.as_tensor(batch.case_features).unsqueeze(1)
+        label = torch.as_tensor(batch.reward > 0, dtype=torch.float32)
+        logits = self.net(state, case).squeeze(1)
+        loss = (torch.as_tensor(batch.weights) * F.binary_cross_entropy_with_logits(
+            logits, label, reduction="none")).mean()
+        if not torch.isfinite(loss):
+            return None
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.net.parameters(), 10.0)
+        self.optimizer.step()
+        return (torch.sigmoid(logits.detach()) - label).abs().numpy()
+
+    def _publish(self) -> None:
+        self.serving_net = copy.deepcopy(self.net).eval()
+
+    def _choose(self, request: Request, rng: np.random.Generator, list_size: int) -> Choice:
+        with torch.no_grad():
+            scores = self.serving_net(torch.as_tensor(request.state)[None],
+                                      torch.as_tensor(request.features)[None])[0].numpy()
+        order = np.argsort(-scores, kind="stable")
+        items = items_in_order(request, order, list_size)
+        return Choice(items, int(order[0]), 1.0, _deterministic(items))
+
+
+class LinUCBPolicy(EvalPolicy):
+    """LinUCB with one linear reward model over the features of each (s, c) pair:
+    ``x = [s ⊙ c_state, s ⊙ c_item, outcome, 1]``; choose argmax θᵀx + α·sqrt(xᵀA⁻¹x), with
+    A = λI + Σ x xᵀ and θ = A⁻¹ Σ r x (A⁻¹ kept by Sherman–Morrison updates).
+
+    Parameters
+    ----------
+    state_dim
+        Dimension of states and item vectors.
+    alpha
+        Width of the confidence bonus.
+    ridge
+        λ of the ridge prior.
+    """
+
+    name = "linucb"
+
+    def __init__(self, state_dim: int, alpha: float = 1.0, ridge: float = 1.0):
+        if alpha < 0 or ridge <= 0:
+            raise ValueError(f"linucb needs alpha >= 0 and ridge > 0, got alpha={alpha}, ridge={ridge}")
+        self.d = state_dim
+        self.alpha = alpha
+        n = 2 * state_dim + 2
+        self.a_inv = np.eye(n) / ridge
+        self.b = np.zeros(n)
+        self.updates = 0
+
+    def _x(self, state: np.ndarray, cases: np.ndarray) -> np.ndarray:
+        d = self.d
+        cases = np.atleast_2d(cases).astype(np.float64)
+        s = np.asarray(state, np.float64)
+        return np.concatenate([cases[:, :d] * s, cases[:, d:2 * d] * s, cases[:, 2 * d:2 * d + 1],
+                               np.ones((len(cases), 1))], axis=1)
+
+    def _choose(self, request: Request, rng: np.random.Generator, list_size: int) -> Choice:
+        x = self._x(request.state, request.features)
+        theta = self.a_inv @ self.b
+        bonus = np.sqrt(np.einsum("ij,jk,ik->i", x, self.a_inv, x).clip(min=0.0))
+        order = np.argsort(-(x @ theta + self.alpha * bonus), kind="stable")
+        items = items_in_order(request, order, list_size)
+        return Choice(items, int(order[0]), 1.0, _deterministic(items))
+
+    def learn(self, transitions: Sequence[Transition]) -> None:
+        for t in transitions:
+            x = self._x(np.asarray(t.state), np.asarray(t.case_features))[0]
+            ax = self.a_inv @ x
+            self.a_inv -= np.outer(ax, ax) / (1.0 + x @ ax)
+            self.b += t.reward * x
+            self.updates += 1
+
+    def stats(self) -> dict[str, float]:
+        return {"updates": float(self.updates)}
