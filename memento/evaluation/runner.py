@@ -236,8 +236,12 @@ class _Stream:
         if closed:
             self.policy.learn(closed)
 
-    def close_all(self) -> None:
-        self.advance(float("inf"))
+    def close(self) -> None:
+        """Close every window still open (the stream has ended) and the bank."""
+        try:
+            self.advance(float("inf"))
+        finally:
+            self.bank.close()
 
 
 def make_policy(name: str, config: EvalConfig, bank, catalogue: Sequence[str], seed: int) -> EvalPolicy:
@@ -314,7 +318,7 @@ def _run_synthetic(config: EvalConfig, policy_name: str, seed: int, tick: Callab
         for a in outcome.actions:
             stream.action(a.event_id, a.user_id, a.item_id, a.action, a.ts, organic=False)
         tick()
-    stream.close_all()
+    stream.close()
     return RunResult(policy_name, seed, {**run.metrics.summary(), **policy.stats()},
                      run.metrics.cumulative_reward())
 
@@ -392,7 +396,7 @@ def _run_logged(config: EvalConfig, data: LoggedData, policy_name: str, seed: in
                            choice.expectation(reward_hat, catalogue))
         record(e)
         tick()
-    stream.close_all()
+    stream.close()
     estimates = {} if off_policy is None or not len(off_policy) else {
         name: est.to_dict() for name, est in off_policy.estimates().items()}
     return RunResult(policy_name, seed, {**run.metrics.summary(), **policy.stats()},
