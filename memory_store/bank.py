@@ -6,6 +6,11 @@ processes or versions, so a bank directory must always be opened with the same `
 keeps the best ``k`` of the union, which is exactly the top ``k`` one index over all cases would
 return (each shard's top ``k`` contains every one of its cases in the global top ``k``).
 
+Writes: :meth:`CaseBank.add` takes ``Case`` objects; :meth:`CaseBank.add_arrays` takes the same
+batch as columns, skipping the per-case Python work (the path for bulk writers). Either way a call
+costs one log record and one fsync per shard it touches, the shards writing in parallel. Reads:
+one query searches on the calling thread alone; batches use ``omp_threads`` faiss threads.
+
 >>> import numpy as np
 >>> from memento.schemas import Case
 >>> bank = CaseBank(None, dim=2, num_shards=2)
@@ -38,12 +43,13 @@ from memento.encoder import case_feature_dim
 from memento.schemas import Case
 from memory_store import metrics
 from memory_store.options import BankOptions
-from memory_store.records import batch_from_cases
+from memory_store.records import CaseBatch, batch_from_arrays, batch_from_cases
 from memory_store.shard import Shard
 
-__all__ = ["CaseBank", "shard_of"]
+__all__ = ["CaseBank", "shard_of", "shards_of"]
 
 MANIFEST = "bank.json"
+SMALL_BATCH = 16  # searches of fewer queries use one faiss thread whatever ``omp_threads`` says
 FORMAT_VERSION = 1
 
 
@@ -51,6 +57,17 @@ def shard_of(case_id: str, num_shards: int) -> int:
     """The shard a case id is routed to (stable across processes and runs)."""
     digest = hashlib.blake2b(case_id.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") % num_shards
+
+
+def shards_of(case_ids: Sequence[str], num_shards: int) -> np.ndarray:
+    """:func:`shard_of` of every id in ``case_ids``, as an int64 array.
+
+    >>> shards_of(["a", "b", "case-42"], 4).tolist() == [shard_of(c, 4) for c in ["a", "b", "case-42"]]
+    True
+    """
+    blake2b = hashlib.blake2b
+    digests = b"".join([blake2b(c.encode(), digest_size=8).digest() for c in case_ids])
+    return (np.frombuffer(digests, "<u8") % np.uint64(num_shards)).astype(np.int64)
 
 
 class CaseBank:
@@ -80,14 +97,14 @@ class CaseBank:
         self.path = Path(path) if path is not None else None
         self.name = self.options.name or (self.path.name if self.path is not None else "memory")
         self._omp_threads = self.options.omp_threads or min(2, os.cpu_count() or 1)
-        self._thread_state = threading.local()
         self._use_omp_threads()
         self._lock_fd = -1
         self._closed = False
         if self.path is not None:
             self._open_directory()
+        build_gate = threading.Semaphore(1)
         self.shards = [Shard(i, dim, self.path / f"shard-{i:03d}" if self.path is not None else None,
-                             self.options) for i in range(num_shards)]
+                             self.options, build_gate, fan_out=num_shards) for i in range(num_shards)]
         self._pool = ThreadPoolExecutor(max_workers=num_shards, thread_name_prefix="casebank-add") \
             if num_shards > 1 else None
         self._adds_window: collections.deque = collections.deque()
@@ -101,6 +118,7 @@ class CaseBank:
         self._pending_hits: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._hits_lock = threading.Lock()
         self._search_seconds = metrics.SEARCH_SECONDS.labels(self.name)
+        self._adds_counter = metrics.ADDS.labels(self.name)
         self._searches = metrics.SEARCHES.labels(self.name)
         metrics.register_bank(self)
 
@@ -135,29 +153,65 @@ class CaseBank:
         cases = list(cases)
         if not cases:
             return 0
-        batch = batch_from_cases(cases, self.dim)
+        return self._add_batch(batch_from_cases(cases, self.dim))
+
+    def add_arrays(self, case_ids: Sequence[str], states: np.ndarray, item_ids: Sequence[str] | str,
+                   item_vecs: np.ndarray, outcomes, ts, sources: Sequence[str] | str = "recommendation"
+                   ) -> int:
+        """Add a batch of cases given in columns, the fast path for bulk writers: no per-case
+        objects are built and validation is vectorised. Same semantics as :meth:`add`.
+
+        Parameters
+        ----------
+        case_ids
+            n distinct ids (a repeated or known id is skipped).
+        states, item_vecs
+            [n, dim] arrays.
+        item_ids, sources
+            n strings, or one string for every case.
+        outcomes, ts
+            n numbers, or one number for every case.
+
+        >>> bank = CaseBank(None, dim=2)
+        >>> bank.add_arrays(["a", "b"], np.eye(2), ["i1", "i2"], np.eye(2), [1.0, 0.0], 0.0)
+        2
+        >>> bank.get("b").item_id
+        'i2'
+        """
+        self._check_open()
+        return self._add_batch(batch_from_arrays(case_ids, states, item_ids, item_vecs, outcomes, ts,
+                                                 sources, dim=self.dim))
+
+    def _add_batch(self, batch: CaseBatch) -> int:
+        if not len(batch):
+            return 0
         if self.options.eviction == "utility":
             self._apply_hits()
         if self.num_shards == 1:
-            groups = {0: batch}
+            groups = [(0, batch)]
         else:
-            rows: dict[int, list[int]] = collections.defaultdict(list)
-            for row, case_id in enumerate(batch.case_ids):
-                rows[shard_of(case_id, self.num_shards)].append(row)
-            groups = {s: (batch if len(r) == len(batch) else batch.take(r)) for s, r in rows.items()}
+            shard_no = shards_of(batch.case_ids, self.num_shards)
+            order = np.argsort(shard_no, kind="stable")
+            bounds = np.cumsum(np.bincount(shard_no, minlength=self.num_shards)).tolist()
+            groups = [(s, batch.take(order[start:end])) for s, (start, end)
+                      in enumerate(zip([0] + bounds[:-1], bounds)) if end > start]
         if len(groups) == 1 or self._pool is None or self.path is None:
-            added = sum(self.shards[s].add(g) for s, g in groups.items())
+            added = sum(self.shards[s].add(g) for s, g in groups)
         else:
-            futures = [self._pool.submit(self.shards[s].add, g) for s, g in groups.items()]
-            added = sum(f.result() for f in futures)
+            # Shards write their own logs: their fsyncs overlap.
+            futures = [self._pool.submit(self.shards[s].add, g) for s, g in groups[1:]]
+            added = self.shards[groups[0][0]].add(groups[0][1]) + sum(f.result() for f in futures)
         if added:
-            metrics.ADDS.labels(self.name).inc(added)
+            self._adds_counter.inc(added)
             with self._adds_lock:
                 self._adds_window.append((time.monotonic(), added))
         return added
 
     # ------------------------------------------------------------------ reads
     def _check_queries(self, queries: np.ndarray, k: int) -> np.ndarray:
+        if type(queries) is np.ndarray and queries.dtype == np.float32 and queries.ndim == 2 and \
+                queries.shape[1] == self.dim and queries.flags.c_contiguous and type(k) is int and k >= 1:
+            return queries
         if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
             raise ValueError(f"CaseBank.search: k must be a positive integer, got {k!r}")
         q = np.asarray(queries)
@@ -168,37 +222,50 @@ class CaseBank:
             raise ValueError(f"CaseBank.search: queries must be floating point, got {q.dtype}")
         return np.ascontiguousarray(q, np.float32)
 
-    def _use_omp_threads(self) -> None:
-        # OpenMP's thread count is per calling thread: set it in every thread that searches.
-        if getattr(self._thread_state, "omp_threads", None) != self._omp_threads:
-            faiss.omp_set_num_threads(self._omp_threads)
-            self._thread_state.omp_threads = self._omp_threads
+    def _use_omp_threads(self, batch: int | None = None) -> None:
+        # OpenMP's thread count is per calling thread: set it in every thread that searches, on
+        # every search (other code in the thread may have changed it). A small batch searches on
+        # the calling thread alone: faiss would split even one query's scan over the threads, and
+        # on shared cores the waits for a descheduled thread cost several times the scan.
+        faiss.omp_set_num_threads(1 if batch is not None and batch < SMALL_BATCH else self._omp_threads)
 
     def _search(self, queries: np.ndarray, k: int, with_features: bool):
         self._check_open()
-        self._use_omp_threads()
         q = self._check_queries(queries, k)
         started = time.perf_counter()
-        parts = [shard.search(q, k, with_features) for shard in self.shards]
-        if len(parts) == 1:
-            scores, slots, ids, features = parts[0]
-            order = None
+        num_shards, batch = self.num_shards, len(q)
+        self._use_omp_threads(batch)
+        # Shard s writes its top k into block s; the merge reads all blocks at once.
+        scores = np.empty((num_shards, batch, k), np.float32)
+        slots = np.empty((num_shards, batch, k), np.int64)
+        parts = [shard.search_into(q, k, scores[s], slots[s], with_features)
+                 for s, shard in enumerate(self.shards)]
+        if num_shards == 1:
+            scores, slots = scores[0], slots[0]
+            ids, seqs, features = parts[0]
+            shard_no = 0
         else:
-            all_scores = np.concatenate([p[0] for p in parts], axis=1)
-            order = np.argsort(-all_scores, axis=1, kind="stable")[:, :k]
-            scores = np.take_along_axis(all_scores, order, axis=1)
-            ids = np.take_along_axis(np.concatenate([p[2] for p in parts], axis=1), order, axis=1)
-            features = None
-            if with_features:
-                features = np.concatenate([p[3] for p in parts], axis=1)[
-                    np.arange(len(q))[:, None], order]
-        id_lists = [[c for c in row if c is not None] for row in ids.tolist()]
+            width = num_shards * k
+            merged = scores.transpose(1, 0, 2).reshape(batch, width)
+            order = np.argsort(-merged, axis=1, kind="stable")[:, :k]
+            rows = np.arange(batch)[:, None]
+            scores = merged[rows, order]
+            slots = slots.transpose(1, 0, 2).reshape(batch, width)[rows, order]
+            ids = np.concatenate([p[0] for p in parts], axis=1)[rows, order]
+            seqs = np.concatenate([p[1] for p in parts], axis=1)[rows, order]
+            features = np.concatenate([p[2] for p in parts], axis=1)[rows, order] \
+                if with_features else None
+            shard_no = order // k
+        # Hits come first in every row (a missing one scores the lowest float32); mark the rest.
+        if (slots[:, -1] >= 0).all():
+            id_lists = ids.tolist()
+        else:
+            real = slots >= 0
+            scores[~real] = -np.inf
+            id_lists = [row[:n] for row, n in zip(ids.tolist(), real.sum(axis=1).tolist())]
         self._search_seconds.observe(time.perf_counter() - started)
-        self._searches.inc(len(q))
-        self._pending_hits.append((
-            slots if order is None else
-            np.take_along_axis(np.concatenate([p[1] for p in parts], axis=1), order, axis=1),
-            np.zeros(1, np.int64) if order is None else order // k, ids))
+        self._searches.inc(batch)
+        self._pending_hits.append((shard_no, slots, seqs))
         if len(self._pending_hits) >= 256:
             self._apply_hits()
         return id_lists, scores, features
@@ -208,13 +275,17 @@ class CaseBank:
             pending, self._pending_hits = self._pending_hits, []
         if not pending:
             return
-        slots = np.concatenate([p[0].ravel() for p in pending])
-        shards = np.concatenate([np.broadcast_to(p[1], p[0].shape).ravel() for p in pending])
-        ids = np.concatenate([p[2].ravel() for p in pending])
+        slots = np.concatenate([p[1].ravel() for p in pending])
+        seqs = np.concatenate([p[2].ravel() for p in pending])
         valid = slots >= 0
-        for s in np.unique(shards[valid]).tolist():
+        if self.num_shards == 1:
+            self.shards[0].count_hits(slots[valid], seqs[valid])
+            return
+        shards = np.concatenate([p[0].ravel() for p in pending])
+        for s, shard in enumerate(self.shards):
             mask = valid & (shards == s)
-            self.shards[s].count_hits(slots[mask], ids[mask])
+            if mask.any():
+                shard.count_hits(slots[mask], seqs[mask])
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str]]]:
         """Top ``k`` cases by inner product of ``queries`` [B, dim] with case states.

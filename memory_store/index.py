@@ -21,7 +21,8 @@ import math
 import faiss
 import numpy as np
 
-__all__ = ["ShardIndex", "FlatIndex", "IVFIndex", "HNSWIndex", "make_index", "INDEX_TYPES"]
+__all__ = ["ShardIndex", "FlatIndex", "IVFIndex", "HNSWIndex", "make_index", "tune_nprobe", "INDEX_TYPES",
+           "NPROBE_LADDER"]
 
 INDEX_TYPES = ("flat", "ivf", "hnsw")
 
@@ -43,9 +44,22 @@ class ShardIndex(abc.ABC):
             self._remove(np.ascontiguousarray(ids, np.int64))
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        scores, ids = self._search(np.ascontiguousarray(queries, np.float32), k)
+        queries = np.ascontiguousarray(queries, np.float32)
+        scores = np.empty((len(queries), k), np.float32)
+        ids = np.empty((len(queries), k), np.int64)
+        self.search_into(queries, k, scores, ids)
         scores[ids < 0] = -np.inf
         return scores, ids
+
+    def search_into(self, queries: np.ndarray, k: int, scores: np.ndarray, ids: np.ndarray) -> None:
+        """Search into caller-owned C-contiguous arrays: ``queries`` float32 [B, dim], ``scores``
+        float32 [B, k], ``ids`` int64 [B, k]. Past the last hit, ids are -1 and scores are the
+        lowest float32 (not ``-inf``). The serving path's hot loop: no allocation, no checks."""
+        self._faiss().search_c(len(queries), faiss.swig_ptr(queries), k, faiss.swig_ptr(scores),
+                               faiss.swig_ptr(ids), self._params(k))
+
+    def _params(self, k: int):
+        return None
 
     @property
     def ntotal(self) -> int:
@@ -56,9 +70,6 @@ class ShardIndex(abc.ABC):
 
     @abc.abstractmethod
     def _remove(self, ids: np.ndarray) -> None: ...
-
-    @abc.abstractmethod
-    def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
 
     @abc.abstractmethod
     def _ntotal(self) -> int: ...
@@ -75,9 +86,6 @@ class _IdMappedIndex(ShardIndex):
 
     def _add(self, ids, vectors):
         self.index.add_with_ids(vectors, ids)
-
-    def _search(self, queries, k):
-        return self.index.search(queries, k)
 
     def _ntotal(self):
         return self.index.ntotal
@@ -108,26 +116,42 @@ class IVFIndex(_IdMappedIndex):
     nlist_per_sqrt
         ``nlist = nlist_per_sqrt * sqrt(n)`` cells for ``n`` vectors at build time.
     nprobe
-        Cells scanned per query (recall versus latency).
+        Cells scanned per query; None = the smallest number that reaches ``target_recall``,
+        measured at build time by :func:`tune_nprobe` (and again as the shard grows, see
+        :meth:`memory_store.shard.Shard`).
     train_per_list
         Training points per cell (a sample of the vectors), bounding build time.
+    target_recall, tune_k, tune_queries
+        What the nprobe tuning aims for: recall@``tune_k`` of ``tune_queries`` sampled vectors.
     """
 
     kind = "ivf"
 
-    def __init__(self, dim: int, *, nlist_per_sqrt: float = 2.0, nprobe: int = 24,
-                 train_per_list: int = 40, seed: int = 0, index: faiss.Index | None = None) -> None:
+    def __init__(self, dim: int, *, nlist_per_sqrt: float = 2.0, nprobe: int | None = None,
+                 train_per_list: int = 40, seed: int = 0, target_recall: float = 0.97,
+                 tune_k: int = 64, tune_queries: int = 200, index: faiss.Index | None = None) -> None:
         super().__init__(dim)
         self.nlist_per_sqrt = nlist_per_sqrt
-        self.nprobe = nprobe
+        self.fixed_nprobe = nprobe
         self.train_per_list = train_per_list
         self.seed = seed
+        self.target_recall = target_recall
+        self.tune_k = tune_k
+        self.tune_queries = tune_queries
+        self.tuned_recall: float | None = None
+        self.tuned_size = 0 if index is None else index.ntotal
         self.index = index
-        if index is not None:
-            self.index.nprobe = nprobe
+        if index is not None and nprobe is not None:
+            self.index.nprobe = min(nprobe, index.nlist)
+
+    @property
+    def nprobe(self) -> int:
+        return self.index.nprobe
 
     def build(self, ids: np.ndarray, vectors: np.ndarray) -> "IVFIndex":
         n = len(ids)
+        ids = np.ascontiguousarray(ids, np.int64)
+        vectors = np.ascontiguousarray(vectors, np.float32)
         nlist = int(min(max(16, self.nlist_per_sqrt * math.sqrt(max(n, 1))), max(16, n // 8)))
         quantizer = faiss.IndexFlat(self.dim, faiss.METRIC_INNER_PRODUCT)
         index = faiss.IndexIVFFlat(quantizer, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
@@ -138,15 +162,89 @@ class IVFIndex(_IdMappedIndex):
             vectors[np.sort(rng.choice(n, nlist * self.train_per_list, replace=False))]
         index.cp.seed = self.seed
         index.cp.min_points_per_centroid = 1  # a sample is used on purpose; silence faiss' warning
-        index.train(np.ascontiguousarray(sample, np.float32))
+        index.train(sample)
         index.set_direct_map_type(faiss.DirectMap.Hashtable)
-        index.add_with_ids(np.ascontiguousarray(vectors, np.float32), np.ascontiguousarray(ids, np.int64))
-        index.nprobe = min(self.nprobe, nlist)
+        index.add_with_ids(vectors, ids)
         self.index = index
+        if self.fixed_nprobe is not None:
+            index.nprobe = min(self.fixed_nprobe, nlist)
+        else:
+            self.set_tuning(*self.tune(ids, vectors, lambda q, k, params: index.search(q, k, params=params)[1]),
+                            size=n)
         return self
+
+    def tune(self, ids: np.ndarray, vectors: np.ndarray, search, max_nprobe: int | None = None
+             ) -> tuple[int, float]:
+        """:func:`tune_nprobe` for this index, holding ``vectors`` under ``ids``, searched by ``search``."""
+        return tune_nprobe(search, ids, vectors, self.index.nlist, k=self.tune_k,
+                           target=self.target_recall, queries=self.tune_queries, seed=self.seed,
+                           max_nprobe=max_nprobe)
+
+    def retune(self, ids: np.ndarray, vectors: np.ndarray, max_nprobe: int | None = None
+               ) -> tuple[int, float]:
+        """The nprobe :func:`tune_nprobe` picks for this index's cells holding ``vectors`` (the
+        index's current contents, which keep changing): they are tuned on a private copy of the
+        cells filled with ``vectors``, so the live index is neither locked nor disturbed. Returns
+        (nprobe, recall) without applying them (see :meth:`set_tuning`)."""
+        nlist = self.index.nlist
+        quantizer = faiss.IndexFlat(self.dim, faiss.METRIC_INNER_PRODUCT)
+        quantizer.add(self.index.quantizer.reconstruct_n(0, nlist))  # trained once, never changes
+        copy = faiss.IndexIVFFlat(quantizer, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        copy.add_with_ids(np.ascontiguousarray(vectors, np.float32), np.ascontiguousarray(ids, np.int64))
+        return self.tune(ids, vectors, lambda q, k, params: copy.search(q, k, params=params)[1],
+                         max_nprobe=max_nprobe)
+
+    def set_tuning(self, nprobe: int, recall: float, size: int) -> None:
+        self.index.nprobe = nprobe
+        self.tuned_recall = recall
+        self.tuned_size = size
 
     def _remove(self, ids):
         self.index.remove_ids(faiss.IDSelectorArray(ids))
+
+
+def _without_own(found: np.ndarray, own: np.ndarray, k: int) -> list[list[int]]:
+    """Each row of result ids in rank order, without the query's own id and -1s, cut to ``k``."""
+    return [[i for i in row if i != me and i >= 0][:k] for row, me in zip(found.tolist(), own.tolist())]
+
+
+NPROBE_LADDER = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+
+
+def tune_nprobe(search, ids: np.ndarray, vectors: np.ndarray, nlist: int, *, k: int, target: float,
+                queries: int = 200, seed: int = 0, max_nprobe: int | None = None) -> tuple[int, float]:
+    """The smallest nprobe (of :data:`NPROBE_LADDER`, or ``nlist``; at most ``max_nprobe``) whose
+    recall@``k`` against exact search reaches ``target``, and that recall (if none does: the
+    largest tried).
+
+    ``search(queries, k, params)`` returns the ids [B, k] an IVF index finds with
+    ``faiss.SearchParametersIVF`` ``params``; ``vectors`` are what it indexes, under ``ids``. The
+    queries are ``queries`` of those vectors (stored case states are what serving searches with);
+    each query's own id is left out of both result lists, so finding itself earns it nothing.
+
+    >>> rng = np.random.default_rng(0)
+    >>> x = rng.standard_normal((2000, 8)).astype(np.float32)
+    >>> ivf = IVFIndex(8, target_recall=0.9, tune_k=10).build(np.arange(2000), x)
+    >>> 1 <= ivf.nprobe <= ivf.index.nlist and ivf.tuned_recall >= 0.9
+    True
+    """
+    n = len(vectors)
+    kk = min(k + 1, n)
+    pick = np.sort(np.random.default_rng(seed + 1).choice(n, min(queries, n), replace=False))
+    q = np.ascontiguousarray(vectors[pick])
+    _, exact = faiss.knn(q, vectors, kk, metric=faiss.METRIC_INNER_PRODUCT)
+    own = ids[pick]
+    truth = [set(row) for row in _without_own(ids[exact], own, k)]
+    params = faiss.SearchParametersIVF()
+    recall = 0.0
+    limit = nlist if max_nprobe is None else min(max_nprobe, nlist)
+    for nprobe in [p for p in NPROBE_LADDER if p < limit] + [limit]:
+        params.nprobe = nprobe
+        found = _without_own(search(q, kk, params), own, k)
+        recall = float(np.mean([len(t.intersection(row)) / max(len(t), 1) for t, row in zip(truth, found)]))
+        if recall >= target:
+            break
+    return nprobe, recall
 
 
 class HNSWIndex(ShardIndex):
@@ -194,7 +292,7 @@ class HNSWIndex(ShardIndex):
         self.tombstones.update(ids.tolist())
         self._selector = None
 
-    def _search(self, queries, k):
+    def _params(self, k):
         params = faiss.SearchParametersHNSW()
         params.efSearch = max(self.ef_search, k)
         if self.tombstones:
@@ -203,7 +301,7 @@ class HNSWIndex(ShardIndex):
                 batch = faiss.IDSelectorBatch(dead)
                 self._selector = (faiss.IDSelectorNot(batch), batch)
             params.sel = self._selector[0]
-        return self.index.search(queries, k, params=params)
+        return params
 
     def _ntotal(self):
         return self.index.ntotal - len(self.tombstones)
@@ -218,7 +316,8 @@ def make_index(kind: str, dim: int, **params) -> ShardIndex:
         return FlatIndex(dim)
     if kind == "ivf":
         return IVFIndex(dim, **{k: v for k, v in params.items()
-                                if k in ("nlist_per_sqrt", "nprobe", "train_per_list", "seed")})
+                                if k in ("nlist_per_sqrt", "nprobe", "train_per_list", "seed", "target_recall",
+                                         "tune_k")})
     if kind == "hnsw":
         return HNSWIndex(dim, **{k: v for k, v in params.items()
                                  if k in ("m", "ef_construction", "ef_search")})

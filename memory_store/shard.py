@@ -26,8 +26,8 @@ retired instead of reused, so the builder's copy stays valid.
 
 from __future__ import annotations
 
-import io
 import logging
+import math
 import os
 import threading
 import time
@@ -52,6 +52,13 @@ SNAPSHOT_FILE = "snapshot.npz"
 WAL_FILE = "wal.log"
 
 
+def _objects(values: list) -> np.ndarray:
+    # An object array holding the very objects of ``values`` (np.asarray would make a str array).
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
+
+
 class Shard:
     """Cases routed to one shard, searchable and (with a ``directory``) durable.
 
@@ -65,16 +72,26 @@ class Shard:
         Where the shard keeps ``wal.log`` and ``snapshot.npz``; None = in memory only.
     options
         The bank's :class:`~memory_store.options.BankOptions`.
+    build_gate
+        Held while this shard builds an index (a bank passes one semaphore to all its shards, so
+        their builds take turns); None = no limit.
+    fan_out
+        How many shards a search asks (the bank's shard count). A shard holds about ``k /
+        fan_out`` of a query's top ``k``, so IVF nprobe tuning checks its recall at twice that
+        (``tune_k`` at most) rather than at the whole ``k``.
     """
 
     def __init__(self, shard_id: int, dim: int, directory: str | os.PathLike | None,
-                 options: BankOptions) -> None:
+                 options: BankOptions, build_gate: threading.Semaphore | None = None,
+                 fan_out: int = 1) -> None:
         self.shard_id = shard_id
         self.dim = dim
         self.feature_dim = 2 * dim + 1
         self.options = options
         self.directory = Path(directory) if directory is not None else None
         self._eviction = make_eviction_policy(options.eviction, options.utility_hit_weight)
+        self._build_gate = build_gate
+        self._tune_k = min(options.tune_k, max(1, math.ceil(2 * options.tune_k / fan_out)))
         self._write_lock = threading.RLock()
         self._lock = threading.Lock()
         self._reset_columns(64)
@@ -84,9 +101,13 @@ class Shard:
         self.next_seq = 0
         self.evictions = 0
         self.builds = 0
+        self.build_seconds = 0.0
+        self.last_build_s: float | None = None
         self.snapshot_time: float | None = None
         self._pending: list[tuple[str, np.ndarray]] | None = None
         self._builder: threading.Thread | None = None
+        self._snapshotter: threading.Thread | None = None
+        self._snapshot_lock = threading.Lock()
         self._build_error: BaseException | None = None
         self._closed = False
         self.wal: WriteAheadLog | None = None
@@ -105,8 +126,8 @@ class Shard:
         self.seq = np.zeros(capacity, np.int64)
         self.hits = np.zeros(capacity, np.int64)
         self.ids = np.full(capacity, None, dtype=object)  # case id per slot, None = free
-        self.item_ids: list[str | None] = [None] * capacity
-        self.sources: list[str | None] = [None] * capacity
+        self.item_ids = np.full(capacity, None, dtype=object)
+        self.sources = np.full(capacity, None, dtype=object)
         self.slot_of: dict[str, int] = {}
         self.high_water = 0
         self.free: list[int] = []
@@ -117,26 +138,24 @@ class Shard:
         if needed <= capacity:
             return
         new_capacity = max(needed, capacity * 2)
-        for name in ("features", "ts", "added_at", "seq", "hits"):
+        for name in ("features", "ts", "added_at", "seq", "hits", "ids", "item_ids", "sources"):
             old = getattr(self, name)
-            new = np.zeros((new_capacity,) + old.shape[1:], old.dtype)
+            new = np.zeros((new_capacity,) + old.shape[1:], old.dtype) if old.dtype != object else \
+                np.full(new_capacity, None, dtype=object)
             new[:capacity] = old
             setattr(self, name, new)
-        ids = np.full(new_capacity, None, dtype=object)
-        ids[:capacity] = self.ids
-        self.ids = ids
-        extra = [None] * (new_capacity - capacity)
-        self.item_ids.extend(extra)
-        self.sources.extend(extra)
 
     def _allocate(self, count: int) -> np.ndarray:
         reused = min(count, len(self.free))
-        slots = [self.free.pop() for _ in range(reused)]
+        slots = np.empty(count, np.int64)
+        if reused:
+            slots[:reused] = self.free[len(self.free) - reused:][::-1]
+            del self.free[len(self.free) - reused:]
         fresh = count - reused
         self._grow(self.high_water + fresh)
-        slots.extend(range(self.high_water, self.high_water + fresh))
+        slots[reused:] = np.arange(self.high_water, self.high_water + fresh)
         self.high_water += fresh
-        return np.asarray(slots, np.int64)
+        return slots
 
     def __len__(self) -> int:
         return len(self.slot_of)
@@ -149,16 +168,9 @@ class Shard:
         """Add the cases of ``batch`` not already present; durable on return. Returns how many."""
         with self._write_lock:
             self._check_open()
-            seen: set[str] = set()
-            rows = []
-            for row, case_id in enumerate(batch.case_ids):
-                if case_id not in self.slot_of and case_id not in seen:
-                    seen.add(case_id)
-                    rows.append(row)
-            if not rows:
+            batch = self._new_cases(batch)
+            if not len(batch):
                 return 0
-            if len(rows) != len(batch):
-                batch = batch.take(rows)
             cap = self.options.max_cases_per_shard
             victims: list[str] = []
             if cap is not None:
@@ -167,19 +179,32 @@ class Shard:
                 overflow = len(self.slot_of) + len(batch) - cap
                 if overflow > 0:
                     victims = self._choose_victims(overflow)
-            records = []
-            if victims:
-                records.append((self.lsn + 1, RECORD_EVICT, encode_evict(victims)))
-            records.append((self.lsn + len(records) + 1, RECORD_ADD, encode_add(batch)))
             if self.wal is not None:
+                records = []
+                if victims:
+                    records.append((self.lsn + 1, RECORD_EVICT, encode_evict(victims)))
+                records.append((self.lsn + len(records) + 1, RECORD_ADD, encode_add(batch)))
                 self.wal.sync(self.wal.append(records))
             if victims:
                 self._apply_evict(victims)
             self._apply_add(batch)
-            self.lsn += len(records)
+            self.lsn += 2 if victims else 1
             added = len(batch)
         self._after_write()
         return added
+
+    def _new_cases(self, batch: CaseBatch) -> CaseBatch:
+        """The cases of ``batch`` whose ids are neither stored nor repeated earlier in the batch."""
+        ids = batch.case_ids
+        if len(set(ids)) == len(ids) and not any(map(self.slot_of.__contains__, ids)):
+            return batch
+        seen: set[str] = set()
+        rows = []
+        for row, case_id in enumerate(ids):
+            if case_id not in self.slot_of and case_id not in seen:
+                seen.add(case_id)
+                rows.append(row)
+        return batch.take(rows)
 
     def _choose_victims(self, count: int) -> list[str]:
         with self._lock:
@@ -201,12 +226,10 @@ class Shard:
             self.seq[slots] = np.arange(self.next_seq, self.next_seq + n)
             self.next_seq += n
             self.hits[slots] = 0
-            for slot, case_id, item_id, source in zip(slots.tolist(), batch.case_ids, batch.item_ids,
-                                                      batch.sources):
-                self.ids[slot] = case_id
-                self.item_ids[slot] = item_id
-                self.sources[slot] = source
-                self.slot_of[case_id] = slot
+            self.ids[slots] = _objects(batch.case_ids)
+            self.item_ids[slots] = _objects(batch.item_ids)
+            self.sources[slots] = _objects(batch.sources)
+            self.slot_of.update(zip(batch.case_ids, slots.tolist()))
             self.index.add(slots, batch.states)
             if self._pending is not None:
                 self._pending.append(("add", slots))
@@ -218,8 +241,7 @@ class Shard:
                 return
             slots = np.asarray(slots, np.int64)
             self.index.remove(slots)
-            for slot in slots.tolist():
-                self.ids[slot] = self.item_ids[slot] = self.sources[slot] = None
+            self.ids[slots] = self.item_ids[slots] = self.sources[slots] = None
             if self._pending is not None:
                 self._pending.append(("remove", slots))
             if self._pending is not None or isinstance(self.index, HNSWIndex):
@@ -230,30 +252,58 @@ class Shard:
 
     def _after_write(self) -> None:
         self._maybe_build()
-        if self.wal is not None and self.wal.size_bytes > self.options.snapshot_wal_bytes:
-            self.snapshot()
+        if self.wal is not None and self.wal.size_bytes > self.options.snapshot_wal_bytes and \
+                self._snapshotter is None and not self._closed:
+            # Written by a thread of its own: the add that crossed the limit returns at once.
+            self._snapshotter = threading.Thread(target=self._snapshot_in_background, daemon=True,
+                                                 name=f"casebank-shard{self.shard_id}-snapshot")
+            self._snapshotter.start()
 
     # ------------------------------------------------------------------ reads
     def search(self, queries: np.ndarray, k: int, with_features: bool = False
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
-        """Top-``k`` by inner product: scores [B,k], slots [B,k] (-1 = none), case ids [B,k]
-        (object, None = none) and, if asked, features [B,k,2*dim+1] (zeros where none)."""
+        """Top-``k`` by inner product: scores [B,k] (-inf = none), slots [B,k] (-1 = none), case ids
+        [B,k] (object, None = none) and, if asked, features [B,k,2*dim+1] (zeros where none)."""
+        queries = np.ascontiguousarray(queries, np.float32)
+        scores = np.empty((len(queries), k), np.float32)
+        slots = np.empty((len(queries), k), np.int64)
+        ids, _, features = self.search_into(queries, k, scores, slots, with_features)
+        scores[slots < 0] = -np.inf
+        return scores, slots, ids, features
+
+    def search_into(self, queries: np.ndarray, k: int, scores: np.ndarray, slots: np.ndarray,
+                    with_features: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Search into caller-owned ``scores`` float32 [B,k] and ``slots`` int64 [B,k] (as
+        :meth:`ShardIndex.search_into <memory_store.index.ShardIndex.search_into>`: past the last
+        hit, slot -1 and the lowest float32 score). Returns the hits' case ids [B,k] (object, None
+        where none), insertion numbers [B,k] (-1 where none; they tell a reused slot apart in
+        :meth:`count_hits`) and, if asked, features [B,k,2*dim+1] (zeros where none). Everything is
+        read under one lock hold, so a hit never mixes two cases."""
         with self._lock:
-            scores, slots = self.index.search(queries, k)
+            self.index.search_into(queries, k, scores, slots)
             missing = slots < 0
-            safe = np.where(missing, 0, slots) if missing.any() else slots
-            ids = self.ids[safe]
-            ids[missing] = None
+            if missing.any():
+                safe = np.where(missing, 0, slots)
+                ids = self.ids[safe]
+                ids[missing] = None
+                seqs = self.seq[safe]
+                seqs[missing] = -1
+            else:
+                missing = None
+                safe = slots
+                ids = self.ids[safe]
+                seqs = self.seq[safe]
             features = None
             if with_features:
                 features = self.features[safe]
-                features[missing] = 0.0
-        return scores, slots, ids, features
+                if missing is not None:
+                    features[missing] = 0.0
+        return ids, seqs, features
 
-    def count_hits(self, slots: np.ndarray, ids: np.ndarray) -> None:
-        """Count one retrieval for each (slot, id) still holding that id."""
+    def count_hits(self, slots: np.ndarray, seqs: np.ndarray) -> None:
+        """Count one retrieval for each (slot, insertion number) whose case is still in that slot."""
         with self._lock:
-            same = self.ids[slots] == ids
+            same = self.seq[slots] == seqs
             np.add.at(self.hits, slots[same], 1)
 
     def get(self, case_id: str) -> Case | None:
@@ -294,6 +344,9 @@ class Shard:
         if isinstance(self.index, HNSWIndex) and \
                 len(self.retired) > self.options.rebuild_dead_fraction * max(live, 1):
             return approx
+        if isinstance(self.index, IVFIndex) and self.options.nprobe is None and self.index.nprobe > 1 and \
+                live >= math.sqrt(self.options.rebuild_growth) * max(self.index.tuned_size, 1):
+            return "retune"
         return None
 
     def _maybe_build(self) -> None:
@@ -311,16 +364,55 @@ class Shard:
 
     def _build(self, kind: str) -> None:
         try:
-            self._build_and_swap(kind)
+            if self.options.background_build:  # the thread's own OpenMP setting
+                faiss.omp_set_num_threads(self.options.build_threads)
+            job = self._retune if kind == "retune" else lambda: self._build_and_swap(kind)
+            if self._build_gate is None:
+                job()
+            else:
+                with self._build_gate:
+                    job()
         except BaseException as exc:  # reported in stats and logs; searches keep the old index
             self._build_error = exc
-            logger.exception("case bank shard %d: building a %s index failed", self.shard_id, kind)
+            logger.exception("case bank shard %d: %s failed", self.shard_id,
+                             "tuning nprobe" if kind == "retune" else f"building a {kind} index")
+            if kind == "retune":
+                return
             with self._lock:
                 self._pending = None
                 self.free.extend(self.retired)
                 self.retired = []
         finally:
             self._builder = None
+
+    def _retune(self) -> None:
+        """Tune the IVF index's nprobe again for the shard's current cases: it grew since the last
+        tuning, neighbours got denser, so fewer cells may do (never more than now, which bounds the
+        work). Runs on copies: searches and adds go on meanwhile."""
+        started = time.perf_counter()
+        with self._lock:
+            index = self.index
+            live = np.fromiter(self.slot_of.values(), np.int64, len(self.slot_of))
+            vectors = self.features[live, :self.dim].copy()
+        old = index.nprobe
+        nprobe, recall = index.retune(live, vectors, max_nprobe=old)
+        with self._lock:
+            if self.index is not index:  # rebuilt meanwhile, with its own tuning
+                return
+            if recall < index.target_recall:  # not even the current nprobe: keep the build's tuning
+                index.tuned_size = len(live)
+            else:
+                index.set_tuning(nprobe, recall, len(live))
+        logger.info("case bank shard %d: tuned IVF nprobe %d -> %d over %d cases in %.2fs (sampled "
+                    "recall %.3f)", self.shard_id, old, index.nprobe, len(live),
+                    time.perf_counter() - started, recall)
+
+    def _new_index(self, kind: str) -> ShardIndex:
+        o = self.options
+        return make_index(kind, self.dim, nlist_per_sqrt=o.nlist_per_sqrt, nprobe=o.nprobe,
+                          train_per_list=o.train_per_list, seed=o.seed, target_recall=o.target_recall,
+                          tune_k=self._tune_k, m=o.hnsw_m, ef_construction=o.hnsw_ef_construction,
+                          ef_search=o.hnsw_ef_search)
 
     def _build_and_swap(self, kind: str) -> None:
         started = time.perf_counter()
@@ -329,10 +421,7 @@ class Shard:
             vectors = self.features[live, :self.dim].copy()
             self._pending = []
             retired_before = len(self.retired)
-        o = self.options
-        new = make_index(kind, self.dim, nlist_per_sqrt=o.nlist_per_sqrt, nprobe=o.nprobe,
-                         train_per_list=o.train_per_list, seed=o.seed, m=o.hnsw_m,
-                         ef_construction=o.hnsw_ef_construction, ef_search=o.hnsw_ef_search)
+        new = self._new_index(kind)
         new.build(live, vectors)
         # Catch up outside the lock while many writes are pending, then finish under it.
         while True:
@@ -354,8 +443,12 @@ class Shard:
                     self.builds += 1
                     break
             self._replay_ops(new, ops, features)
-        logger.info("case bank shard %d: switched %s -> %s index over %d cases in %.2fs",
-                    self.shard_id, old_kind, kind, self.built_size, time.perf_counter() - started)
+        self.last_build_s = time.perf_counter() - started
+        self.build_seconds += self.last_build_s
+        logger.info("case bank shard %d: switched %s -> %s index over %d cases in %.2fs%s",
+                    self.shard_id, old_kind, kind, self.built_size, self.last_build_s,
+                    f" (nprobe {new.nprobe}, sampled recall {new.tuned_recall:.3f})"
+                    if isinstance(new, IVFIndex) and new.tuned_recall is not None else "")
 
     def _replay_ops(self, index: ShardIndex, ops, features: np.ndarray) -> None:
         for op, slots in ops:
@@ -384,26 +477,35 @@ class Shard:
             self.wal.sync()
 
     def snapshot(self) -> None:
-        """Write the shard's state to ``snapshot.npz`` atomically, then empty its log."""
+        """Write the shard's state to ``snapshot.npz`` atomically, then drop the log records it
+        holds. Writers wait only while the state is copied, not while it is written."""
         if self.directory is None:
             return
-        with self._write_lock:
-            self._check_open()
-            with self._lock:
-                live = np.fromiter(self.slot_of.values(), np.int64, len(self.slot_of))
-                index = self.index
-                arrays = dict(
-                    lsn=np.int64(self.lsn), next_seq=np.int64(self.next_seq),
-                    slots=live, high_water=np.int64(self.high_water),
-                    case_ids=self.ids[live].astype(str),
-                    item_ids=np.array([self.item_ids[s] for s in live.tolist()], dtype=str),
-                    sources=np.array([self.sources[s] for s in live.tolist()], dtype=str),
-                    features=self.features[live], ts=self.ts[live], added_at=self.added_at[live],
-                    seq=self.seq[live], hits=self.hits[live], retired=np.asarray(self.retired, np.int64),
-                    index_kind=np.array(index.kind), built_size=np.int64(self.built_size),
-                    evictions=np.int64(self.evictions))
-            # Serialising the index while searches read it is safe: no writer holds _write_lock.
-            arrays["index"] = index.serialize()
+        self._check_open()
+        self._snapshot()
+
+    def _snapshot(self) -> None:
+        with self._snapshot_lock:
+            with self._write_lock:
+                if self.wal.closed:  # closed while this background snapshot waited
+                    return
+                with self._lock:
+                    live = np.fromiter(self.slot_of.values(), np.int64, len(self.slot_of))
+                    index = self.index
+                    arrays = dict(
+                        lsn=np.int64(self.lsn), next_seq=np.int64(self.next_seq),
+                        slots=live, high_water=np.int64(self.high_water),
+                        case_ids=self.ids[live].astype(str),
+                        item_ids=self.item_ids[live].astype(str), sources=self.sources[live].astype(str),
+                        features=self.features[live], ts=self.ts[live], added_at=self.added_at[live],
+                        seq=self.seq[live], hits=self.hits[live],
+                        retired=np.asarray(self.retired, np.int64),
+                        index_kind=np.array(index.kind), built_size=np.int64(self.built_size),
+                        evictions=np.int64(self.evictions))
+                # Serialising the index while searches read it is safe: no writer holds _write_lock.
+                arrays["index"] = index.serialize()
+                # Every record up to here is in the copy; later ones stay in the log.
+                covered = self.wal.size_bytes
             path = self.directory / SNAPSHOT_FILE
             tmp = path.with_suffix(".tmp")
             with open(tmp, "wb") as f:
@@ -416,8 +518,17 @@ class Shard:
                 os.fsync(dir_fd)
             finally:
                 os.close(dir_fd)
-            self.wal.reset()
+            with self._write_lock:
+                self.wal.drop_prefix(covered)
             self.snapshot_time = time.time()
+
+    def _snapshot_in_background(self) -> None:
+        try:
+            self._snapshot()
+        except BaseException:  # the log keeps every record; the next trigger tries again
+            logger.exception("case bank shard %d: snapshot failed", self.shard_id)
+        finally:
+            self._snapshotter = None
 
     def _load_snapshot(self) -> None:
         path = self.directory / SNAPSHOT_FILE
@@ -432,12 +543,11 @@ class Shard:
             self.added_at[live] = z["added_at"]
             self.seq[live] = z["seq"]
             self.hits[live] = z["hits"]
-            for slot, case_id, item_id, source in zip(live.tolist(), z["case_ids"].tolist(),
-                                                      z["item_ids"].tolist(), z["sources"].tolist()):
-                self.ids[slot] = case_id
-                self.item_ids[slot] = item_id
-                self.sources[slot] = source
-                self.slot_of[case_id] = slot
+            case_ids = z["case_ids"].tolist()
+            self.ids[live] = _objects(case_ids)
+            self.item_ids[live] = _objects(z["item_ids"].tolist())
+            self.sources[live] = _objects(z["sources"].tolist())
+            self.slot_of = dict(zip(case_ids, live.tolist()))
             self.lsn = int(z["lsn"])
             self.next_seq = int(z["next_seq"])
             self.built_size = int(z["built_size"])
@@ -448,7 +558,8 @@ class Shard:
         if kind == "flat":
             self.index = FlatIndex(self.dim, raw)
         elif kind == "ivf":
-            self.index = IVFIndex(self.dim, nprobe=self.options.nprobe, index=raw)
+            self.index = IVFIndex(self.dim, nprobe=self.options.nprobe, target_recall=self.options.target_recall,
+                                  tune_k=self._tune_k, seed=self.options.seed, index=raw)
         else:
             self.index = HNSWIndex(self.dim, ef_search=self.options.hnsw_ef_search, index=raw)
             in_index = faiss.vector_to_array(raw.id_map)
@@ -495,6 +606,9 @@ class Shard:
                 "index_building": self._pending is not None,
                 "built_size": self.built_size,
                 "builds": self.builds,
+                "build_seconds": self.build_seconds,
+                "nprobe": self.index.nprobe if isinstance(self.index, IVFIndex) else None,
+                "tuned_recall": getattr(self.index, "tuned_recall", None),
                 "evictions": self.evictions,
                 "wal_bytes": self.wal.size_bytes if self.wal is not None else 0,
                 "wal_fsyncs": self.wal.fsyncs if self.wal is not None else 0,
@@ -507,14 +621,12 @@ class Shard:
     def close(self, snapshot: bool) -> None:
         if self._closed:
             return
-        self._closed = True  # no new builds; a running one finishes first
-        builder = self._builder
-        if builder is not None:
-            builder.join(timeout=120)
+        self._closed = True  # no new writes, builds or background snapshots; running ones finish
+        for thread in (self._builder, self._snapshotter):
+            if thread is not None:
+                thread.join(timeout=120)
+        if snapshot and self.wal is not None and self.wal.size_bytes > 0:
+            self._snapshot()
         with self._write_lock:
-            self._closed = False
-            if snapshot and self.wal is not None and self.wal.size_bytes > 0:
-                self.snapshot()
-            self._closed = True
             if self.wal is not None:
                 self.wal.close()

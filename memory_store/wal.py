@@ -40,6 +40,11 @@ class LogRecord:
     payload: bytes
 
 
+# fdatasync flushes the appended bytes and the file size (all a replay needs) but skips the
+# modification time; platforms without it fall back to fsync.
+_datasync = getattr(os, "fdatasync", os.fsync)
+
+
 def _crc(lsn: int, kind: int, payload: bytes) -> int:
     return zlib.crc32(payload, zlib.crc32(struct.pack("<QB", lsn, kind))) & 0xFFFFFFFF
 
@@ -52,7 +57,7 @@ class WriteAheadLog:
     path
         The log file; created if missing.
     fsync
-        If True (default), :meth:`sync` makes appended records durable with ``os.fsync``; callers
+        If True (default), :meth:`sync` makes appended records durable with ``os.fdatasync``; callers
         append a whole batch and sync once ("batched fsync"); concurrent syncs share one fsync.
         If False, :meth:`sync` only hands the bytes to the OS (survives a process kill, not a power loss).
     """
@@ -60,7 +65,14 @@ class WriteAheadLog:
     def __init__(self, path: str | os.PathLike, *, fsync: bool = True) -> None:
         self.path = Path(path)
         self.fsync = fsync
+        created = not self.path.exists()
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        if created and fsync:  # the new file's directory entry must survive a power loss too
+            dir_fd = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
         self._append_lock = threading.Lock()
         self._sync_lock = threading.Lock()
         self._written = os.fstat(self._fd).st_size
@@ -71,6 +83,10 @@ class WriteAheadLog:
     @property
     def size_bytes(self) -> int:
         return self._written
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
 
     def append(self, records: Sequence[tuple[int, int, bytes]]) -> int:
         """Append ``(lsn, kind, payload)`` records in one write; returns the end offset to sync to."""
@@ -98,7 +114,7 @@ class WriteAheadLog:
             if self._synced >= target:
                 return
             end = self._written
-            os.fsync(self._fd)
+            _datasync(self._fd)
             self.fsyncs += 1
             self._synced = max(self._synced, end)
 
@@ -136,6 +152,41 @@ class WriteAheadLog:
             os.fsync(self._fd)
             self._written = self._synced = offset
         self.truncated_bytes += dropped
+
+    def drop_prefix(self, offset: int) -> None:
+        """Drop the records before byte ``offset`` (a snapshot holds them), keeping later ones.
+
+        The kept tail is written to a new file that atomically replaces the log, so a crash at any
+        point leaves either the old log or the new one, never a mix."""
+        with self._append_lock, self._sync_lock:
+            if offset >= self._written:
+                os.ftruncate(self._fd, 0)
+                if self.fsync:
+                    _datasync(self._fd)
+                self._written = self._synced = 0
+                return
+            tail = os.pread(self._fd, self._written - offset, offset)
+            tmp = self.path.with_suffix(".tmp")
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+            try:
+                view = memoryview(tail)
+                while view:
+                    view = view[os.write(fd, view):]
+                if self.fsync:
+                    os.fsync(fd)
+                os.replace(tmp, self.path)
+                if self.fsync:
+                    dir_fd = os.open(self.path.parent, os.O_RDONLY)
+                    try:
+                        os.fsync(dir_fd)
+                    finally:
+                        os.close(dir_fd)
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(self._fd)
+            self._fd = fd
+            self._written = self._synced = len(tail)
 
     def reset(self) -> None:
         """Empty the log (after a snapshot has made its records redundant)."""

@@ -107,19 +107,26 @@ def test_routing_is_stable_and_manifest_checked(tmp_path):
         CaseBank(tmp_path / "b", DIM, num_shards=3)
 
 
-@pytest.mark.parametrize("approx", ["ivf", "hnsw"])
-def test_approximate_index_recall_at_k_on_clustered_data(approx):
+@pytest.mark.parametrize("approx, options", [("ivf", {}), ("hnsw", {}), ("ivf-ood", {"nprobe": 16})])
+def test_approximate_index_recall_at_k_on_clustered_data(approx, options):
+    """Queries come from the same mixture as the cases (serving searches with states like the
+    stored ones), except for "ivf-ood": queries from other cluster centres, which a fixed nprobe
+    must serve (the default nprobe is tuned on the stored cases, i.e. for in-distribution queries)."""
     rng = np.random.default_rng(4)
-    states = clustered(12000, DIM, rng)
+    if approx == "ivf-ood":
+        states, queries = clustered(12000, DIM, rng), clustered(200, DIM, rng)
+        approx = "ivf"
+    else:
+        both = clustered(12200, DIM, rng)
+        states, queries = both[:12000], both[12000:]
     bank = CaseBank(None, DIM, num_shards=2, approx_index=approx, switch_threshold=2000,
-                    background_build=False)
+                    background_build=False, **options)
     for start in range(0, len(states), 2000):
         bank.add(make_cases(states[start:start + 2000], start))
     assert bank.wait_for_index(60)
     assert {s["index_type"] for s in bank.stats()["shards"]} == {approx}
     flat = faiss.IndexFlatIP(DIM)
     flat.add(states)
-    queries = clustered(200, DIM, rng)
     k = 32
     _, exact = flat.search(queries, k)
     _, ids = bank.search(queries, k)
@@ -299,3 +306,148 @@ def test_metrics_exported(tmp_path):
                      'memento_casebank_wal_bytes{bank="metricbank",shard="1"} 0.0',
                      'memento_casebank_adds_per_second{bank="metricbank"}'):
             assert name in text, name
+
+
+def test_add_arrays_stores_what_add_of_cases_stores(tmp_path):
+    rng = np.random.default_rng(12)
+    states = unit(rng.standard_normal((300, DIM)))
+    cases = make_cases(states)
+    with CaseBank(tmp_path / "a", DIM, num_shards=3) as a, CaseBank(tmp_path / "b", DIM, num_shards=3) as b:
+        assert a.add(cases) == 300
+        assert b.add_arrays([c.case_id for c in cases], states, [c.item_id for c in cases], -states,
+                            [c.outcome for c in cases], np.array([c.ts for c in cases])) == 300
+        scores_a, ids_a = a.search(states[:5], 7)
+        scores_b, ids_b = b.search(states[:5], 7)
+        assert ids_a == ids_b
+        np.testing.assert_array_equal(scores_a, scores_b)
+        # A known id and an id repeated inside the batch are skipped.
+        assert b.add_arrays(["c0", "new", "new"], states[:3], "i", states[:3], 1.0, 0.0) == 1
+        assert len(b) == 301 and b.get("new").item_id == "i" and b.get("new").source == "recommendation"
+    with CaseBank(tmp_path / "b", DIM, num_shards=3, snapshot_on_close=False) as again:  # from the log
+        assert len(again) == 301
+        for c in cases[::37]:
+            assert again.get(c.case_id) == c
+
+
+def test_add_arrays_names_the_bad_field_and_stores_nothing():
+    bank = CaseBank(None, DIM, num_shards=2)
+    states = unit(np.random.default_rng(13).standard_normal((2, DIM)))
+    ids = ["c0", "c1"]
+    with pytest.raises(ValueError, match=r"field 'states' must have shape \[2, 16\], got \[2, 3\]"):
+        bank.add_arrays(ids, states[:, :3], "i", states, 0.0, 0.0)
+    bad = states.copy()
+    bad[1, 4] = np.nan
+    with pytest.raises(ValueError, match="case 'c1' field 'item_vec' holds a non-finite value"):
+        bank.add_arrays(ids, states, "i", bad, 0.0, 0.0)
+    with pytest.raises(ValueError, match="field 'item_ids' has 1 values for 2 cases"):
+        bank.add_arrays(ids, states, ["i"], states, 0.0, 0.0)
+    with pytest.raises(ValueError, match="position 1 has an empty or non-string case_id ''"):
+        bank.add_arrays(["c0", ""], states, "i", states, 0.0, 0.0)
+    with pytest.raises(ValueError, match="field 'outcome' must be a number or 2 numbers"):
+        bank.add_arrays(ids, states, "i", states, [1.0, 2.0, 3.0], 0.0)
+    with pytest.raises(ValueError, match="case 'c0' field 'ts' is not a finite number"):
+        bank.add_arrays(ids, states, "i", states, 0.0, [np.inf, 0.0])
+    assert len(bank) == 0
+    bank.close()
+
+
+def test_shards_of_routes_like_shard_of():
+    from memory_store.bank import shards_of
+    ids = [f"case-{i}" for i in range(500)] + ["é", "a" * 300, "x\ny"]
+    assert shards_of(ids, 5).tolist() == [shard_of(c, 5) for c in ids]
+    assert shards_of(ids, 1).tolist() == [0] * len(ids)
+
+
+def test_nprobe_is_tuned_at_build_and_again_as_the_shard_grows(tmp_path, caplog):
+    rng = np.random.default_rng(14)
+    both = clustered(6400, DIM, rng)
+    states, queries = both[:6000], both[6000:]
+    # Rebuilt at 4x the built size, tuned again at sqrt(4) = 2x.
+    bank = CaseBank(tmp_path / "bank", DIM, num_shards=1, switch_threshold=1000, background_build=False,
+                    rebuild_growth=4.0)
+    with caplog.at_level(logging.INFO, logger="memory_store.shard"):
+        bank.add(make_cases(states[:1500]))
+        first = bank.stats()["shards"][0]
+        assert first["index_type"] == "ivf" and first["tuned_recall"] >= 0.97
+        assert bank.shards[0].index.tuned_size == 1500
+        bank.add(make_cases(states[1500:3000], 1500))  # doubled: tuned again, not rebuilt
+    second = bank.stats()["shards"][0]
+    assert second["builds"] == 1 and bank.shards[0].index.tuned_size == 3000
+    assert any("tuned IVF nprobe" in r.getMessage() for r in caplog.records)
+    assert 1 <= second["nprobe"] <= first["nprobe"] and second["tuned_recall"] >= 0.97
+    bank.add(make_cases(states[3000:], 3000))
+    flat = faiss.IndexFlatIP(DIM)
+    flat.add(states)
+    _, exact = flat.search(queries, 64)
+    _, ids = bank.search(queries, 64)
+    recall = np.mean([len({f"c{r}" for r in want} & set(got)) / 64 for want, got in zip(exact.tolist(), ids)])
+    assert recall >= 0.95, recall
+    nprobe = bank.stats()["shards"][0]["nprobe"]
+    bank.snapshot()
+    bank.close()
+    with CaseBank(tmp_path / "bank", DIM, num_shards=1) as again:  # the tuned nprobe is kept
+        assert again.stats()["shards"][0]["nprobe"] == nprobe
+    with CaseBank(None, DIM, num_shards=1, switch_threshold=1000, background_build=False, nprobe=7) as fixed:
+        fixed.add(make_cases(states[:3000]))
+        assert fixed.stats()["shards"][0]["nprobe"] == 7
+        assert fixed.stats()["shards"][0]["tuned_recall"] is None
+
+
+def test_hits_follow_the_case_not_its_reused_slot():
+    bank = CaseBank(None, DIM, num_shards=1, max_cases_per_shard=3)
+    states = unit(np.random.default_rng(15).standard_normal((4, DIM)))
+    cases = [Case(f"c{i}", s.tolist(), "i", s.tolist(), 0.0, float(i)) for i, s in enumerate(states)]
+    bank.add(cases[:3])
+    slot = bank.shards[0].slot_of["c0"]
+    for _ in range(3):
+        assert bank.search(states[:1], 1)[1] == [["c0"]]  # hits still pending
+    bank.add(cases[3:])  # evicts c0; c3 takes its slot
+    assert bank.shards[0].slot_of["c3"] == slot
+    assert bank.hit_count("c3") == 0 and bank.hit_count("c0") == 0
+    bank.search(states[3:], 1)
+    assert bank.hit_count("c3") == 1
+
+
+def test_single_queries_search_on_one_faiss_thread():
+    bank = CaseBank(None, DIM, num_shards=2, omp_threads=2)
+    states = unit(np.random.default_rng(16).standard_normal((100, DIM)))
+    bank.add(make_cases(states))
+    bank.search(states[:1], 5)
+    assert faiss.omp_get_max_threads() == 1
+    bank.search(states[:32], 5)
+    assert faiss.omp_get_max_threads() == 2
+    bank.close()
+
+
+def test_wal_drop_prefix_keeps_the_later_records(tmp_path):
+    from memory_store.wal import WriteAheadLog
+    wal = WriteAheadLog(tmp_path / "w.log")
+    first = wal.append([(1, 1, b"a" * 10)])
+    wal.sync(first)
+    wal.sync(wal.append([(2, 1, b"b" * 5), (3, 2, b"c")]))
+    wal.drop_prefix(first)
+    assert [(r.lsn, r.payload) for r in wal.replay()] == [(2, b"bbbbb"), (3, b"c")]
+    wal.sync(wal.append([(4, 1, b"d")]))
+    wal.close()
+    again = WriteAheadLog(tmp_path / "w.log")
+    assert [r.lsn for r in again.replay()] == [2, 3, 4]
+    again.drop_prefix(again.size_bytes)
+    assert again.size_bytes == 0 and list(again.replay()) == []
+    again.close()
+
+
+def test_snapshot_by_log_size_runs_beside_the_adds(tmp_path):
+    rng = np.random.default_rng(17)
+    states = unit(rng.standard_normal((3000, DIM)))
+    bank = CaseBank(tmp_path / "bank", DIM, num_shards=1, snapshot_wal_bytes=50_000, snapshot_on_close=False)
+    for start in range(0, 3000, 100):
+        bank.add(make_cases(states[start:start + 100], start))
+    shard = bank.shards[0]
+    if shard._snapshotter is not None:
+        shard._snapshotter.join(30)
+    assert (tmp_path / "bank" / "shard-000" / "snapshot.npz").exists()
+    assert shard.stats()["snapshot_age_s"] is not None
+    assert shard.wal.size_bytes < 3000 * (2 * DIM * 4 + 16)  # the snapshotted records were dropped
+    bank.close()
+    with CaseBank(tmp_path / "bank", DIM, num_shards=1) as again:  # snapshot + the log's tail
+        assert len(again) == 3000 and again.get("c2999") == make_cases(states[2999:], 2999)[0]

@@ -20,30 +20,33 @@ import numpy as np
 from memento.schemas import Case
 from memory_store import CaseBank
 
-path, batch = sys.argv[1], int(sys.argv[2])
+path, batch, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 bank = CaseBank(path, 8, num_shards=3, switch_threshold=500, snapshot_wal_bytes=200_000)
 rng = np.random.default_rng(0)
 start = len(bank)
 while True:
     states = rng.standard_normal((batch, 8))
-    bank.add([Case(f"c{start + i}", s.tolist(), "item", s.tolist(), 1.0, 0.0)
-              for i, s in enumerate(states)])
+    if mode == "cases":
+        bank.add([Case(f"c{start + i}", s.tolist(), "item", s.tolist(), 1.0, 0.0)
+                  for i, s in enumerate(states)])
+    else:
+        bank.add_arrays([f"c{start + i}" for i in range(batch)], states, "item", states, 1.0, 0.0)
     start += batch
     print(start, flush=True)  # every case below `start` is acknowledged
 """
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("batch", [1, 97])
-def test_sigkill_mid_append_keeps_every_acknowledged_case(tmp_path, batch):
+@pytest.mark.parametrize("batch, mode", [(1, "cases"), (97, "cases"), (997, "arrays")])
+def test_sigkill_mid_append_keeps_every_acknowledged_case(tmp_path, batch, mode):
     path = tmp_path / "bank"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     acknowledged = 0
     for round_ in range(2):  # the second round restarts on the recovered bank and crashes again
-        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(batch)],
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(batch), mode],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         try:
-            target = acknowledged + (300 if batch == 1 else 3000)
+            target = acknowledged + (300 if batch == 1 else 3000 if batch < 500 else 30000)
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline:
                 line = proc.stdout.readline()

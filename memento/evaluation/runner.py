@@ -221,14 +221,21 @@ class _Stream:
         """Close every window the watermark has passed."""
         closed: list[Transition] = []
         cases: list[Case] = []
+        revisit: list[tuple[float, str]] = []
         while self._due and self._due[0][0] < watermark:
             _, user_id = heapq.heappop(self._due)
-            for transition, case in self.attribution.close_due(self._user(user_id), watermark, now=0.0):
+            state = self._user(user_id)
+            for transition, case in self.attribution.close_due(state, watermark, now=0.0):
                 if self.context_states:  # a bandit log: one step per context, s′ = s
                     transition = dataclasses.replace(
                         transition, next_state=self._rec_states.pop(transition.transition_id), done=True)
                 closed.append(transition)
                 cases.append(case)
+            later = self.attribution.next_close(state)  # e.g. a window held for its session gap
+            if later is not None and watermark != float("inf"):
+                revisit.append((later, user_id))
+        for entry in revisit:
+            heapq.heappush(self._due, entry)
         if cases:
             self.bank.add(cases)
         for transition in closed:
