@@ -14,13 +14,11 @@ the table shows mean ± std over seeds. See docs/evaluation.md for the protocol.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import multiprocessing
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from pathlib import Path
 
 from learner.service import LearnerServiceConfig, add_dataclass_options, options_from_args
 from learner.trainer import SoftQConfig

@@ -161,7 +161,6 @@ class _Stream:
         self.context_states = context_states
         self.users: dict[str, dict] = {}
         self._due: list[tuple[float, str]] = []
-        self._rec_states: dict[str, list[float]] = {}
 
     def _user(self, user_id: str) -> dict:
         state = self.users.get(user_id)
@@ -214,8 +213,6 @@ class _Stream:
                              case_features=[float(x) for x in features])
         self.attribution.add_recommendation(self._user(user_id), RewardAttribution.recommendation_dict(rec))
         heapq.heappush(self._due, (self.attribution.close_time(ts), user_id))
-        if self.context_states:
-            self._rec_states[request_id] = rec.state
 
     def advance(self, watermark: float) -> None:
         """Close every window the watermark has passed."""
@@ -227,8 +224,7 @@ class _Stream:
             state = self._user(user_id)
             for transition, case in self.attribution.close_due(state, watermark, now=0.0):
                 if self.context_states:  # a bandit log: one step per context, s′ = s
-                    transition = dataclasses.replace(
-                        transition, next_state=self._rec_states.pop(transition.transition_id), done=True)
+                    transition = dataclasses.replace(transition, next_state=transition.state, done=True)
                 closed.append(transition)
                 cases.append(case)
             later = self.attribution.next_close(state)  # e.g. a window held for its session gap
