@@ -308,11 +308,19 @@ class ItemEncoder:
 
     def _build(self, item_id: str, embedding: np.ndarray | None) -> np.ndarray:
         vec = np.zeros(self.dim, dtype=np.float32)
-        for token, weight in self._features(item_id):
-            # Several hashes per token spread it over dimensions (a random projection).
-            for j in range(4):
-                h = _hash(f"{j}:{token}")
-                vec[h % self.dim] += weight * (1.0 if (h >> 32) & 1 else -1.0)
+        features = list(self._features(item_id))
+        salt = 0
+        while True:
+            for token, weight in features:
+                # Several hashes per token spread it over dimensions (a random projection).
+                for j in range(4):
+                    h = _hash(f"{j}:{token}" if salt == 0 else f"{salt}.{j}:{token}")
+                    vec[h % self.dim] += weight * (1.0 if (h >> 32) & 1 else -1.0)
+            # Rarely the signed hashes cancel out exactly; hash again rather than leave the item
+            # with no direction.
+            if embedding is not None or not features or np.any(vec) or salt >= 8:
+                break
+            salt += 1
         if embedding is not None:
             text = self._text_part(embedding)
             if text is not None:

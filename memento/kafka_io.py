@@ -135,14 +135,16 @@ def spins_on_empty_fetch(settings: Settings) -> bool:
     return settings.embedded_broker == "noida"
 
 
-def poll(consumer: KafkaConsumer, settings: Settings, timeout_ms: int, **kwargs) -> dict:
-    """``consumer.poll(timeout_ms)``, without busy-waiting on a broker that spins idle fetches."""
+def poll(consumer: KafkaConsumer, settings: Settings, timeout_ms: int, *,
+         idle_backoff_s: float = EMPTY_FETCH_BACKOFF_S, **kwargs) -> dict:
+    """``consumer.poll(timeout_ms)``, without busy-waiting on a broker that spins idle fetches
+    (there, an empty poll sleeps ``min(timeout_ms, idle_backoff_s)``)."""
     if not spins_on_empty_fetch(settings) or not consumer.assignment():
         # a group member still joining makes progress only inside a blocking poll
         return consumer.poll(timeout_ms=timeout_ms, **kwargs)
     records = consumer.poll(timeout_ms=0, **kwargs)
     if not records and timeout_ms > 0:
-        time.sleep(min(timeout_ms / 1000.0, EMPTY_FETCH_BACKOFF_S))
+        time.sleep(min(timeout_ms / 1000.0, idle_backoff_s))
     return records
 
 

@@ -208,8 +208,15 @@ def to_dict(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj)
 
 
+def _fields(obj: Any) -> dict[str, Any]:
+    if not dataclasses.is_dataclass(obj):
+        raise TypeError(f"cannot encode {type(obj).__name__} as JSON")
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+
+
 def encode(obj: Any) -> bytes:
-    return json.dumps(dataclasses.asdict(obj), separators=(",", ":"), allow_nan=False).encode()
+    """Compact JSON of a schema record (the same document as ``to_dict``, without its deep copy)."""
+    return json.dumps(_fields(obj), separators=(",", ":"), allow_nan=False, default=_fields).encode()
 
 
 def decode(cls: type[T], raw: bytes | str) -> T:

@@ -122,6 +122,20 @@ class CaseBank:
         self._searches = metrics.SEARCHES.labels(self.name)
         metrics.register_bank(self)
 
+    @staticmethod
+    def stored_num_shards(path: str | os.PathLike) -> int | None:
+        """The ``num_shards`` a bank directory was created with (None if there is no bank there).
+
+        >>> import tempfile
+        >>> d = tempfile.mkdtemp()
+        >>> CaseBank.stored_num_shards(d) is None
+        True
+        >>> CaseBank(d, dim=2, num_shards=3).close(); CaseBank.stored_num_shards(d)
+        3
+        """
+        manifest = Path(path) / MANIFEST
+        return int(json.loads(manifest.read_text())["num_shards"]) if manifest.exists() else None
+
     def _open_directory(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock_fd = os.open(self.path / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)

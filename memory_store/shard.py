@@ -411,7 +411,7 @@ class Shard:
         o = self.options
         return make_index(kind, self.dim, nlist_per_sqrt=o.nlist_per_sqrt, nprobe=o.nprobe,
                           train_per_list=o.train_per_list, seed=o.seed, target_recall=o.target_recall,
-                          tune_k=self._tune_k, m=o.hnsw_m, ef_construction=o.hnsw_ef_construction,
+                          tune_k=self._tune_k, encoding=o.ivf_encoding, m=o.hnsw_m, ef_construction=o.hnsw_ef_construction,
                           ef_search=o.hnsw_ef_search)
 
     def _build_and_swap(self, kind: str) -> None:
@@ -559,7 +559,8 @@ class Shard:
             self.index = FlatIndex(self.dim, raw)
         elif kind == "ivf":
             self.index = IVFIndex(self.dim, nprobe=self.options.nprobe, target_recall=self.options.target_recall,
-                                  tune_k=self._tune_k, seed=self.options.seed, index=raw)
+                                  tune_k=self._tune_k, seed=self.options.seed, encoding=self.options.ivf_encoding,
+                                  index=raw)
         else:
             self.index = HNSWIndex(self.dim, ef_search=self.options.hnsw_ef_search, index=raw)
             in_index = faiss.vector_to_array(raw.id_map)

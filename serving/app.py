@@ -4,8 +4,10 @@
 histories, the policy reference, Kafka followers and the publisher — and :func:`make_app` wraps
 it in an :class:`aiohttp.web.Application` implementing the HTTP contract (docs in
 ``serving/openapi.py``). The policy is swapped by replacing one attribute: a request reads the
-reference once and finishes on the policy it started with, so a swap never fails or blocks a
-request; loading and verifying happen on the checkpoint follower's thread.
+reference once per micro-batch (:mod:`serving.batching`), so every request is answered whole by
+one policy version and a swap never fails or blocks a request; loading and verifying happen on
+the checkpoint follower's thread. Concurrent recommend requests share one bank search and one
+Q-network forward pass.
 
 >>> cfg = ServingConfig(api_token="secret")
 >>> cfg.options.alpha, cfg.generator
@@ -19,7 +21,6 @@ import hmac
 import logging
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,9 +33,11 @@ from memento.encoder import ItemEncoder, StateEncoder, load_products
 from memento.history import UserHistories
 from memento.kafka_io import DeadLetterWriter, make_producer
 from memento.qnet import QNetwork
-from memento.schemas import CheckpointAnnouncement, Recommendation, encode, to_dict
+from memento.schemas import CheckpointAnnouncement, Recommendation, to_dict
+from serving.batching import MicroBatcher
 from serving.followers import ActionFollower, CaseFollower, CheckpointFollower
 from serving.generator import CaseItemGenerator, ChatCompletionGenerator, Generator
+from serving.ids import RequestIds
 from serving.metrics import ServingMetrics
 from serving.openapi import openapi_document
 from serving.policy import NoCandidatesError, PolicyOptions, RetrievalPolicy
@@ -69,12 +72,20 @@ class ServingConfig:
         Index of this process among several workers on one port: selects its case bank
         directory (``serving-bank`` for 0, ``serving-bank-<i>`` otherwise) and offsets the seed.
     bank_shards
-        Shards of the serving case bank.
+        Shards of a new serving case bank (an existing one keeps the count it was created with).
+        Every shard is searched for every request, so on few cores one shard answers fastest;
+        more shards parallelise adds and bound each index rebuild.
+    bank_encoding
+        How the bank's IVF cells store vectors: ``fp16`` (default: half the memory read per
+        search, at equal tuned recall) or ``flat`` (float32).
     compute_threads
         Threads for torch and FAISS (process-wide). One request scores one state, so more
         threads only add contention; 1 is fastest on small machines.
     max_users
         Users whose recent history is kept in memory.
+    max_batch
+        Most recommend requests answered by one bank search and Q forward pass; concurrent
+        requests are batched without waiting (:class:`~serving.batching.MicroBatcher`).
     """
 
     options: PolicyOptions = field(default_factory=PolicyOptions)
@@ -86,11 +97,15 @@ class ServingConfig:
     chat_api_key: str = ""
     chat_timeout_s: float = 2.0
     worker_index: int = 0
-    bank_shards: int = 4
+    bank_shards: int = 1
+    bank_encoding: str = "fp16"
     compute_threads: int = 1
     max_users: int = 1_000_000
+    max_batch: int = 64
 
     def __post_init__(self):
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
         if self.generator not in ("case", "chat"):
             raise ValueError(f"generator must be 'case' or 'chat', got {self.generator!r}")
         if self.generator == "chat" and not self.chat_url:
@@ -125,6 +140,9 @@ class ServingService:
         self.publisher: Publisher | None = None
         self.followers: list = []
         self.recommendations_served = 0
+        self.request_ids = RequestIds()
+        self.batcher = MicroBatcher(self._decide_batch, max_batch=self.config.max_batch,
+                                    on_batch=self._batch_done)
         self.started = threading.Event()
         self.start_error: BaseException | None = None
         self._closing = threading.Event()
@@ -142,9 +160,11 @@ class ServingService:
             from memory_store import CaseBank
 
             torch.set_num_threads(self.config.compute_threads)
+            # IVF probes are tuned for recall at the k serving searches, not the bank's default.
             self.bank = CaseBank(self.bank_path, dim=self.settings.state_dim,
-                                 num_shards=self.config.bank_shards,
-                                 omp_threads=self.config.compute_threads)
+                                 num_shards=CaseBank.stored_num_shards(self.bank_path) or self.config.bank_shards,
+                                 omp_threads=self.config.compute_threads, tune_k=self.options.top_k,
+                                 ivf_encoding=self.config.bank_encoding)
             self.metrics.cases.set(len(self.bank))
             default = CaseItemGenerator(self.bank)
             if self.config.generator == "chat":
@@ -178,7 +198,9 @@ class ServingService:
         delay = 0.2
         while not self._closing.is_set():
             try:
-                return make_producer(self.settings, linger_ms=2)
+                # Records are published off the request path; a longer linger and larger batches
+                # halve the producer's CPU per record (measured: 158 -> 84 us on the dev host).
+                return make_producer(self.settings, linger_ms=20, batch_size=512 * 1024)
             except Exception as exc:  # NoBrokersAvailable and socket errors
                 log.warning("cannot reach Kafka at %s (%s); retrying", self.settings.bootstrap_servers, exc)
                 self._closing.wait(delay)
@@ -209,6 +231,27 @@ class ServingService:
         self.metrics.policy_version.set(announcement.version)
         log.info("policy version %d swapped in (was %s; announced %.3fs ago)", announcement.version,
                  previous, time.time() - announcement.created_at)
+
+    def _decide_batch(self, states: list[np.ndarray]) -> list:
+        """Decisions for a batch of states: one policy for all."""
+        policy = self.policy
+        if policy is None:
+            return [NoCandidatesError("no policy loaded yet") for _ in states]
+        decisions = policy.recommend_many(np.stack(states), self.rng)
+        out: list = []
+        for decision in decisions:
+            if decision is None:
+                out.append(NoCandidatesError("the case bank has no case to choose from"))
+                continue
+            self.metrics.mu_entropy.observe(decision.entropy)
+            self.metrics.propensity.observe(decision.propensity)
+            self.metrics.candidates.observe(len(decision.case_ids))
+            out.append(decision)
+        return out
+
+    def _batch_done(self, size: int, seconds: float) -> None:
+        self.metrics.batch_size.observe(size)
+        self.metrics.batch_seconds.observe(seconds)
 
     # -- status --------------------------------------------------------------------------------
     @property
@@ -282,13 +325,12 @@ def make_app(service: ServingService) -> web.Application:
 
     async def recommend(request: web.Request) -> web.Response:
         req = parse_recommend(parse_json(await request.read()))
-        policy = service.policy
-        if policy is None or not service.ready:
+        if not service.ready:
             return not_ready()
         history = service.histories.get(req.user_id) + req.recent_items
         state = service.states.encode(history, until=req.ts)
         try:
-            decision = policy.recommend(state, service.rng)
+            decision = await service.batcher.submit(state)
         except NoCandidatesError as exc:
             return not_ready(str(exc))
         generator = service.generator
@@ -297,18 +339,15 @@ def make_app(service: ServingService) -> web.Application:
                 None, generator.generate, decision, req.k, history)
         else:
             items = generator.generate(decision, req.k, history)
-        request_id = uuid.uuid4().hex
+        request_id = service.request_ids.next()
         served_at = time.time()
         record = Recommendation(
             request_id=request_id, user_id=req.user_id, item_id=items[0], case_id=decision.case_id,
             propensity=decision.propensity, policy_version=decision.policy_version, ts=req.ts,
             state=decision.state.tolist(), case_features=decision.case_features.tolist(),
             served_at=served_at)
-        service.publisher.publish(settings.topics.recommendations, req.user_id, encode(record))
+        service.publisher.publish(settings.topics.recommendations, req.user_id, record)
         metrics.published.inc()
-        metrics.mu_entropy.observe(decision.entropy)
-        metrics.propensity.observe(decision.propensity)
-        metrics.candidates.observe(len(decision.case_ids))
         service.recommendations_served += 1
         body = {"request_id": request_id, "user_id": req.user_id, "item_id": items[0], "items": items,
                 "case_id": decision.case_id, "propensity": decision.propensity,
@@ -328,7 +367,7 @@ def make_app(service: ServingService) -> web.Application:
         action = parse_feedback(parse_json(await request.read()))
         if service.publisher is None:
             return not_ready("not connected to Kafka yet")
-        if not service.publisher.publish(settings.topics.actions, action.user_id, encode(action)):
+        if not service.publisher.publish(settings.topics.actions, action.user_id, action):
             return _error(503, "the Kafka publish queue is full; retry later")
         return web.json_response({"accepted": True, "event_id": action.event_id}, status=202)
 

@@ -1,17 +1,32 @@
 """``memento bench serving``: latency, throughput and swap-visibility of serving under load.
 
-The bench builds a serving case bank of ``--cases`` random cases on disk, starts an embedded
-broker (unless ``--bootstrap-servers`` is given) and serving as a separate process, announces a
+The bench builds a serving case bank of ``--cases`` cases on disk, starts an embedded broker
+(unless ``--bootstrap-servers`` is given) and serving as a separate process, announces a
 checkpoint, then drives ``/v1/recommend`` from another process (the load generator,
 ``python -m serving.bench drive``): open-loop at each fixed ``--rates`` value, then flat out with
-``--concurrency`` clients, then at a moderate rate while a new checkpoint is announced, to time
-announcement → first response carrying the new version. Figures go to ``--json``: latencies in
-keys ending ``_ms``, rates in keys ending ``_per_s``.
+``--concurrency`` connections, then at a moderate rate while a new checkpoint is announced, to
+time announcement → first response carrying the new version.
+
+Data: item vectors come from the shared :class:`~memento.encoder.ItemEncoder` over a catalogue
+of ``--items`` ids with power-law popularity; each case's state is what
+:class:`~memento.encoder.StateEncoder` makes of a history of 1–5 clicks on such items, and every
+request carries such a history as ``context.recent_items``, so queries look like the cases.
+
+Baseline, in the same run and under the same load generator: a trivial aiohttp server with the
+same number of worker processes and the same event loop that parses the request JSON and
+answers a fixed recommendation — the cost of HTTP alone on this machine. The load generator
+speaks HTTP/1.1 over keep-alive connections with pre-encoded requests; open-loop latencies run
+from each request's scheduled send time, so a stalled server cannot hide queueing delay.
+
+Figures go to ``--json``: latencies in keys ending ``_ms``, rates in keys ending ``_per_s``,
+the baseline's under ``baseline``.
 
 >>> import argparse
 >>> p = argparse.ArgumentParser(); add_arguments(p)
 >>> p.parse_args(["--cases", "1000", "--duration", "2"]).rates
 [500.0]
+>>> summarise([(1.0, 0.002, 200, 1), (1.5, 0.004, 200, 1), (1.6, 0.1, 503, None)], 1.0)["errors"]
+1
 """
 
 from __future__ import annotations
@@ -20,6 +35,8 @@ import argparse
 import asyncio
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,9 +47,11 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["add_arguments", "run", "drive", "summarise"]
+__all__ = ["add_arguments", "run", "drive", "summarise", "request_bodies", "serve_baseline"]
 
 ROOT = Path(__file__).resolve().parents[1]
+HISTORY_DECAY = 0.85  # StateEncoder's default
+_VERSION = re.compile(rb'"policy_version":\s*(-?\d+)')
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,61 +59,144 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per load phase")
     parser.add_argument("--rates", type=float, nargs="+", default=[500.0],
                         help="fixed request rates to measure (requests per second)")
-    parser.add_argument("--concurrency", type=int, default=32, help="clients in the flat-out phase")
+    parser.add_argument("--swap-rate", type=float, default=200.0,
+                        help="request rate while a new checkpoint is announced (keep it below capacity)")
+    parser.add_argument("--concurrency", type=int, default=32, help="connections in the flat-out phase")
     parser.add_argument("--workers", type=int, default=1, help="serving worker processes")
+    parser.add_argument("--max-batch", type=int, default=64, help="serving's --max-batch (1 = no batching)")
+    parser.add_argument("--bank-shards", type=int, default=1, help="shards of the serving case bank")
+    parser.add_argument("--items", type=int, default=20_000, help="catalogue size for case and request items")
     parser.add_argument("--engine", choices=("noida", "tansu"), default="noida",
                         help="embedded broker engine (ignored with --bootstrap-servers)")
     parser.add_argument("--bootstrap-servers", default=None, help="use this Kafka instead of an embedded broker")
     parser.add_argument("--item-dim", type=int, default=32, help="state and item dimension")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the trivial-server baseline")
     parser.add_argument("--json", default=None, help="write the figures to this file")
     parser.add_argument("--work-dir", default=None, help="where to put the bank and logs (default: a temp dir)")
     parser.add_argument("--seed", type=int, default=0)
 
 
+# -- workload -----------------------------------------------------------------------------------
+def _popular_items(rng: np.random.Generator, items: int, shape) -> np.ndarray:
+    weights = 1.0 / (np.arange(items) + 10.0)
+    return rng.choice(items, size=shape, p=weights / weights.sum())
+
+
+def _history_lengths(rng: np.random.Generator, n: int) -> np.ndarray:
+    return rng.integers(1, 6, size=n)
+
+
+def request_bodies(n: int, items: int, seed: int, users: int = 10_000) -> list[bytes]:
+    """``n`` recommend request bodies, each with a history of 1–5 clicks as context.
+
+    >>> body = json.loads(request_bodies(1, 100, 0)[0])
+    >>> body["user_id"], 1 <= len(body["context"]["recent_items"]) <= 5
+    ('u0', True)
+    """
+    rng = np.random.default_rng(seed + 1)
+    picks = _popular_items(rng, items, (n, 5))
+    lengths = _history_lengths(rng, n)
+    return [json.dumps({"user_id": f"u{i % users}", "ts": 1000.0 + 10.0, "context": {"recent_items": [
+        {"item_id": f"item{picks[i, j]}", "action": "click", "ts": 1000.0 + 10.0 - j}
+        for j in range(int(lengths[i]))]}}, separators=(",", ":")).encode() for i in range(n)]
+
+
 # -- load generator (runs in its own process) -------------------------------------------------
-async def _drive(url: str, rate: float, duration: float, concurrency: int, users: int) -> list:
-    import aiohttp
+class _Connections:
+    """Keep-alive HTTP/1.1 connections: an idle one is reused, else a new one is opened."""
 
+    def __init__(self, host: str, port: int, limit: int):
+        self.host, self.port, self.limit = host, port, limit
+        self.idle: list = []
+        self.opened = 0
+        self.freed = asyncio.Event()
+
+    async def get(self):
+        while True:
+            if self.idle:
+                return self.idle.pop()
+            if self.opened < self.limit:
+                self.opened += 1
+                try:
+                    return await asyncio.open_connection(self.host, self.port)
+                except OSError:
+                    self.opened -= 1
+                    raise
+            self.freed.clear()
+            await self.freed.wait()
+
+    def put(self, conn, reusable: bool) -> None:
+        if reusable:
+            self.idle.append(conn)
+        else:
+            self.opened -= 1
+            conn[1].close()
+        self.freed.set()
+
+
+async def _exchange(conn, request: bytes) -> tuple[int, bytes, bool]:
+    reader, writer = conn
+    writer.write(request)
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head[9:12])
+    lower = head.lower()
+    at = lower.find(b"content-length:")
+    length = int(lower[at + 15:lower.index(b"\r\n", at)]) if at >= 0 else 0
+    body = await reader.readexactly(length) if length else b""
+    return status, body, b"connection: close" not in lower
+
+
+async def _drive(url: str, rate: float, duration: float, concurrency: int, bodies: list[bytes]) -> list:
+    host, _, port = url.removeprefix("http://").partition(":")
+    requests = [(f"POST /v1/recommend HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(b)}\r\n\r\n").encode() + b for b in bodies]
+    pool = _Connections(host, int(port), max(concurrency, 512 if rate > 0 else concurrency))
     log: list = []
-    connector = aiohttp.TCPConnector(limit=max(concurrency, 64))
-    async with aiohttp.ClientSession(connector=connector) as session:
-        async def one(i: int) -> None:
-            started = time.perf_counter()
-            try:
-                async with session.post(f"{url}/v1/recommend", json={"user_id": f"u{i % users}"}) as resp:
-                    body = await resp.json()
-                    log.append((time.time(), time.perf_counter() - started, resp.status,
-                                body.get("policy_version")))
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                log.append((time.time(), time.perf_counter() - started, repr(exc), None))
 
-        stop_at = time.perf_counter() + duration
-        if rate > 0:  # open loop: request i is sent at t0 + i / rate, whatever the answers do
-            t0 = time.perf_counter()
-            tasks, i = [], 0
-            while True:
-                due = t0 + i / rate
-                if due >= stop_at:
-                    break
-                delay = due - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                tasks.append(asyncio.create_task(one(i)))
+    async def one(i: int, due: float) -> None:
+        conn = None
+        try:
+            conn = await pool.get()
+            status, body, reusable = await _exchange(conn, requests[i % len(requests)])
+            pool.put(conn, reusable)
+            conn = None
+            match = _VERSION.search(body)
+            log.append((time.time(), time.perf_counter() - due, status, int(match.group(1)) if match else None))
+        except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+            if conn is not None:
+                pool.put(conn, False)
+            log.append((time.time(), time.perf_counter() - due, repr(exc), None))
+
+    t0 = time.perf_counter()
+    stop_at = t0 + duration
+    if rate > 0:  # open loop: request i is due at t0 + i / rate, whatever the answers do
+        tasks, i = [], 0
+        while True:
+            now = time.perf_counter()
+            while t0 + i / rate <= now:
+                tasks.append(asyncio.ensure_future(one(i, t0 + i / rate)))
                 i += 1
-            await asyncio.gather(*tasks)
-        else:  # flat out: closed loop with `concurrency` clients
-            async def client(c: int) -> None:
-                n = c
-                while time.perf_counter() < stop_at:
-                    await one(n)
-                    n += concurrency
-            await asyncio.gather(*(client(c) for c in range(concurrency)))
+            if t0 + i / rate >= stop_at:
+                break
+            await asyncio.sleep(max(0.0, t0 + i / rate - time.perf_counter()))
+        await asyncio.gather(*tasks)
+    else:  # flat out: closed loop over `concurrency` connections
+        async def client(c: int) -> None:
+            n = c
+            while time.perf_counter() < stop_at:
+                await one(n, time.perf_counter())
+                n += concurrency
+        await asyncio.gather(*(client(c) for c in range(concurrency)))
+    for reader_writer in pool.idle:
+        reader_writer[1].close()
     return log
 
 
-def drive(url: str, rate: float, duration: float, concurrency: int = 32, users: int = 10_000) -> list:
+def drive(url: str, rate: float, duration: float, concurrency: int = 32, items: int = 20_000,
+          seed: int = 0) -> list:
     """[(wall time done, latency s, status, policy version)] of every request sent."""
-    return asyncio.run(_drive(url, rate, duration, concurrency, users))
+    bodies = request_bodies(2048, items, seed)
+    return asyncio.run(_drive(url, rate, duration, concurrency, bodies))
 
 
 def summarise(log: list, duration: float) -> dict:
@@ -110,45 +212,91 @@ def summarise(log: list, duration: float) -> dict:
     return out
 
 
-def _driver_process(url: str, rate: float, duration: float, concurrency: int, out: Path) -> subprocess.Popen:
+def _driver_process(url: str, rate: float, duration: float, concurrency: int, out: Path,
+                    items: int = 20_000, seed: int = 0) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "serving.bench", "drive", "--url", url, "--rate", str(rate),
-                             "--duration", str(duration), "--concurrency", str(concurrency), "--out", str(out)],
+                             "--duration", str(duration), "--concurrency", str(concurrency), "--out", str(out),
+                             "--items", str(items), "--seed", str(seed)],
                             cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
-def _run_driver(url: str, rate: float, duration: float, concurrency: int, out: Path) -> list:
-    proc = _driver_process(url, rate, duration, concurrency, out)
+def _run_driver(url: str, rate: float, duration: float, concurrency: int, out: Path, items: int = 20_000,
+                seed: int = 0) -> list:
+    proc = _driver_process(url, rate, duration, concurrency, out, items, seed)
     if proc.wait(timeout=duration + 120) != 0:
         raise RuntimeError(f"load generator exited with {proc.returncode}")
     return json.loads(out.read_text())
 
 
+# -- baseline server ----------------------------------------------------------------------------
+async def _baseline_recommend(request):
+    from aiohttp import web
+
+    body = json.loads(await request.read())
+    if not isinstance(body, dict) or not isinstance(body.get("user_id"), str):
+        return web.json_response({"error": "field 'user_id' is required"}, status=422)
+    return web.json_response({"request_id": "0" * 32, "user_id": body["user_id"], "item_id": "item0",
+                              "items": ["item0"], "case_id": "case0", "propensity": 1.0,
+                              "policy_version": 0, "ts": body.get("ts", 0.0)})
+
+
+async def _baseline_ready(request):
+    from aiohttp import web
+
+    return web.json_response({"ready": True})
+
+
+def _baseline_worker(port: int, reuse_port: bool, worker_index: int = 0) -> None:
+    from aiohttp import web
+
+    from serving.cli import serve_app
+
+    app = web.Application()
+    app.router.add_post("/v1/recommend", _baseline_recommend)
+    app.router.add_get("/readyz", _baseline_ready)
+    serve_app(app, "127.0.0.1", port, reuse_port=reuse_port)
+
+
+def serve_baseline(port: int, workers: int = 1) -> None:
+    """A trivial aiohttp server (parse JSON, check ``user_id``, answer a fixed recommendation)
+    on ``port`` with ``workers`` processes and serving's event loop; runs until SIGTERM."""
+    from serving.cli import run_workers
+
+    if workers == 1:
+        _baseline_worker(port, False)
+    else:
+        run_workers(_baseline_worker, (port, True), workers)
+
+
 # -- orchestration ------------------------------------------------------------------------------
-def _build_bank(settings, n: int, seed: int) -> float:
+def _build_bank(settings, n: int, items: int, seed: int, shards: int = 1) -> float:
     from tqdm import tqdm
 
     from memento.encoder import ItemEncoder
-    from memento.schemas import Case
     from memory_store import CaseBank
 
     rng = np.random.default_rng(seed)
-    items = ItemEncoder(settings.item_dim)
-    item_vecs = items.encode_many([f"item{i}" for i in range(5000)])
+    item_vecs = ItemEncoder(settings.item_dim).encode_many([f"item{i}" for i in range(items)])
+    weights = HISTORY_DECAY ** np.arange(5, dtype=np.float32)
     started = time.perf_counter()
-    bank = CaseBank(Path(settings.data_dir) / "serving-bank", dim=settings.item_dim, fsync=False)
+    bank = CaseBank(Path(settings.data_dir) / "serving-bank", dim=settings.item_dim, num_shards=shards,
+                    fsync=False, tune_k=settings.top_k, ivf_encoding="fp16")  # as serving opens it
     try:
-        batch = 20_000
+        batch = 50_000
         with tqdm(total=n, desc="building case bank", unit="case") as bar:
             for start in range(0, n, batch):
                 m = min(batch, n - start)
-                states = rng.normal(size=(m, settings.item_dim)).astype(np.float32)
+                history = _popular_items(rng, items, (m, 5))  # newest click first
+                keep = np.arange(5)[None, :] < _history_lengths(rng, m)[:, None]
+                states = np.einsum("mh,mhd->md", keep * weights, item_vecs[history])
                 states /= np.linalg.norm(states, axis=1, keepdims=True)
-                which = rng.integers(0, len(item_vecs), size=m)
-                bank.add([Case(f"bench-{start + j}", states[j].tolist(), f"item{which[j]}",
-                               item_vecs[which[j]].tolist(), float(rng.integers(0, 4)), float(start + j))
-                          for j in range(m)])
+                which = _popular_items(rng, items, m)
+                bank.add_arrays([f"bench-{start + j}" for j in range(m)], states,
+                                [f"item{i}" for i in which], item_vecs[which],
+                                rng.integers(0, 4, size=m).astype(np.float64),
+                                np.arange(start, start + m, dtype=np.float64))
                 bar.update(m)
-        bank.wait_for_index(timeout=600)
+        bank.wait_for_index(timeout=900)
     finally:
         bank.close()
     return time.perf_counter() - started
@@ -164,17 +312,104 @@ def _get(url: str) -> tuple[int, dict]:
         return 0, {}
 
 
+def _wait_ready(url: str, server: subprocess.Popen, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while _get(f"{url}/readyz")[0] != 200:
+        if server.poll() is not None:
+            raise RuntimeError(f"server exited with {server.returncode} before it was ready")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"server not ready after {timeout:.0f} s")
+        time.sleep(0.5)
+
+
+def _stop(server: subprocess.Popen | None) -> None:
+    if server is not None and server.poll() is None:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` and its direct children (Linux /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(stat.parent.name) == pid or int(fields[1]) == pid:
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def _load_phases(url: str, args: argparse.Namespace, work: Path, label: str, server_pid: int) -> dict:
+    """Warm-up, each fixed rate, then flat out; the figures by phase, with the server's CPU time
+    per answered request (which other load on the machine does not inflate as it does latency)."""
+    def driver(rate: float, name: str) -> dict:
+        cpu = _cpu_seconds(server_pid)
+        log = _run_driver(url, rate, args.duration if name != "warmup" else 3.0, args.concurrency,
+                          work / f"{label}-{name}.json", args.items, args.seed)
+        out = summarise(log, args.duration)
+        answered = len(log) - out["errors"]
+        out["server_cpu_per_request_ms"] = (_cpu_seconds(server_pid) - cpu) * 1e3 / max(answered, 1)
+        return out
+
+    driver(0, "warmup")  # flat out: every distinct request body is seen (item vectors cached)
+    cpu = _cpu_seconds(server_pid)
+    time.sleep(3.0)
+    figures: dict = {"server_idle_cpu_share": (_cpu_seconds(server_pid) - cpu) / 3.0}
+    for rate in args.rates:
+        figures[f"rate_{rate:g}"] = {"target_per_s": rate, **driver(rate, f"rate-{rate:g}")}
+        print(f"{label} {rate:g} req/s: {_brief(figures[f'rate_{rate:g}'])}", flush=True)
+    figures["flat_out"] = driver(0, "flat")
+    print(f"{label} flat out: {_brief(figures['flat_out'])}", flush=True)
+    return figures
+
+
+def _brief(phase: dict) -> str:
+    return ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in phase.items())
+
+
+def _ratios(figures: dict, baseline: dict) -> dict:
+    out = {}
+    for phase, values in figures.items():
+        base = baseline.get(phase)
+        if isinstance(values, dict) and isinstance(base, dict):
+            for key, name in (("throughput_per_s", "throughput"), ("p99_ms", "p99"),
+                              ("server_cpu_per_request_ms", "server_cpu")):
+                if values.get(key) and base.get(key):
+                    out[f"{phase}_{name}_vs_baseline"] = values[key] / base[key]
+    return out
+
+
 def run(args: argparse.Namespace) -> dict:
     """Run the bench; returns (and writes to ``--json``) the figures."""
     from memento.broker import EmbeddedBroker, free_port
     from memento.checkpoint import save_checkpoint
-    from memento.config import Settings
+    from memento.config import Settings, TopicNames
     from memento.kafka_io import ensure_topics, make_producer
     from memento.qnet import QNetwork
     from memento.schemas import encode
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="memento-bench-"))
     work.mkdir(parents=True, exist_ok=True)
+    figures: dict = {"cases": args.cases, "workers": args.workers, "max_batch": args.max_batch,
+                     "bank_shards": args.bank_shards,
+                     "duration_s": args.duration, "concurrency": args.concurrency,
+                     "loadavg_start": list(os.getloadavg()), "cpus": os.cpu_count()}
+    if not args.no_baseline:
+        port = free_port()
+        server = subprocess.Popen([sys.executable, "-m", "serving.bench", "baseline", "--port", str(port),
+                                   "--workers", str(args.workers)], cwd=ROOT,
+                                  env={**os.environ, "PYTHONPATH": str(ROOT)})
+        try:
+            _wait_ready(f"http://127.0.0.1:{port}", server, 60)
+            figures["baseline"] = _load_phases(f"http://127.0.0.1:{port}", args, work, "baseline", server.pid)
+        finally:
+            _stop(server)
     broker = None
     if args.bootstrap_servers:
         base = Settings.from_env(bootstrap_servers=args.bootstrap_servers)
@@ -184,14 +419,14 @@ def run(args: argparse.Namespace) -> dict:
         base = broker.settings()
     server = None
     try:
-        from memento.config import TopicNames
-
         prefix = f"bench{int(time.time())}"
         settings = Settings(**{**base.__dict__, "data_dir": str(work / "data"),
                                "checkpoint_dir": str(work / "ckpt"), "item_dim": args.item_dim,
                                "topics": TopicNames(**{r: f"{prefix}.{t}" for r, t in TopicNames().all().items()})})
         ensure_topics(settings)
-        build_s = _build_bank(settings, args.cases, args.seed)
+        figures["bank_build_s"] = _build_bank(settings, args.cases, args.items, args.seed, args.bank_shards)
+        for worker in range(1, args.workers):  # each serving worker owns a copy of the bank
+            shutil.copytree(Path(settings.data_dir) / "serving-bank", Path(settings.data_dir) / f"serving-bank-{worker}")
         producer = make_producer(settings)
 
         def announce(version: int) -> float:
@@ -204,47 +439,32 @@ def run(args: argparse.Namespace) -> dict:
         url = f"http://127.0.0.1:{port}"
         announce(1)
         server = subprocess.Popen([sys.executable, "-m", "serving.cli", "--port", str(port),
-                                   "--workers", str(args.workers), "--seed", str(args.seed)],
+                                   "--workers", str(args.workers), "--seed", str(args.seed),
+                                   "--max-batch", str(args.max_batch), "--bank-shards", str(args.bank_shards)],
                                   cwd=ROOT, env={**os.environ, **settings.to_env(), "PYTHONPATH": str(ROOT),
                                                  "MEMENTO_LOG_LEVEL": "WARNING"})
-        deadline = time.monotonic() + 300
-        while _get(f"{url}/readyz")[0] != 200:
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("serving did not become ready")
-            time.sleep(0.5)
-        _run_driver(url, 100, 2.0, args.concurrency, work / "warmup.json")
-        figures: dict = {"cases": args.cases, "workers": args.workers, "duration_s": args.duration,
-                         "bank_build_s": build_s}
-        for rate in args.rates:
-            log = _run_driver(url, rate, args.duration, args.concurrency, work / f"rate-{rate:g}.json")
-            figures[f"rate_{rate:g}"] = {"target_per_s": rate, **summarise(log, args.duration)}
-            print(f"{rate:g} req/s: {figures[f'rate_{rate:g}']}")
-        log = _run_driver(url, 0, args.duration, args.concurrency, work / "flat.json")
-        figures["flat_out"] = summarise(log, args.duration)
-        print(f"flat out: {figures['flat_out']}")
+        _wait_ready(url, server)
+        figures.update(_load_phases(url, args, work, "serving", server.pid))
         # Swap: announce version 2 while requests flow at a moderate rate.
-        swap_rate = min(args.rates) if args.rates else 200.0
         out = work / "swap.json"
-        proc = _driver_process(url, swap_rate, 6.0, args.concurrency, out)
+        proc = _driver_process(url, args.swap_rate, 6.0, args.concurrency, out, args.items, args.seed)
         time.sleep(2.5)
         announced = announce(2)
         if proc.wait(timeout=130) != 0:
             raise RuntimeError("load generator failed during the swap")
         log = json.loads(out.read_text())
         seen = [t for t, _, status, v in log if status == 200 and v == 2]
-        figures["swap"] = {**summarise(log, 6.0),
+        figures["swap"] = {"target_per_s": args.swap_rate, **summarise(log, 6.0),
                            "visible_after_ms": (min(seen) - announced) * 1e3 if seen else None}
-        print(f"swap: {figures['swap']}")
+        print(f"swap: {_brief(figures['swap'])}", flush=True)
         producer.close(5)
     finally:
-        if server is not None and server.poll() is None:
-            server.send_signal(signal.SIGTERM)
-            try:
-                server.wait(30)
-            except subprocess.TimeoutExpired:
-                server.kill()
+        _stop(server)
         if broker is not None:
             broker.stop()
+    if "baseline" in figures:
+        figures["vs_baseline"] = _ratios(figures, figures["baseline"])
+    figures["loadavg_end"] = list(os.getloadavg())
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
     return figures
@@ -258,9 +478,18 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--rate", type=float, required=True)
         p.add_argument("--duration", type=float, required=True)
         p.add_argument("--concurrency", type=int, default=32)
+        p.add_argument("--items", type=int, default=20_000)
+        p.add_argument("--seed", type=int, default=0)
         p.add_argument("--out", required=True)
         a = p.parse_args(argv[1:])
-        Path(a.out).write_text(json.dumps(drive(a.url, a.rate, a.duration, a.concurrency)))
+        Path(a.out).write_text(json.dumps(drive(a.url, a.rate, a.duration, a.concurrency, a.items, a.seed)))
+        return 0
+    if argv and argv[0] == "baseline":
+        p = argparse.ArgumentParser(prog="serving.bench baseline")
+        p.add_argument("--port", type=int, required=True)
+        p.add_argument("--workers", type=int, default=1)
+        a = p.parse_args(argv[1:])
+        serve_baseline(a.port, a.workers)
         return 0
     parser = argparse.ArgumentParser(prog="memento bench serving", description=__doc__.split("\n\n")[0])
     add_arguments(parser)

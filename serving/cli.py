@@ -3,7 +3,8 @@
 Flags override environment variables (``MEMENTO_<FIELD>``, see :class:`memento.config.Settings`);
 the bearer token comes from ``--api-token`` or ``MEMENTO_API_TOKEN``, the chat generator's key
 only from ``MEMENTO_CHAT_API_KEY``. With ``--workers N`` (N > 1) N processes share the port
-(SO_REUSEPORT), each with its own case bank directory, followers and metrics.
+(SO_REUSEPORT), each with its own case bank directory, followers and metrics. The event loop is
+uvloop when it is installed (``--loop auto``), else asyncio's.
 
 >>> import argparse
 >>> p = argparse.ArgumentParser(); add_arguments(p)
@@ -20,10 +21,12 @@ import multiprocessing
 import os
 import signal
 import sys
+from typing import Callable
 
 from memento.config import Settings
 
-__all__ = ["add_arguments", "run_from_args", "settings_from_args", "config_from_args"]
+__all__ = ["add_arguments", "run_from_args", "settings_from_args", "config_from_args", "serve_app",
+           "run_workers", "new_event_loop"]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="item generator: the chosen case's item, or an OpenAI-compatible chat endpoint")
     parser.add_argument("--chat-url", default="", help="chat endpoint root, e.g. http://127.0.0.1:8000/v1")
     parser.add_argument("--chat-model", default="gpt-4o-mini", help="model name sent to the chat endpoint")
+    parser.add_argument("--max-batch", type=int, default=64,
+                        help="most concurrent recommend requests answered by one search and Q pass (default 64)")
+    parser.add_argument("--bank-shards", type=int, default=1,
+                        help="shards of a new case bank (an existing bank keeps its count; default 1)")
+    parser.add_argument("--bank-encoding", choices=("fp16", "flat"), default="fp16",
+                        help="IVF cell storage of the case bank: fp16 (default, half the memory per search) or flat")
+    parser.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto",
+                        help="event loop: uvloop when installed (auto, default), or asyncio's")
     parser.add_argument("--log-level", default=os.environ.get("MEMENTO_LOG_LEVEL", "INFO"))
 
 
@@ -70,12 +81,62 @@ def config_from_args(args: argparse.Namespace, settings: Settings, worker_index:
         api_token=args.api_token if args.api_token is not None else os.environ.get("MEMENTO_API_TOKEN", ""),
         max_body_bytes=args.max_body_bytes, generator=args.generator, chat_url=args.chat_url,
         chat_model=args.chat_model, chat_api_key=os.environ.get("MEMENTO_CHAT_API_KEY", ""),
-        worker_index=worker_index)
+        worker_index=worker_index, max_batch=args.max_batch,
+        bank_shards=args.bank_shards, bank_encoding=args.bank_encoding)
 
 
-def _serve(args: argparse.Namespace, worker_index: int, reuse_port: bool) -> None:
+def new_event_loop(kind: str = "auto"):
+    """A new event loop: uvloop's (``uvloop``, or ``auto`` when installed) or asyncio's.
+
+    >>> loop = new_event_loop("asyncio"); type(loop).__module__.startswith("asyncio"); loop.close()
+    True
+    """
+    import asyncio
+
+    if kind not in ("auto", "uvloop", "asyncio"):
+        raise ValueError(f"loop must be auto, uvloop or asyncio, got {kind!r}")
+    if kind != "asyncio":
+        try:
+            import uvloop
+            return uvloop.new_event_loop()
+        except ImportError:
+            if kind == "uvloop":
+                raise SystemExit("--loop uvloop: uvloop is not installed (pip install uvloop)") from None
+    return asyncio.new_event_loop()
+
+
+def serve_app(app, host: str, port: int, reuse_port: bool = False, loop: str = "auto") -> None:
+    """Run the aiohttp ``app`` on ``host:port`` until SIGTERM/SIGINT (no access log)."""
     from aiohttp import web
 
+    web.run_app(app, host=host, port=port, reuse_port=reuse_port or None, handle_signals=True,
+                shutdown_timeout=5.0, print=None, access_log=None, backlog=1024, loop=new_event_loop(loop))
+
+
+def run_workers(target: Callable[..., None], args: tuple, workers: int) -> int:
+    """Run ``target(*args, worker_index)`` in ``workers`` spawned processes (``target`` must be a
+    module-level function); SIGTERM/SIGINT are forwarded to them. Returns the first non-zero
+    exit code, else 0."""
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=target, args=(*args, i), name=f"serving-{i}") for i in range(workers)]
+    for proc in procs:
+        proc.start()
+
+    def forward(signum, frame):
+        for proc in procs:
+            if proc.is_alive():
+                os.kill(proc.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    code = 0
+    for proc in procs:
+        proc.join()
+        code = code or (proc.exitcode or 0)
+    return code
+
+
+def _serve(args: argparse.Namespace, worker_index: int) -> None:
     from serving.app import ServingService, make_app
 
     logging.basicConfig(level=args.log_level.upper(),
@@ -84,35 +145,21 @@ def _serve(args: argparse.Namespace, worker_index: int, reuse_port: bool) -> Non
     service = ServingService(settings, config_from_args(args, settings, worker_index))
     log.info("serving worker %d on http://%s:%d (Kafka %s)", worker_index, args.host, args.port,
              settings.bootstrap_servers)
-    web.run_app(make_app(service), host=args.host, port=args.port, reuse_port=reuse_port or None,
-                handle_signals=True, shutdown_timeout=5.0, print=None, access_log=None)
+    serve_app(make_app(service), args.host, args.port, reuse_port=args.workers > 1, loop=args.loop)
 
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Run serving until SIGTERM/SIGINT; returns the exit code."""
     if args.workers < 1:
         raise SystemExit("--workers must be >= 1")
+    if args.max_batch < 1:
+        raise SystemExit("--max-batch must be >= 1")
     if args.workers == 1:
-        _serve(args, 0, reuse_port=False)
+        _serve(args, 0)
         return 0
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s serving %(levelname)s %(message)s")
-    ctx = multiprocessing.get_context("spawn")
-    workers = [ctx.Process(target=_serve, args=(args, i, True), name=f"serving-{i}") for i in range(args.workers)]
-    for w in workers:
-        w.start()
-
-    def forward(signum, frame):
-        for w in workers:
-            if w.is_alive():
-                os.kill(w.pid, signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    code = 0
-    for w in workers:
-        w.join()
-        code = code or (w.exitcode or 0)
-    log.info("all %d serving workers stopped", len(workers))
+    code = run_workers(_serve, (args,), args.workers)
+    log.info("all %d serving workers stopped", args.workers)
     return code
 
 

@@ -49,13 +49,15 @@ class TopicFollower(threading.Thread, abc.ABC):
     metrics
         Where malformed messages are counted.
     poll_timeout_ms
-        Longest wait of one poll (bounds how long :meth:`stop` takes).
+        Longest wait of one poll (bounds how long :meth:`stop` takes, and how long a new
+        message can wait unseen on an embedded broker that answers empty fetches at once;
+        there, polling more often cost measurable CPU in every serving process).
     max_records
         Largest batch handed to :meth:`_handle`.
     """
 
     def __init__(self, settings: Settings, topic: str, metrics: ServingMetrics, *,
-                 poll_timeout_ms: int = 100, max_records: int = 1000):
+                 poll_timeout_ms: int = 200, max_records: int = 1000):
         super().__init__(name=f"follow-{topic}", daemon=True)
         self.settings = settings
         self.topic = topic
@@ -78,7 +80,8 @@ class TopicFollower(threading.Thread, abc.ABC):
                 continue
             try:
                 while not self._stop_event.is_set():
-                    batches = poll(consumer, self.settings, self.poll_timeout_ms, max_records=self.max_records)
+                    batches = poll(consumer, self.settings, self.poll_timeout_ms,
+                                   idle_backoff_s=self.poll_timeout_ms / 1000.0, max_records=self.max_records)
                     records = [r for part in batches.values() for r in part]
                     if records:
                         self.records_seen += len(records)

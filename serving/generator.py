@@ -85,6 +85,9 @@ class CaseItemGenerator(Generator):
         return None if case is None else case.item_id
 
     def _generate(self, decision: Decision, k: int, history: list[HistoryEntry]) -> list[str]:
+        first = self._item(decision.case_id)
+        if k == 1 and first is not None:
+            return [first]
         items: list[str] = []
         for index in decision.ranked():
             item = self._item(decision.case_ids[index])

@@ -67,6 +67,12 @@ class ServingMetrics:
                                  "Recommendations handed to the Kafka producer", registry=r)
         self.publish_errors = Counter("memento_serving_publish_errors",
                                       "Kafka sends that failed, by topic", ["topic"], registry=r)
+        self.batch_size = Histogram("memento_serving_batch_size",
+                                    "Recommend requests answered by one search and Q forward pass",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
+        self.batch_seconds = Histogram("memento_serving_batch_seconds",
+                                       "Time to search, score and sample one batch",
+                                       buckets=LATENCY_BUCKETS_S, registry=r)
         self.generator_fallbacks = Counter("memento_serving_generator_fallbacks",
                                            "Generator failures answered by the default generator",
                                            registry=r)

@@ -132,16 +132,25 @@ class RetrievalPolicy:
         self.options = options or PolicyOptions()
 
     def _scores(self, state: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        """Q values [1, K] of the candidates; subclasses may score differently."""
+        """Q values [B, K] of the candidates (padding included); subclasses may score differently."""
         return self.net(state, features)
 
     def recommend(self, state: np.ndarray, rng: np.random.Generator) -> Decision:
-        """Retrieve, score and sample; raises :class:`NoCandidatesError` on an empty bank."""
-        state = np.ascontiguousarray(state, dtype=np.float32).reshape(-1)
-        ids, scores, features, mask = self.bank.search_with_features(state[None], self.options.top_k)
-        n = int(mask[0].sum())
-        # Valid hits come first (best first) and padding after, so the first n columns are the set.
-        return self.decide(state, list(ids[0][:n]), scores[0, :n], features[0, :n], rng)
+        """Retrieve, score and sample for one state; raises :class:`NoCandidatesError` on an
+        empty bank."""
+        decision = self.recommend_many(np.asarray(state, np.float32).reshape(1, -1), rng)[0]
+        if decision is None:
+            raise NoCandidatesError("the case bank has no case to choose from")
+        return decision
+
+    def recommend_many(self, states: np.ndarray, rng: np.random.Generator) -> list[Decision | None]:
+        """One decision per row of ``states`` [B, D], from one bank search and one forward pass
+        of the Q network for the whole batch; ``None`` for a row with no candidate."""
+        states = np.ascontiguousarray(states, dtype=np.float32)
+        if states.ndim != 2:
+            raise ValueError(f"states must be [B, D], got shape {states.shape}")
+        ids, scores, features, mask = self.bank.search_with_features(states, self.options.top_k)
+        return self._decide(states, ids, scores, features, mask, rng)
 
     def decide(self, state: np.ndarray, case_ids: list[str], similarities: np.ndarray,
                features: np.ndarray, rng: np.random.Generator) -> Decision:
@@ -149,16 +158,31 @@ class RetrievalPolicy:
         n = len(case_ids)
         if n == 0:
             raise NoCandidatesError("the case bank has no case to choose from")
-        state = np.ascontiguousarray(state, dtype=np.float32).reshape(-1)
-        feats = np.ascontiguousarray(features[:n], dtype=np.float32)
+        state = np.ascontiguousarray(state, dtype=np.float32).reshape(1, -1)
+        feats = np.ascontiguousarray(features[:n], dtype=np.float32)[None]
+        sims = np.asarray(similarities[:n], dtype=np.float32)[None]
+        return self._decide(state, [list(case_ids)], sims, feats, np.ones((1, n), bool), rng)[0]
+
+    def _decide(self, states: np.ndarray, id_lists: list[list[str]], similarities: np.ndarray,
+                features: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> list[Decision | None]:
+        # Valid candidates come first in every row (best first) and padding after.
+        feats = np.ascontiguousarray(features, dtype=np.float32)
         with torch.no_grad():
-            q = self._scores(torch.from_numpy(state)[None], torch.from_numpy(feats)[None])
-            mu = policy_probs(q, self.options.alpha, self.options.min_prob)
-            ent = float(entropy(mu)[0])
-        q_np = q[0].double().numpy()
-        probs = mu[0].double().numpy()
-        probs = probs / probs.sum()
-        chosen = int(rng.choice(n, p=probs))
-        return Decision(state=state, case_ids=list(case_ids), similarities=np.array(similarities[:n], copy=True),
-                        features=feats, q=q_np.astype(np.float32), probs=probs, chosen=chosen,
-                        policy_version=self.version, entropy=ent)
+            q = self._scores(torch.from_numpy(states), torch.from_numpy(feats))
+            mu = policy_probs(q, self.options.alpha, self.options.min_prob, mask=torch.from_numpy(mask))
+            ent = entropy(mu).tolist()
+        q_np, mu_np = q.numpy(), mu.double().numpy()
+        draws = rng.random(len(states))
+        out: list[Decision | None] = []
+        for b, case_ids in enumerate(id_lists):
+            n = len(case_ids)
+            if n == 0:
+                out.append(None)
+                continue
+            probs = mu_np[b, :n] / mu_np[b, :n].sum()
+            chosen = min(int(np.searchsorted(np.cumsum(probs), draws[b], side="right")), n - 1)
+            out.append(Decision(state=states[b].copy(), case_ids=list(case_ids),
+                                similarities=np.array(similarities[b, :n], copy=True),
+                                features=feats[b, :n].copy(), q=q_np[b, :n].copy(), probs=probs,
+                                chosen=chosen, policy_version=self.version, entropy=float(ent[b])))
+        return out

@@ -107,7 +107,8 @@ def test_routing_is_stable_and_manifest_checked(tmp_path):
         CaseBank(tmp_path / "b", DIM, num_shards=3)
 
 
-@pytest.mark.parametrize("approx, options", [("ivf", {}), ("hnsw", {}), ("ivf-ood", {"nprobe": 16})])
+@pytest.mark.parametrize("approx, options", [("ivf", {}), ("hnsw", {}), ("ivf-ood", {"nprobe": 16}),
+                                             ("ivf", {"ivf_encoding": "fp16"})])
 def test_approximate_index_recall_at_k_on_clustered_data(approx, options):
     """Queries come from the same mixture as the cases (serving searches with states like the
     stored ones), except for "ivf-ood": queries from other cluster centres, which a fixed nprobe
@@ -451,3 +452,48 @@ def test_snapshot_by_log_size_runs_beside_the_adds(tmp_path):
     bank.close()
     with CaseBank(tmp_path / "bank", DIM, num_shards=1) as again:  # snapshot + the log's tail
         assert len(again) == 3000 and again.get("c2999") == make_cases(states[2999:], 2999)[0]
+
+
+def test_nprobe_tuning_counts_equal_scores_as_found():
+    # 40 distinct states, each held by 50 cases (users with the same recent items): every top-10
+    # is a set of ties, and any 10 of a state's copies are as good as the exact search's 10.
+    from memory_store.index import IVFIndex, tune_nprobe
+
+    rng = np.random.default_rng(0)
+    distinct = rng.standard_normal((40, 16)).astype(np.float32)
+    distinct /= np.linalg.norm(distinct, axis=1, keepdims=True)
+    vectors = np.repeat(distinct, 50, axis=0)
+    ids = rng.permutation(len(vectors)).astype(np.int64)
+    ivf = IVFIndex(16, nprobe=1).build(ids, vectors)
+
+    def search(q, k, params):
+        return ivf.index.search(q, k, params=params)[1]
+
+    nprobe, recall = tune_nprobe(search, ids, vectors, ivf.index.nlist, k=10, target=0.97)
+    assert recall >= 0.97 and nprobe <= 2, (nprobe, recall)
+    # An index that misses most cells does not pass: tuning still compares scores, not just ids.
+    nprobe, recall = tune_nprobe(lambda q, k, params: np.full((len(q), k), -1, np.int64), ids, vectors,
+                                 ivf.index.nlist, k=10, target=0.97)
+    assert recall == 0.0 and nprobe == ivf.index.nlist
+
+
+def test_fp16_ivf_index_persists_and_retunes(tmp_path):
+    rng = np.random.default_rng(8)
+    states = clustered(6000, DIM, rng)
+    options = dict(num_shards=1, switch_threshold=1000, background_build=False, ivf_encoding="fp16")
+    bank = CaseBank(tmp_path / "bank", DIM, **options)
+    bank.add(make_cases(states[:3000]))
+    assert bank.wait_for_index(60)
+    assert isinstance(bank.shards[0].index.index, faiss.IndexIVFScalarQuantizer)
+    before = bank.search(states[:50], 8)[1]
+    bank.close()
+    bank = CaseBank(tmp_path / "bank", DIM, **options)
+    assert isinstance(bank.shards[0].index.index, faiss.IndexIVFScalarQuantizer)
+    assert bank.search(states[:50], 8)[1] == before
+    bank.add(make_cases(states[3000:], 3000))  # 2x growth: a rebuild, with its own tuning
+    assert bank.wait_for_index(60) and len(bank) == 6000
+    _, ids = bank.search(states[3000:3050], 1)
+    assert sum(row[0] == f"c{3000 + i}" for i, row in enumerate(ids)) >= 48
+    bank.close()
+    with pytest.raises(ValueError, match="ivf_encoding must be 'flat' or 'fp16'"):
+        CaseBank(None, DIM, ivf_encoding="pq")

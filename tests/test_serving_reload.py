@@ -8,7 +8,9 @@ import asyncio
 import dataclasses
 import hashlib
 import pickle
+import re
 import time
+import urllib.request
 from pathlib import Path
 
 import aiohttp
@@ -72,6 +74,12 @@ def test_swap_under_concurrent_load(broker, tmp_path):
         assert after and all(v == 3 for v in after)
         status, stats = http("GET", f"{server.url}/v1/stats")
         assert stats["reloads"] == 3 and stats["reload_failures"] == 0 and stats["policy_version"] == 3
+        # Every recommend went through the micro-batcher (the readiness probes do not recommend).
+        with urllib.request.urlopen(f"{server.url}/metrics", timeout=5) as resp:
+            metrics = resp.read().decode()
+        batched = float(re.search(r"^memento_serving_batch_size_sum ([0-9.e+]+)$", metrics, re.M).group(1))
+        batches = float(re.search(r"^memento_serving_batch_size_count ([0-9.e+]+)$", metrics, re.M).group(1))
+        assert batched == stats["requests"] >= len(log) and 0 < batches <= batched
         print(f"{len(log)} requests, v3 visible {first_v3 - announced[3]:.3f}s after its announcement")
 
 

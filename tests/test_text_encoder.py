@@ -191,3 +191,11 @@ def test_sentence_transformer_wiring_with_a_stand_in_package(tmp_path, monkeypat
     assert seen["batch_size"] == 7
     assert isinstance(text_encoder_from_path(str(tmp_path)), SentenceTransformerTextEncoder)
     assert text_encoder_from_path(None) is None and text_encoder_from_path("") is None
+
+
+def test_ids_whose_hashes_cancel_still_get_a_unit_vector():
+    # "item932"'s four signed hashes cancel exactly in 32 dimensions; it is hashed again.
+    items = ItemEncoder(32)
+    vecs = items.encode_many([f"item{i}" for i in range(20_000)])
+    assert np.linalg.norm(vecs, axis=1).min() == pytest.approx(1.0, abs=1e-5)
+    assert np.linalg.norm(items.encode("item932")) == pytest.approx(1.0, abs=1e-5)

@@ -16,6 +16,7 @@ PANELS = [
     ("Serving requests / s by status", "sum by (status) (rate(memento_serving_requests_total[1m]))", "ops"),
     ("Policy version (serving vs learner)", ["max(memento_serving_policy_version)", "max(memento_learner_checkpoint_version)"], "short"),
     ("Checkpoint reloads and failures", ["sum(increase(memento_serving_reloads_total[5m]))", "sum(increase(memento_serving_reload_failures_total[5m]))"], "short"),
+    ("Serving micro-batch size (mean)", "sum(rate(memento_serving_batch_size_sum[1m])) / sum(rate(memento_serving_batch_size_count[1m]))", "short"),
     ("Entropy of mu (nats)", "avg(memento_serving_mu_entropy_nats_sum / memento_serving_mu_entropy_nats_count)", "short"),
     ("Learner loss and mean Q", ["memento_learner_loss", "memento_learner_q_mean", "memento_learner_target_mean"], "short"),
     ("Learner steps / s and alpha", ["memento_learner_steps_per_second", "memento_learner_alpha"], "short"),
