@@ -18,13 +18,17 @@ event ids, so every consumer downstream is idempotent (docs/streams.md).
 from __future__ import annotations
 
 import heapq
+import itertools
 import json
 import logging
 import time
+import weakref
 from collections import OrderedDict
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import faust
+from faust.streams import _current_event
+from faust.types import EventT
 from prometheus_client import Counter, Gauge
 
 from memento.config import TOPIC_PARTITIONS, Settings
@@ -161,6 +165,11 @@ class TransitionWorker:
         Wall-clock period of the consumer-lag gauges' update.
     cache_size
         Users whose decoded state is kept in memory in front of the table.
+    batch_size, batch_within_s
+        The agent takes up to ``batch_size`` events at a time, waiting at most
+        ``batch_within_s`` for a batch to fill: events are processed one by one, in arrival
+        order, but each user's table entry is written once per batch and the batch's
+        transitions and cases are sent together after it.
 
     >>> from memento.config import Settings
     >>> w = TransitionWorker(Settings(data_dir="/tmp/memento-doctest"), store="memory://")
@@ -172,8 +181,14 @@ class TransitionWorker:
 
     def __init__(self, settings: Settings, *, worker_id: str = "0", store: str = "rocksdb://",
                  tick_interval_s: float = 0.5, idle_timeout_s: float = 5.0, app_id: str = "memento-worker",
-                 tansu_safe_recovery: bool = True, lag_interval_s: float = 1.0, cache_size: int = 100_000):
+                 tansu_safe_recovery: bool = True, lag_interval_s: float = 1.0, cache_size: int = 100_000,
+                 batch_size: int = 1000, batch_within_s: float = 0.05):
+        if batch_size < 1 or not batch_within_s > 0:
+            raise ValueError(f"TransitionWorker: batch_size must be >= 1 and batch_within_s > 0, got "
+                             f"{batch_size} and {batch_within_s}")
         self.settings = settings
+        self.batch_size = batch_size
+        self.batch_within_s = batch_within_s
         self.tick_interval_s = tick_interval_s
         self.lag_interval_s = lag_interval_s
         catalogue = load_products(settings.products) if settings.products else {}
@@ -195,6 +210,13 @@ class TransitionWorker:
         # only this worker writes its partitions' states, so the cache cannot go stale otherwise
         self._cache: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self.cache_size = cache_size
+        # within a batch: states changed and not yet written to the table (user → state), an
+        # event of each partition seen (table writes go to the current event's partition), and
+        # the messages to send ((topic, key, value), in the order they were made)
+        self._dirty: dict[str, dict[str, Any]] = {}
+        self._partition_events: dict[int, EventT] = {}
+        self._outbox: list[tuple[str, bytes, bytes]] = []
+        self._send_error: BaseException | None = None
         self.app = self._build_app(app_id, worker_id, store)
 
     def _build_app(self, app_id: str, worker_id: str, store: str) -> faust.App:
@@ -218,9 +240,6 @@ class TransitionWorker:
         app.producer.buffer.max_messages = 10_000
         t = s.topics
         source = app.topic(t.actions, t.recommendations, t.ticks, key_serializer="raw", value_serializer="raw")
-        self.transitions_topic = app.topic(t.transitions, key_serializer="raw", value_serializer="raw")
-        self.cases_topic = app.topic(t.cases, key_serializer="raw", value_serializer="raw")
-        self.dead_letter_topic = app.topic(t.dead_letter, key_serializer="raw", value_serializer="raw")
         self.ticks_topic = app.topic(t.ticks, key_serializer="raw", value_serializer="raw")
         # values are compact JSON bytes, written and read by this class (a cache in front keeps
         # the decoded states of recently active users)
@@ -228,9 +247,10 @@ class TransitionWorker:
 
         @app.agent(source)
         async def join(stream):
-            async for event in stream.events():
-                await self.handle(event.message.topic, event.message.partition, event.message.offset,
-                                  event.message.key, event.value)
+            # Faust acknowledges a batch's events (so commits their offsets) once the loop body
+            # has processed it; it flushes the producer before committing.
+            async for events in stream.take_events(self.batch_size, within=self.batch_within_s):
+                await self.handle_batch(events)
 
         @app.timer(interval=self.tick_interval_s)
         async def tick():
@@ -245,7 +265,7 @@ class TransitionWorker:
         async def on_revoked(app, revoked, **kwargs):
             self._due.clear()
             self._due_heap.clear()
-            self._cache.clear()
+            self._cache.clear()  # (a batch in progress keeps its own changed states in _dirty)
             for tp in revoked:
                 if tp.topic in (t.actions, t.recommendations):
                     self._input_latest.pop(tp.partition, None)
@@ -275,30 +295,73 @@ class TransitionWorker:
             CONSUMER_LAG.labels(topic, str(partition)).set(committed_lag)
             READ_LAG.labels(topic, str(partition)).set(read_lag)
 
-    async def handle(self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes) -> None:
-        """Process one consumed message (must run inside the agent: table writes use the current
-        event's partition)."""
+    async def handle_batch(self, events: Sequence[EventT]) -> None:
+        """Process consumed events in arrival order, then send the transitions and cases they
+        made and write each changed user state to the table once (in that order: a state that
+        records a window as closed is never written before its transition is sent).
+
+        Must run inside the agent: the table's reads and writes go to the partition of the
+        current event, which is set to each event in turn (and, for the writes, to an event of
+        the user's partition).
+        """
+        if self._send_error is not None:
+            raise RuntimeError(f"stream worker: an output could not be delivered: {self._send_error!r}") \
+                from self._send_error
+        try:
+            for event in events:
+                _current_event.set(weakref.ref(event))
+                message = event.message
+                self._partition_events[message.partition] = event
+                self.handle(message.topic, message.partition, message.offset, message.key, event.value)
+            await self._flush()
+        except BaseException:
+            # states may have changed without being written: forget them (the events are not
+            # acknowledged, so they are processed again after the restart)
+            self._cache.clear()
+            self._dirty.clear()
+            self._outbox.clear()
+            raise
+        finally:
+            self._partition_events.clear()
+
+    def handle(self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes) -> None:
+        """Process one consumed message: update the user's state (in memory) and queue what it
+        makes due; :meth:`handle_batch` sends and writes."""
         t = self.settings.topics
         try:
             if topic == t.ticks:
                 _TICK_EVENTS.inc()
             elif topic == t.actions:
-                await self._on_action(partition, decode(Action, value))
+                self._on_action(partition, decode(Action, value))
             elif topic == t.recommendations:
-                await self._on_recommendation(partition, decode(Recommendation, value))
+                self._on_recommendation(partition, decode(Recommendation, value))
             else:
                 return
-            await self._close_partition(partition, tick=topic == t.ticks)
+            self._close_partition(partition, tick=topic == t.ticks)
         except SchemaError as exc:
             reason = str(exc)
             DEAD_LETTERS.labels(_reason_kind(reason)).inc()
             ATTRIBUTION.labels("malformed").inc()
             log.warning("dead-letter %s[%d]@%d: %s", topic, partition, offset, reason)
             record = DeadLetterWriter.record(topic, partition, offset, reason, value)
-            await self.dead_letter_topic.send(key=key, value=encode(record))
-        except BaseException:
-            self._cache.clear()  # a state may have changed without being saved
-            raise
+            self._outbox.append((t.dead_letter, key, encode(record)))
+
+    async def _flush(self) -> None:
+        producer = self.app.producer
+        for topic, key, value in self._outbox:
+            fut = await producer.send(topic, key, value, partition=None, timestamp=None, headers=None)
+            fut.add_done_callback(self._on_delivery)
+        self._outbox.clear()
+        users = self.users
+        for user_id, state in self._dirty.items():
+            _current_event.set(weakref.ref(self._partition_events[state["p"]]))
+            users[user_id] = json.dumps(state, separators=(",", ":")).encode()
+        self._dirty.clear()
+
+    def _on_delivery(self, fut) -> None:
+        if not fut.cancelled() and fut.exception() is not None and self._send_error is None:
+            self._send_error = fut.exception()
+            log.error("stream worker: delivery failed: %r", self._send_error)
 
     def _advance(self, source: str, partition: int, ts: float) -> None:
         latest = self._input_latest.setdefault(partition, {})
@@ -327,7 +390,8 @@ class TransitionWorker:
         cache = self._cache
         state = cache.get(user_id)
         if state is None:
-            state = _decode_state(self.users.get(user_id)) or self.attribution.new_state()
+            state = (self._dirty.get(user_id) or _decode_state(self.users.get(user_id))
+                     or self.attribution.new_state())
             cache[user_id] = state
             if len(cache) > self.cache_size:
                 cache.popitem(last=False)
@@ -337,7 +401,9 @@ class TransitionWorker:
         return state
 
     def _save(self, user_id: str, state: dict[str, Any]) -> None:
-        self.users[user_id] = json.dumps(state, separators=(",", ":")).encode()
+        """Record a changed state: written to the table at the end of the batch, re-indexed by
+        its next close time now."""
+        self._dirty[user_id] = state
         partition = state["p"]
         due = self._due.get(partition)
         if due is not None:
@@ -352,7 +418,7 @@ class TransitionWorker:
                     self._due_heap[partition] = heap = [(t, u) for u, t in due.items()]
                     heapq.heapify(heap)
 
-    async def _on_action(self, partition: int, action: Action) -> None:
+    def _on_action(self, partition: int, action: Action) -> None:
         _ACTION_EVENTS.inc()
         watermark = self.watermarks.get(partition)
         self._advance("action", partition, action.ts)
@@ -366,11 +432,11 @@ class TransitionWorker:
             ATTRIBUTION.labels("late").inc()
         if action.request_id is None:
             case = self.attribution.organic_case(state, action.event_id, action.item_id, action.action, action.ts)
-            await self.cases_topic.send(key=case.case_id.encode(), value=encode_flat(case))
+            self._outbox.append((self.settings.topics.cases, case.case_id.encode(), encode_flat(case)))
             _ORGANIC_CASES.inc()
         self._save(action.user_id, state)
 
-    async def _on_recommendation(self, partition: int, rec: Recommendation) -> None:
+    def _on_recommendation(self, partition: int, rec: Recommendation) -> None:
         _RECOMMENDATION_EVENTS.inc()
         self._advance("recommendation", partition, rec.ts)
         state = self._load(rec.user_id, partition)
@@ -384,8 +450,8 @@ class TransitionWorker:
         due = self._due.get(partition)
         if due is None:
             due = {}
-            for user_id, raw in self.users.items():
-                state = _decode_state(raw)
+            states = ((u, _decode_state(raw)) for u, raw in self.users.items() if u not in self._dirty)
+            for user_id, state in itertools.chain(states, self._dirty.items()):
                 if state and state.get("p") == partition:
                     nxt = self.attribution.next_close(state)
                     if nxt is not None:
@@ -395,7 +461,7 @@ class TransitionWorker:
             heapq.heapify(heap)
         return due, self._due_heap[partition]
 
-    async def _close_partition(self, partition: int, tick: bool = False) -> None:
+    def _close_partition(self, partition: int, tick: bool = False) -> None:
         """Emit every transition of the partition that its watermark has made due."""
         heap = self._due_heap.get(partition)
         if not tick and heap is not None:
@@ -413,6 +479,7 @@ class TransitionWorker:
             WATERMARK.labels(str(partition)).set(watermark)
         due, heap = self._due_index(partition)
         now = time.time()
+        outbox, topics = self._outbox, self.settings.topics
         while heap and heap[0][0] < watermark:
             t, user_id = heapq.heappop(heap)
             if due.get(user_id) != t:
@@ -421,9 +488,8 @@ class TransitionWorker:
             held_before = len(state.get("held", ()))
             emitted = self.attribution.close_due(state, watermark, now)
             for transition, case in emitted:
-                key = transition.user_id.encode()
-                await self.transitions_topic.send(key=key, value=encode_flat(transition))
-                await self.cases_topic.send(key=case.case_id.encode(), value=encode_flat(case))
+                outbox.append((topics.transitions, transition.user_id.encode(), encode_flat(transition)))
+                outbox.append((topics.cases, case.case_id.encode(), encode_flat(case)))
                 TRANSITIONS.inc()
                 REWARD.inc(transition.reward)
                 _RECOMMENDATION_CASES.inc()

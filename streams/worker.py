@@ -3,8 +3,8 @@
 >>> import argparse
 >>> p = argparse.ArgumentParser(); add_arguments(p)
 >>> a = p.parse_args(["--session-gap", "0", "--app-id", "bench"])
->>> (a.session_gap, a.app_id, a.idle_timeout)
-(0.0, 'bench', 5.0)
+>>> (a.session_gap, a.app_id, a.idle_timeout, a.batch_size, a.batch_within)
+(0.0, 'bench', 5.0, 1000, 0.05)
 """
 
 from __future__ import annotations
@@ -38,6 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--session-gap", type=float, default=None,
                         help="event-time seconds of inactivity that end a session (done); 0 disables "
                              "(env MEMENTO_SESSION_GAP_S, default 1800)")
+    parser.add_argument("--batch-size", type=int, default=1000,
+                        help="events processed per batch: each user's table entry is written once per batch")
+    parser.add_argument("--batch-within", type=float, default=0.05,
+                        help="seconds the worker waits for a batch to fill before processing what it has")
     parser.add_argument("--loglevel", default="info")
     parser.add_argument("--no-tansu-safe-recovery", dest="tansu_safe_recovery", action="store_false",
                         help="embedded Tansu only: batch producer records normally (fast) at the price of "
@@ -59,7 +63,8 @@ def run_from_args(args: argparse.Namespace) -> int:
         logging.getLogger(__name__).info("metrics on :%d/metrics", server.server_port)
     worker = TransitionWorker(settings, worker_id=args.worker_id, store=args.store, app_id=args.app_id,
                               tick_interval_s=args.tick_interval, idle_timeout_s=args.idle_timeout,
-                              tansu_safe_recovery=args.tansu_safe_recovery)
+                              tansu_safe_recovery=args.tansu_safe_recovery, batch_size=args.batch_size,
+                              batch_within_s=args.batch_within)
     logging.getLogger("kafka").setLevel(logging.WARNING)
     faust_worker = Worker(worker.app, loglevel=args.loglevel, quiet=True)
     # At --loglevel warning or above Faust's progress spinner sets the root logger to DEBUG for
