@@ -76,11 +76,10 @@ def encode_flat(obj: Any) -> bytes:
     return json.dumps(vars(obj), separators=(",", ":"), allow_nan=False).encode()
 
 
-def _decode_state(raw: bytes | dict | None) -> dict[str, Any] | None:
-    """A table value: compact JSON bytes (tables written by older workers hold decoded dicts)."""
-    if raw is None or isinstance(raw, dict):
-        return raw
-    return json.loads(raw)
+def _decode_state(raw: bytes | None) -> dict[str, Any] | None:
+    """A table value (compact JSON bytes, read raw; a table written through Faust's JSON codec
+    by an older worker holds the same JSON)."""
+    return None if raw is None else json.loads(raw)
 
 
 def faust_app_kwargs(settings: Settings) -> dict[str, Any]:
@@ -206,6 +205,13 @@ class TransitionWorker:
         # (time, user) entries of which those that disagree with the dict are stale
         self._due: dict[int, dict[str, float]] = {}
         self._due_heap: dict[int, list[tuple[float, str]]] = {}
+        # window occupancy of the indexed partitions: user → (windows not yet emitted, of them
+        # held), and the totals the gauges report (so a restarted or rebalanced worker counts
+        # the windows it recovered, and stops counting those of partitions it gave up)
+        self._windows: dict[int, dict[str, tuple[int, int]]] = {}
+        self._window_totals = [0, 0]
+        OPEN_WINDOWS.set_function(lambda: self._window_totals[0])
+        HELD_WINDOWS.set_function(lambda: self._window_totals[1])
         # decoded states of recently used users (LRU), emptied whenever partitions are revoked:
         # only this worker writes its partitions' states, so the cache cannot go stale otherwise
         self._cache: OrderedDict[str, dict[str, Any]] = OrderedDict()
@@ -265,6 +271,8 @@ class TransitionWorker:
         async def on_revoked(app, revoked, **kwargs):
             self._due.clear()
             self._due_heap.clear()
+            self._windows.clear()
+            self._window_totals[:] = [0, 0]
             self._cache.clear()  # (a batch in progress keeps its own changed states in _dirty)
             for tp in revoked:
                 if tp.topic in (t.actions, t.recommendations):
@@ -407,6 +415,7 @@ class TransitionWorker:
         partition = state["p"]
         due = self._due.get(partition)
         if due is not None:
+            self._count_windows(partition, user_id, state)
             nxt = self.attribution.next_close(state)
             if nxt is None:
                 due.pop(user_id, None)
@@ -417,6 +426,17 @@ class TransitionWorker:
                 if len(heap) > 2 * len(due) + 1024:
                     self._due_heap[partition] = heap = [(t, u) for u, t in due.items()]
                     heapq.heapify(heap)
+
+    def _count_windows(self, partition: int, user_id: str, state: dict[str, Any]) -> None:
+        counts = self._windows.setdefault(partition, {})
+        held = len(state.get("held", ()))
+        new = (len(state["pending"]) + held, held)
+        old = counts.pop(user_id, (0, 0))
+        if new != (0, 0):
+            counts[user_id] = new
+        totals = self._window_totals
+        totals[0] += new[0] - old[0]
+        totals[1] += new[1] - old[1]
 
     def _on_action(self, partition: int, action: Action) -> None:
         _ACTION_EVENTS.inc()
@@ -443,7 +463,6 @@ class TransitionWorker:
         if self.attribution.add_recommendation(state, RewardAttribution.recommendation_dict(rec)) == "duplicate":
             ATTRIBUTION.labels("duplicate").inc()
             return
-        OPEN_WINDOWS.inc()
         self._save(rec.user_id, state)
 
     def _due_index(self, partition: int) -> tuple[dict[str, float], list[tuple[float, str]]]:
@@ -451,8 +470,10 @@ class TransitionWorker:
         if due is None:
             due = {}
             states = ((u, _decode_state(raw)) for u, raw in self.users.items() if u not in self._dirty)
+            self._windows[partition] = {}
             for user_id, state in itertools.chain(states, self._dirty.items()):
                 if state and state.get("p") == partition:
+                    self._count_windows(partition, user_id, state)
                     nxt = self.attribution.next_close(state)
                     if nxt is not None:
                         due[user_id] = nxt
@@ -463,8 +484,8 @@ class TransitionWorker:
 
     def _close_partition(self, partition: int, tick: bool = False) -> None:
         """Emit every transition of the partition that its watermark has made due."""
-        heap = self._due_heap.get(partition)
-        if not tick and heap is not None:
+        due, heap = self._due_index(partition)  # built at the partition's first event
+        if not tick:
             # fast path after an event: no watermark can pass the earliest due time before the
             # largest event time of every input has
             if not heap:
@@ -477,7 +498,6 @@ class TransitionWorker:
             return
         if tick:
             WATERMARK.labels(str(partition)).set(watermark)
-        due, heap = self._due_index(partition)
         now = time.time()
         outbox, topics = self._outbox, self.settings.topics
         while heap and heap[0][0] < watermark:
@@ -485,7 +505,6 @@ class TransitionWorker:
             if due.get(user_id) != t:
                 continue  # stale entry: the user's due time changed since
             state = self._load(user_id, partition)
-            held_before = len(state.get("held", ()))
             emitted = self.attribution.close_due(state, watermark, now)
             for transition, case in emitted:
                 outbox.append((topics.transitions, transition.user_id.encode(), encode_flat(transition)))
@@ -496,7 +515,5 @@ class TransitionWorker:
                 (_HITS if transition.reward > 0 else _MISSES).inc()
                 if transition.done:
                     SESSION_ENDS.inc()
-            OPEN_WINDOWS.dec(len(emitted))
-            HELD_WINDOWS.inc(len(state.get("held", ())) - held_before)
             due.pop(user_id, None)  # _save re-indexes the user
             self._save(user_id, state)

@@ -17,7 +17,7 @@ import pytest
 
 from memento.processes import ProcessGroup
 from streams.bench import partition_of
-from test_streams_support import (Scenario, TransitionLog, assert_exactly, committed_offsets, fresh_settings,  # noqa: F401
+from test_streams_support import (PARTITIONS, Scenario, TransitionLog, assert_exactly, committed_offsets, fresh_settings,  # noqa: F401
                                   metric, metrics, noida, produce, start_worker, tansu, wait_assigned)
 
 pytestmark = pytest.mark.integration
@@ -93,7 +93,11 @@ def test_restart_mid_stream_recovers_table_from_changelog(request, tmp_path, eng
         time.sleep(1.5)  # let any duplicate arrive
         copies = log.read(lambda c: False, timeout=0.5)
         recs_after = metric(port, "memento_stream_events_total", strict=True, type="recommendation")
+        # window occupancy counts the windows recovered from the changelog: what is left open is
+        # the flush recommendations' (one per partition, never closed)
+        open_windows = metric(port, "memento_stream_open_windows", strict=True)
         log.close()
+    assert open_windows == PARTITIONS
     duplicates = assert_exactly(copies, expected)
     print(f"{sig.name}: {before} transitions before the restart, {duplicates} surplus copies, "
           f"{recs_after:.0f} recommendations consumed after it")
