@@ -12,10 +12,10 @@ One run, on one embedded broker (or ``--bootstrap-servers``), each phase on topi
    minus the production time of the event that made it emittable under the attribution rules
    (:func:`emission_times`): the first event that moved its partition's watermark past the
    window's close (and, with a session gap, past the hold time, or the user's next event).
-3. **two workers** (one group, started together) on the same input as phase 1; their
-   transitions are compared with phase 1's. A group that has not drained the input within 5
-   times the one-worker drain time (noida can stall a rebalance) is recorded as
-   ``two_workers_error`` and the run goes on.
+3. **two workers** (one group, started together) on the same input as phase 1, produced once
+   both hold partitions (noida stalls a rebalance among busy members); their transitions are
+   compared with phase 1's. A group that has not drained the input within 5 times the
+   one-worker drain time is recorded as ``two_workers_error`` and the run goes on.
 4. **baseline**: a Faust agent that decodes and counts (:func:`trivial_app`), measured like 1.
 5. **ceiling**: a kafka-python consumer drains the baseline's topics (a backlog of the same
    events), counting messages without decoding.
@@ -457,6 +457,26 @@ class _Phase:
         producer.flush()
         return time.time()
 
+    def wait_assigned(self, timeout: float = 60.0) -> None:
+        """Until every process holds some of the actions partitions and together all of them,
+        for 1.5 s (a rebalance is over)."""
+        deadline, since = time.monotonic() + timeout, None
+        topic = self.settings.topics.actions
+        while time.monotonic() < deadline:
+            self.bench.group.check()
+            try:
+                counts = [_metric(_scrape(p), "memento_stream_assigned_partitions", topic=topic) for p in self.ports]
+            except OSError:  # metrics endpoint not up yet
+                counts = [0.0]
+            if sum(counts) == PARTITIONS and min(counts) > 0:
+                since = since or time.monotonic()
+                if time.monotonic() - since >= 1.5:
+                    return
+            else:
+                since = None
+            time.sleep(0.2)
+        raise RuntimeError(f"{self.name}: partitions not assigned to {len(self.ports)} processes in {timeout:.0f}s")
+
     def drain(self, total: int, timeout: float = 600.0, at_tenth: Callable[[], None] | None = None) -> float:
         """Sample the processes' progress (from their start) until ``total`` events are consumed;
         returns :func:`sustained_rate`. ``at_tenth`` is called once a tenth is consumed."""
@@ -680,11 +700,12 @@ def run(args: argparse.Namespace) -> dict:
         # 3. two workers, same input as phase 1. A group can stall on a rebalance (noida,
         # docs/embedded-brokers.md): give it 5 times the one-worker drain time, then go on.
         two = _Phase(bench, "two")
-        two.produce(batches)
         two.start_workers(2)
         figures["transitions_expected"] = len(expected)
         figures["one_worker_transitions"] = len(one_result)
         try:
+            two.wait_assigned()  # noida stalls a rebalance among busy members: join while idle
+            two.produce(batches)
             rate = two.drain(total, timeout=max(60.0, 5 * total / figures["events_per_s"]))
         except RuntimeError as exc:
             figures["two_workers_error"] = str(exc)
