@@ -9,7 +9,9 @@ by a per-partition watermark (:meth:`TransitionWorker.watermark`): right after t
 moves the watermark past them, and on ticks (one per partition every ``tick_interval_s``,
 produced by the worker's own timer), which let a partition close its windows when no new user
 event arrives. The rules themselves, session ends (``done``) included, are in
-:mod:`streams.attribution`.
+:mod:`streams.attribution`. The agent takes events in batches and handles them one by one;
+each changed user state is written to the table once per batch, and the batch's outputs are sent
+together (:meth:`TransitionWorker.handle_batch`).
 
 Delivery is at-least-once; transition ids are request ids and case ids derive from request and
 event ids, so every consumer downstream is idempotent (docs/streams.md).
@@ -269,11 +271,7 @@ class TransitionWorker:
 
         @app.on_partitions_revoked.connect
         async def on_revoked(app, revoked, **kwargs):
-            self._due.clear()
-            self._due_heap.clear()
-            self._windows.clear()
-            self._window_totals[:] = [0, 0]
-            self._cache.clear()  # (a batch in progress keeps its own changed states in _dirty)
+            self._forget()  # (a batch in progress keeps its own changed states in _dirty)
             for tp in revoked:
                 if tp.topic in (t.actions, t.recommendations):
                     self._input_latest.pop(tp.partition, None)
@@ -285,6 +283,14 @@ class TransitionWorker:
                         pass
 
         return app
+
+    def _forget(self) -> None:
+        """Drop the cached states and the indexes derived from them (rebuilt from the table)."""
+        self._due.clear()
+        self._due_heap.clear()
+        self._windows.clear()
+        self._window_totals[:] = [0, 0]
+        self._cache.clear()
 
     def update_lag_metrics(self) -> None:
         """Set the lag gauges of every assigned input partition (:func:`consumer_lags`)."""
@@ -312,9 +318,9 @@ class TransitionWorker:
         current event, which is set to each event in turn (and, for the writes, to an event of
         the user's partition).
         """
-        if self._send_error is not None:
-            raise RuntimeError(f"stream worker: an output could not be delivered: {self._send_error!r}") \
-                from self._send_error
+        if self._send_error is not None:  # sticky: Faust restarts a failed agent, which fails again
+            raise RuntimeError(f"stream worker: an output could not be delivered ({self._send_error!r}); "
+                               f"restart the worker to process the uncommitted input again") from self._send_error
         try:
             for event in events:
                 _current_event.set(weakref.ref(event))
@@ -323,9 +329,9 @@ class TransitionWorker:
                 self.handle(message.topic, message.partition, message.offset, message.key, event.value)
             await self._flush()
         except BaseException:
-            # states may have changed without being written: forget them (the events are not
-            # acknowledged, so they are processed again after the restart)
-            self._cache.clear()
+            # states may have changed without being written: forget them and what was derived
+            # from them (the events are not acknowledged, so a restart processes them again)
+            self._forget()
             self._dirty.clear()
             self._outbox.clear()
             raise
