@@ -100,6 +100,10 @@ class Settings:
         How long after the window end late events are still attributed.
     history_len
         Number of recent actions the state encoder sees.
+    session_gap_s
+        Event-time inactivity after a reward window's end that ends the user's session: the
+        window's transition gets ``done=True`` when the user has no event in that gap
+        (docs/streams.md). 0 disables session ends (``done`` is always False).
     """
 
     bootstrap_servers: str = "127.0.0.1:9092"
@@ -114,6 +118,7 @@ class Settings:
     window_s: float = 600.0
     allowed_lateness_s: float = 60.0
     history_len: int = 30
+    session_gap_s: float = 1800.0
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> "Settings":

@@ -5,9 +5,13 @@ One agent consumes the actions, recommendations and ticks topics together. All t
 by user id and co-partitioned, so a user's events meet on one partition and one table shard.
 Per-user state (history, open windows, recently seen ids) lives in a changelog-backed Faust
 table (RocksDB store by default), so a restarted worker recovers it. Windows close in event time,
-by a per-partition watermark (:meth:`TransitionWorker.watermark`); ticks (one per partition every
-``tick_interval_s``, produced by the worker's own timer) let a partition close its windows when
-no new user event arrives. The rules themselves are in :mod:`streams.attribution`.
+by a per-partition watermark (:meth:`TransitionWorker.watermark`): right after the event that
+moves the watermark past them, and on ticks (one per partition every ``tick_interval_s``,
+produced by the worker's own timer), which let a partition close its windows when no new user
+event arrives. The rules themselves, session ends (``done``) included, are in
+:mod:`streams.attribution`. The agent takes events in batches and handles them one by one;
+each changed user state is written to the table once per batch, and the batch's outputs are sent
+together (:meth:`TransitionWorker.handle_batch`).
 
 Delivery is at-least-once; transition ids are request ids and case ids derive from request and
 event ids, so every consumer downstream is idempotent (docs/streams.md).
@@ -15,11 +19,18 @@ event ids, so every consumer downstream is idempotent (docs/streams.md).
 
 from __future__ import annotations
 
+import heapq
+import itertools
+import json
 import logging
 import time
-from typing import Any
+import weakref
+from collections import OrderedDict
+from typing import Any, Iterable, Sequence
 
 import faust
+from faust.streams import _current_event
+from faust.types import EventT
 from prometheus_client import Counter, Gauge
 
 from memento.config import TOPIC_PARTITIONS, Settings
@@ -28,7 +39,8 @@ from memento.kafka_io import DeadLetterWriter, throttle_aiokafka_empty_fetches
 from memento.schemas import Action, Recommendation, SchemaError, decode, encode
 from streams.attribution import RewardAttribution
 
-__all__ = ["TransitionWorker", "EVENTS", "DEAD_LETTERS", "TRANSITIONS", "CASES", "ATTRIBUTION"]
+__all__ = ["TransitionWorker", "consumer_lags", "faust_app_kwargs", "encode_flat", "EVENTS", "DEAD_LETTERS", "TRANSITIONS", "CASES", "ATTRIBUTION",
+           "CONSUMER_LAG", "READ_LAG"]
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +50,86 @@ TRANSITIONS = Counter("memento_stream_transitions_total", "Transitions emitted")
 REWARD = Counter("memento_stream_reward_total", "Sum of the rewards of emitted transitions")
 CASES = Counter("memento_stream_cases_total", "Cases emitted", ["source"])
 ATTRIBUTION = Counter("memento_stream_attribution_total", "Attribution outcomes", ["outcome"])
-OPEN_WINDOWS = Gauge("memento_stream_open_windows", "Recommendations whose reward window is open")
+SESSION_ENDS = Counter("memento_stream_session_ends_total", "Transitions emitted with done=True (session gap)")
+OPEN_WINDOWS = Gauge("memento_stream_open_windows",
+                     "Recommendations not yet emitted as transitions (open or held for the session gap)")
+HELD_WINDOWS = Gauge("memento_stream_held_windows", "Closed windows held until their session gap is decided")
 WATERMARK = Gauge("memento_stream_watermark_seconds", "Event-time watermark by partition", ["partition"])
+CONSUMER_LAG = Gauge("memento_stream_consumer_lag", "Input messages not yet committed (high watermark - "
+                     "committed offset)", ["topic", "partition"])
+READ_LAG = Gauge("memento_stream_consumer_read_lag", "Input messages not yet processed (high watermark - "
+                 "next offset to process)", ["topic", "partition"])
+ASSIGNED = Gauge("memento_stream_assigned_partitions", "Input partitions assigned to this worker", ["topic"])
+# children bound once: ``labels()`` is a lock and a dict lookup on every event otherwise
+_ACTION_EVENTS, _RECOMMENDATION_EVENTS, _TICK_EVENTS = (EVENTS.labels(k) for k in ("action", "recommendation", "tick"))
+_ORGANIC_CASES, _RECOMMENDATION_CASES = CASES.labels("action"), CASES.labels("recommendation")
+_HITS, _MISSES = ATTRIBUTION.labels("hit"), ATTRIBUTION.labels("miss")
+
+
+def encode_flat(obj: Any) -> bytes:
+    """:func:`memento.schemas.encode` for a dataclass whose fields are plain values and lists of
+    them (Transition, Case), without ``dataclasses.asdict``'s deep copy: the same bytes.
+
+    >>> from memento.schemas import Case
+    >>> c = Case("rec:r1", [0.5, 1.0], "7", [1.0, 0.0], 3.0, 10.0)
+    >>> encode_flat(c) == encode(c)
+    True
+    """
+    return json.dumps(vars(obj), separators=(",", ":"), allow_nan=False).encode()
+
+
+def _decode_state(raw: bytes | None) -> dict[str, Any] | None:
+    """A table value (compact JSON bytes, read raw; a table written through Faust's JSON codec
+    by an older worker holds the same JSON)."""
+    return None if raw is None else json.loads(raw)
+
+
+def faust_app_kwargs(settings: Settings) -> dict[str, Any]:
+    """``faust.App`` keyword arguments every stream app of this project uses on ``settings``'
+    broker (the worker, and the bench's trivial agent so that both consume alike).
+
+    >>> sorted(faust_app_kwargs(Settings(embedded_broker="noida")))[:3]
+    ['broker', 'broker_heartbeat_interval', 'broker_session_timeout']
+    """
+    throttle_aiokafka_empty_fetches(settings)
+    kwargs: dict[str, Any] = dict(
+        broker=[f"kafka://{b}" for b in settings.bootstrap_servers.split(",")],
+        topic_partitions=TOPIC_PARTITIONS["actions"],
+        topic_replication_factor=1,
+        consumer_auto_offset_reset="earliest",
+        web_enabled=False,
+        processing_guarantee="at_least_once",
+    )
+    if settings.embedded_broker:
+        kwargs.update(broker_session_timeout=6.0, broker_heartbeat_interval=1.0)
+    return kwargs
+
+
+def consumer_lags(assignment: Iterable[tuple[str, int]], highwater, committed, read) -> dict:
+    """Lag per assigned partition: ``{(topic, partition): (committed_lag, read_lag)}``.
+
+    Parameters
+    ----------
+    assignment
+        ``(topic, partition)`` pairs (Faust ``TP`` tuples qualify).
+    highwater, committed, read
+        Functions of a pair: the partition's high watermark (offset of the next message to be
+        written), the committed offset (the next to read after a restart), the offset of the last
+        message processed; None when unknown. A partition whose high watermark is unknown (no
+        fetch answered yet) is left out; one with nothing committed or read counts from 0.
+
+    >>> consumer_lags([("a", 0), ("a", 1)], {("a", 0): 10, ("a", 1): None}.get, {("a", 0): 4}.get,
+    ...               {("a", 0): 7}.get)
+    {('a', 0): (6, 2)}
+    """
+    lags = {}
+    for tp in assignment:
+        hw = highwater(tp)
+        if hw is None:
+            continue
+        done = read(tp)
+        lags[tuple(tp)] = (max(0, hw - (committed(tp) or 0)), max(0, hw - (0 if done is None else done + 1)))
+    return lags
 
 
 def _reason_kind(reason: str) -> str:
@@ -70,92 +160,222 @@ class TransitionWorker:
         Embedded Tansu only: send one record per producer batch so that table recovery after a
         worker restart is complete (Tansu's ListOffsets defect). Costs most of the worker's
         throughput on Tansu; a run that never restarts a worker can turn it off.
+    app_id
+        Faust application id: the consumer group and the prefix of the changelog topic.
+    lag_interval_s
+        Wall-clock period of the consumer-lag gauges' update.
+    cache_size
+        Users whose decoded state is kept in memory in front of the table.
+    batch_size, batch_within_s
+        The agent takes up to ``batch_size`` events at a time, waiting at most
+        ``batch_within_s`` for a batch to fill: events are processed one by one, in arrival
+        order, but each user's table entry is written once per batch and the batch's
+        transitions and cases are sent together after it.
+
+    >>> from memento.config import Settings
+    >>> w = TransitionWorker(Settings(data_dir="/tmp/memento-doctest"), store="memory://")
+    >>> (w.app.conf.id, w.attribution.session_gap_s)
+    ('memento-worker', 1800.0)
     """
 
     INPUTS = ("action", "recommendation")
 
     def __init__(self, settings: Settings, *, worker_id: str = "0", store: str = "rocksdb://",
                  tick_interval_s: float = 0.5, idle_timeout_s: float = 5.0, app_id: str = "memento-worker",
-                 tansu_safe_recovery: bool = True):
+                 tansu_safe_recovery: bool = True, lag_interval_s: float = 1.0, cache_size: int = 100_000,
+                 batch_size: int = 1000, batch_within_s: float = 0.05):
+        if batch_size < 1 or not batch_within_s > 0:
+            raise ValueError(f"TransitionWorker: batch_size must be >= 1 and batch_within_s > 0, got "
+                             f"{batch_size} and {batch_within_s}")
         self.settings = settings
+        self.batch_size = batch_size
+        self.batch_within_s = batch_within_s
         self.tick_interval_s = tick_interval_s
+        self.lag_interval_s = lag_interval_s
         catalogue = load_products(settings.products) if settings.products else {}
         encoder = StateEncoder(ItemEncoder(settings.item_dim, catalogue), max_len=settings.history_len)
         self.attribution = RewardAttribution(
             encoder, settings.rewards, window_s=settings.window_s,
-            allowed_lateness_s=settings.allowed_lateness_s, history_len=settings.history_len)
+            allowed_lateness_s=settings.allowed_lateness_s, history_len=settings.history_len,
+            session_gap_s=settings.session_gap_s)
         self.partitions = TOPIC_PARTITIONS["actions"]
         self.idle_timeout_s = idle_timeout_s
         self.tansu_safe_recovery = tansu_safe_recovery
         self.watermarks: dict[int, float] = {}
         self._input_latest: dict[int, dict[str, tuple[float, float]]] = {}
+        # per partition: user → watermark after which close_due has work, and a heap of
+        # (time, user) entries of which those that disagree with the dict are stale
         self._due: dict[int, dict[str, float]] = {}
+        self._due_heap: dict[int, list[tuple[float, str]]] = {}
+        # window occupancy of the indexed partitions: user → (windows not yet emitted, of them
+        # held), and the totals the gauges report (so a restarted or rebalanced worker counts
+        # the windows it recovered, and stops counting those of partitions it gave up)
+        self._windows: dict[int, dict[str, tuple[int, int]]] = {}
+        self._window_totals = [0, 0]
+        OPEN_WINDOWS.set_function(lambda: self._window_totals[0])
+        HELD_WINDOWS.set_function(lambda: self._window_totals[1])
+        # decoded states of recently used users (LRU), emptied whenever partitions are revoked:
+        # only this worker writes its partitions' states, so the cache cannot go stale otherwise
+        self._cache: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self.cache_size = cache_size
+        # within a batch: states changed and not yet written to the table (user → state), an
+        # event of each partition seen (table writes go to the current event's partition), and
+        # the messages to send ((topic, key, value), in the order they were made)
+        self._dirty: dict[str, dict[str, Any]] = {}
+        self._partition_events: dict[int, EventT] = {}
+        self._outbox: list[tuple[str, bytes, bytes]] = []
+        self._send_error: BaseException | None = None
         self.app = self._build_app(app_id, worker_id, store)
 
     def _build_app(self, app_id: str, worker_id: str, store: str) -> faust.App:
         s = self.settings
-        throttle_aiokafka_empty_fetches(s)
-        extra: dict[str, Any] = {}
-        if s.embedded_broker:
-            extra.update(broker_session_timeout=6.0, broker_heartbeat_interval=1.0)
+        extra = faust_app_kwargs(s)
+        # Every input event writes a changelog record and about half emit a transition and a
+        # case: lingering sends them in fewer, larger produce requests. Socket writes of produce
+        # requests took ~10% of the worker's main thread at 5 ms; 50 ms costs at most 50 ms of
+        # latency (measured on noida, noisy: worker +30–60% events/s, broker CPU per event /2).
+        extra.update(producer_linger=0.05, producer_max_batch_size=256 * 1024)
         if s.embedded_broker == "tansu" and self.tansu_safe_recovery:
             # Tansu answers ListOffsets with the last batch's first offset + 1: one record per
             # batch keeps changelog recovery complete (docs/embedded-brokers.md), at a large cost
             # in producer throughput.
             extra.update(producer_max_batch_size=1)
-        app = faust.App(
-            app_id,
-            broker=[f"kafka://{b}" for b in s.bootstrap_servers.split(",")],
-            store=store,
-            datadir=str(s.path("worker", worker_id)),
-            topic_partitions=self.partitions,
-            topic_replication_factor=1,
-            consumer_auto_offset_reset="earliest",
-            web_enabled=False,
-            processing_guarantee="at_least_once",
-            **extra,
-        )
+        app = faust.App(app_id, store=store, datadir=str(s.path("worker", worker_id)), **extra)
+        # Table writes queue their changelog records in Faust's producer buffer; past 100 queued
+        # records Faust stops delivering events until the buffer is drained, record by record,
+        # and with a record per event that stalled the stream for seconds ("producer buffer
+        # full"). A deeper buffer lets it drain while events flow; commits still flush it first.
+        app.producer.buffer.max_messages = 10_000
         t = s.topics
         source = app.topic(t.actions, t.recommendations, t.ticks, key_serializer="raw", value_serializer="raw")
-        self.transitions_topic = app.topic(t.transitions, key_serializer="raw", value_serializer="raw")
-        self.cases_topic = app.topic(t.cases, key_serializer="raw", value_serializer="raw")
-        self.dead_letter_topic = app.topic(t.dead_letter, key_serializer="raw", value_serializer="raw")
         self.ticks_topic = app.topic(t.ticks, key_serializer="raw", value_serializer="raw")
-        self.users = app.Table("memento-users", default=None, partitions=self.partitions)
+        # values are compact JSON bytes, written and read by this class (a cache in front keeps
+        # the decoded states of recently active users)
+        self.users = app.Table("memento-users", default=None, partitions=self.partitions, value_type=bytes)
 
         @app.agent(source)
         async def join(stream):
-            async for event in stream.events():
-                await self.handle(event.message.topic, event.message.partition, event.message.offset,
-                                  event.message.key, event.value)
+            # Faust acknowledges a batch's events (so commits their offsets) once the loop body
+            # has processed it; it flushes the producer before committing.
+            async for events in stream.take_events(self.batch_size, within=self.batch_within_s):
+                await self.handle_batch(events)
 
         @app.timer(interval=self.tick_interval_s)
         async def tick():
             for p in range(self.partitions):
                 await self.ticks_topic.send(value=b"{}", partition=p)
 
+        @app.timer(interval=self.lag_interval_s)
+        async def lag():
+            self.update_lag_metrics()
+
         @app.on_partitions_revoked.connect
         async def on_revoked(app, revoked, **kwargs):
-            self._due.clear()
+            self._forget()  # (a batch in progress keeps its own changed states in _dirty)
+            for tp in revoked:
+                if tp.topic in (t.actions, t.recommendations):
+                    self._input_latest.pop(tp.partition, None)
+                    self.watermarks.pop(tp.partition, None)
+                for gauge in (CONSUMER_LAG, READ_LAG):
+                    try:
+                        gauge.remove(tp.topic, str(tp.partition))
+                    except KeyError:
+                        pass
 
         return app
 
-    async def handle(self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes) -> None:
+    def _forget(self) -> None:
+        """Drop the cached states and the indexes derived from them (rebuilt from the table)."""
+        self._due.clear()
+        self._due_heap.clear()
+        self._windows.clear()
+        self._window_totals[:] = [0, 0]
+        self._cache.clear()
+
+    def update_lag_metrics(self) -> None:
+        """Set the lag gauges of every assigned input partition (:func:`consumer_lags`)."""
+        t = self.settings.topics
+        consumer = self.app.consumer
+        inputs = (t.actions, t.recommendations)
+        try:
+            assignment = [tp for tp in consumer.assignment() if tp.topic in inputs]
+        except Exception:  # not started or between generations: try again next time
+            return
+        for topic in inputs:
+            ASSIGNED.labels(topic).set(sum(tp.topic == topic for tp in assignment))
+        lags = consumer_lags(assignment, consumer.highwater, consumer._committed_offset.get,
+                             consumer._read_offset.get)
+        for (topic, partition), (committed_lag, read_lag) in lags.items():
+            CONSUMER_LAG.labels(topic, str(partition)).set(committed_lag)
+            READ_LAG.labels(topic, str(partition)).set(read_lag)
+
+    async def handle_batch(self, events: Sequence[EventT]) -> None:
+        """Process consumed events in arrival order, then send the transitions and cases they
+        made and write each changed user state to the table once (in that order: a state that
+        records a window as closed is never written before its transition is sent).
+
+        Must run inside the agent: the table's reads and writes go to the partition of the
+        current event, which is set to each event in turn (and, for the writes, to an event of
+        the user's partition).
+        """
+        if self._send_error is not None:  # sticky: Faust restarts a failed agent, which fails again
+            raise RuntimeError(f"stream worker: an output could not be delivered ({self._send_error!r}); "
+                               f"restart the worker to process the uncommitted input again") from self._send_error
+        try:
+            for event in events:
+                _current_event.set(weakref.ref(event))
+                message = event.message
+                self._partition_events[message.partition] = event
+                self.handle(message.topic, message.partition, message.offset, message.key, event.value)
+            await self._flush()
+        except BaseException:
+            # states may have changed without being written: forget them and what was derived
+            # from them (the events are not acknowledged, so a restart processes them again)
+            self._forget()
+            self._dirty.clear()
+            self._outbox.clear()
+            raise
+        finally:
+            self._partition_events.clear()
+
+    def handle(self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes) -> None:
+        """Process one consumed message: update the user's state (in memory) and queue what it
+        makes due; :meth:`handle_batch` sends and writes."""
         t = self.settings.topics
         try:
             if topic == t.ticks:
-                await self._close_partition(partition)
+                _TICK_EVENTS.inc()
             elif topic == t.actions:
-                await self._on_action(partition, decode(Action, value))
+                self._on_action(partition, decode(Action, value))
             elif topic == t.recommendations:
-                await self._on_recommendation(partition, decode(Recommendation, value))
+                self._on_recommendation(partition, decode(Recommendation, value))
+            else:
+                return
+            self._close_partition(partition, tick=topic == t.ticks)
         except SchemaError as exc:
             reason = str(exc)
             DEAD_LETTERS.labels(_reason_kind(reason)).inc()
             ATTRIBUTION.labels("malformed").inc()
             log.warning("dead-letter %s[%d]@%d: %s", topic, partition, offset, reason)
             record = DeadLetterWriter.record(topic, partition, offset, reason, value)
-            await self.dead_letter_topic.send(key=key, value=encode(record))
+            self._outbox.append((t.dead_letter, key, encode(record)))
+
+    async def _flush(self) -> None:
+        producer = self.app.producer
+        for topic, key, value in self._outbox:
+            fut = await producer.send(topic, key, value, partition=None, timestamp=None, headers=None)
+            fut.add_done_callback(self._on_delivery)
+        self._outbox.clear()
+        users = self.users
+        for user_id, state in self._dirty.items():
+            _current_event.set(weakref.ref(self._partition_events[state["p"]]))
+            users[user_id] = json.dumps(state, separators=(",", ":")).encode()
+        self._dirty.clear()
+
+    def _on_delivery(self, fut) -> None:
+        if not fut.cancelled() and fut.exception() is not None and self._send_error is None:
+            self._send_error = fut.exception()
+            log.error("stream worker: delivery failed: %r", self._send_error)
 
     def _advance(self, source: str, partition: int, ts: float) -> None:
         latest = self._input_latest.setdefault(partition, {})
@@ -181,24 +401,51 @@ class TransitionWorker:
         return wm
 
     def _load(self, user_id: str, partition: int) -> dict[str, Any]:
-        state = self.users.get(user_id)
+        cache = self._cache
+        state = cache.get(user_id)
         if state is None:
-            state = self.attribution.new_state()
+            state = (self._dirty.get(user_id) or _decode_state(self.users.get(user_id))
+                     or self.attribution.new_state())
+            cache[user_id] = state
+            if len(cache) > self.cache_size:
+                cache.popitem(last=False)
+        else:
+            cache.move_to_end(user_id)
         state["p"] = partition
         return state
 
     def _save(self, user_id: str, state: dict[str, Any]) -> None:
-        self.users[user_id] = state
-        due = self._due.get(state["p"])
+        """Record a changed state: written to the table at the end of the batch, re-indexed by
+        its next close time now."""
+        self._dirty[user_id] = state
+        partition = state["p"]
+        due = self._due.get(partition)
         if due is not None:
+            self._count_windows(partition, user_id, state)
             nxt = self.attribution.next_close(state)
             if nxt is None:
                 due.pop(user_id, None)
-            else:
+            elif due.get(user_id) != nxt:
                 due[user_id] = nxt
+                heap = self._due_heap[partition]
+                heapq.heappush(heap, (nxt, user_id))
+                if len(heap) > 2 * len(due) + 1024:
+                    self._due_heap[partition] = heap = [(t, u) for u, t in due.items()]
+                    heapq.heapify(heap)
 
-    async def _on_action(self, partition: int, action: Action) -> None:
-        EVENTS.labels("action").inc()
+    def _count_windows(self, partition: int, user_id: str, state: dict[str, Any]) -> None:
+        counts = self._windows.setdefault(partition, {})
+        held = len(state.get("held", ()))
+        new = (len(state["pending"]) + held, held)
+        old = counts.pop(user_id, (0, 0))
+        if new != (0, 0):
+            counts[user_id] = new
+        totals = self._window_totals
+        totals[0] += new[0] - old[0]
+        totals[1] += new[1] - old[1]
+
+    def _on_action(self, partition: int, action: Action) -> None:
+        _ACTION_EVENTS.inc()
         watermark = self.watermarks.get(partition)
         self._advance("action", partition, action.ts)
         state = self._load(action.user_id, partition)
@@ -211,52 +458,68 @@ class TransitionWorker:
             ATTRIBUTION.labels("late").inc()
         if action.request_id is None:
             case = self.attribution.organic_case(state, action.event_id, action.item_id, action.action, action.ts)
-            await self.cases_topic.send(key=case.case_id.encode(), value=encode(case))
-            CASES.labels("action").inc()
+            self._outbox.append((self.settings.topics.cases, case.case_id.encode(), encode_flat(case)))
+            _ORGANIC_CASES.inc()
         self._save(action.user_id, state)
 
-    async def _on_recommendation(self, partition: int, rec: Recommendation) -> None:
-        EVENTS.labels("recommendation").inc()
+    def _on_recommendation(self, partition: int, rec: Recommendation) -> None:
+        _RECOMMENDATION_EVENTS.inc()
         self._advance("recommendation", partition, rec.ts)
         state = self._load(rec.user_id, partition)
         if self.attribution.add_recommendation(state, RewardAttribution.recommendation_dict(rec)) == "duplicate":
             ATTRIBUTION.labels("duplicate").inc()
             return
-        OPEN_WINDOWS.inc()
         self._save(rec.user_id, state)
 
-    def _due_index(self, partition: int) -> dict[str, float]:
+    def _due_index(self, partition: int) -> tuple[dict[str, float], list[tuple[float, str]]]:
         due = self._due.get(partition)
         if due is None:
             due = {}
-            for user_id, state in self.users.items():
+            states = ((u, _decode_state(raw)) for u, raw in self.users.items() if u not in self._dirty)
+            self._windows[partition] = {}
+            for user_id, state in itertools.chain(states, self._dirty.items()):
                 if state and state.get("p") == partition:
+                    self._count_windows(partition, user_id, state)
                     nxt = self.attribution.next_close(state)
                     if nxt is not None:
                         due[user_id] = nxt
             self._due[partition] = due
-        return due
+            self._due_heap[partition] = heap = [(t, u) for u, t in due.items()]
+            heapq.heapify(heap)
+        return due, self._due_heap[partition]
 
-    async def _close_partition(self, partition: int) -> None:
-        EVENTS.labels("tick").inc()
+    def _close_partition(self, partition: int, tick: bool = False) -> None:
+        """Emit every transition of the partition that its watermark has made due."""
+        due, heap = self._due_index(partition)  # built at the partition's first event
+        if not tick:
+            # fast path after an event: no watermark can pass the earliest due time before the
+            # largest event time of every input has
+            if not heap:
+                return
+            latest = self._input_latest.get(partition)
+            if latest is None or heap[0][0] >= max(ts for ts, _ in latest.values()):
+                return
         watermark = self.watermark(partition)
         if watermark is None:
             return
-        WATERMARK.labels(str(partition)).set(watermark)
-        due = self._due_index(partition)
+        if tick:
+            WATERMARK.labels(str(partition)).set(watermark)
         now = time.time()
-        for user_id in [u for u, t in due.items() if t < watermark]:
-            state = self.users.get(user_id)
-            if state is None:
-                due.pop(user_id, None)
-                continue
-            for transition, case in self.attribution.close_due(state, watermark, now):
-                key = transition.user_id.encode()
-                await self.transitions_topic.send(key=key, value=encode(transition))
-                await self.cases_topic.send(key=case.case_id.encode(), value=encode(case))
+        outbox, topics = self._outbox, self.settings.topics
+        while heap and heap[0][0] < watermark:
+            t, user_id = heapq.heappop(heap)
+            if due.get(user_id) != t:
+                continue  # stale entry: the user's due time changed since
+            state = self._load(user_id, partition)
+            emitted = self.attribution.close_due(state, watermark, now)
+            for transition, case in emitted:
+                outbox.append((topics.transitions, transition.user_id.encode(), encode_flat(transition)))
+                outbox.append((topics.cases, case.case_id.encode(), encode_flat(case)))
                 TRANSITIONS.inc()
                 REWARD.inc(transition.reward)
-                CASES.labels("recommendation").inc()
-                ATTRIBUTION.labels("hit" if transition.reward > 0 else "miss").inc()
-                OPEN_WINDOWS.dec()
+                _RECOMMENDATION_CASES.inc()
+                (_HITS if transition.reward > 0 else _MISSES).inc()
+                if transition.done:
+                    SESSION_ENDS.inc()
+            due.pop(user_id, None)  # _save re-indexes the user
             self._save(user_id, state)

@@ -6,6 +6,8 @@ changelog-backed Faust table)::
 
     {"history": [[item_id, action, ts, event_id], ...],   # event-time ordered
      "pending": [recommendation dicts],                    # windows still open
+     "held": [recommendation dicts + reward, next_state,  # reward fixed, waiting for the
+              active],                                     #   session-gap decision (done)
      "closed": [request ids recently closed],              # for idempotence
      "seen": [event ids recently seen]}
 
@@ -22,6 +24,13 @@ Rules, all in event time:
   the user's history).
 * Duplicate actions (same event id) and duplicate recommendations (same request id) are
   ignored, so replaying a partition changes nothing.
+* Session end (``session_gap_s`` = g > 0): with the window end e = t + window, the transition
+  has ``done=True`` when the user has **no event** (action or recommendation) with event time in
+  (e, e + g], and ``done=False`` when they have one. The reward and s′ are fixed when the window
+  closes (watermark > e + lateness, as above); the transition is then emitted at once if such an
+  event is already known, and otherwise held until one arrives (→ ``done=False``) or the
+  watermark passes e + g + lateness (→ ``done=True``), whichever comes first. g = 0 disables
+  session ends: every transition has ``done=False`` and is emitted when its window closes.
 
 >>> from memento.config import RewardWeights
 >>> from memento.encoder import ItemEncoder, StateEncoder
@@ -33,8 +42,18 @@ Rules, all in event time:
 'pending'
 >>> attr.add_action(st, "e1", "7", "cart", 130.0)
 'new'
->>> [t.reward for t, _ in attr.close_due(st, watermark=200.0, now=0.0)]
-[3.0]
+>>> [(t.reward, t.done) for t, _ in attr.close_due(st, watermark=200.0, now=0.0)]
+[(3.0, False)]
+
+With a session gap of 100 s, the same window (end 160) waits for the gap (160, 260]:
+
+>>> attr = RewardAttribution(StateEncoder(ItemEncoder(8)), RewardWeights(), window_s=60, allowed_lateness_s=0,
+...                          session_gap_s=100)
+>>> st = attr.new_state(); _ = attr.add_recommendation(st, rec); _ = attr.add_action(st, "e1", "7", "cart", 130.0)
+>>> attr.close_due(st, watermark=200.0, now=0.0), attr.next_close(st)
+([], 260.0)
+>>> [(t.reward, t.done) for t, _ in attr.close_due(st, watermark=260.5, now=0.0)]
+[(3.0, True)]
 """
 
 from __future__ import annotations
@@ -57,10 +76,14 @@ _MAX_REMEMBERED_IDS = 200
 
 @dataclass
 class AttributionStats:
+    """Outcome counts since the :class:`RewardAttribution` was made (``session_end``: transitions
+    emitted with ``done=True``)."""
+
     hit: int = 0
     miss: int = 0
     late: int = 0
     duplicate: int = 0
+    session_end: int = 0
 
 
 class RewardAttribution:
@@ -78,24 +101,43 @@ class RewardAttribution:
         Extra event time a window stays open for late events.
     history_len
         Number of recent actions kept for the state, beyond those a pending window needs.
+    session_gap_s
+        Event-time inactivity after a window's end that ends the user's session (``done``);
+        0 (the default here) disables session ends.
     """
 
     def __init__(self, encoder: StateEncoder, rewards: RewardWeights, *, window_s: float = 600.0,
-                 allowed_lateness_s: float = 60.0, history_len: int = 30):
+                 allowed_lateness_s: float = 60.0, history_len: int = 30, session_gap_s: float = 0.0):
+        for name, value in (("window_s", window_s), ("allowed_lateness_s", allowed_lateness_s),
+                            ("session_gap_s", session_gap_s)):
+            if not value >= 0:
+                raise ValueError(f"RewardAttribution: {name} must be >= 0, got {value}")
         self.encoder = encoder
         self.rewards = rewards
         self.window_s = window_s
         self.allowed_lateness_s = allowed_lateness_s
         self.history_len = history_len
+        self.session_gap_s = session_gap_s
         self.stats = AttributionStats()
 
     @staticmethod
     def new_state() -> dict[str, Any]:
-        return {"history": [], "pending": [], "closed": [], "seen": []}
+        return {"history": [], "pending": [], "held": [], "closed": [], "seen": []}
 
     def close_time(self, rec_ts: float) -> float:
-        """Watermark at which the window of a recommendation made at ``rec_ts`` closes."""
+        """Watermark at which the window of a recommendation made at ``rec_ts`` closes: its reward
+        and s′ are fixed then. Without a session gap the transition is emitted then too; with
+        one it may be held longer (:meth:`hold_time`, :meth:`next_close`)."""
         return rec_ts + self.window_s + self.allowed_lateness_s
+
+    def hold_time(self, rec_ts: float) -> float:
+        """Watermark after which a held window is emitted with ``done=True`` (no user event in
+        its session gap)."""
+        return rec_ts + self.window_s + self.session_gap_s + self.allowed_lateness_s
+
+    def _in_gap(self, rec_ts: float, ts: float) -> bool:
+        end = rec_ts + self.window_s
+        return end < ts <= end + self.session_gap_s
 
     def history(self, state: dict[str, Any]) -> list[HistoryEntry]:
         return [HistoryEntry(h[0], h[1], h[2]) for h in state["history"]]
@@ -112,6 +154,7 @@ class RewardAttribution:
         history.append([item_id, action, ts, event_id])
         if len(history) > 1 and history[-2][2] > ts:
             history.sort(key=lambda h: h[2])
+        self._mark_active(state, ts)
         self._prune(state)
         if watermark is not None and ts < watermark - self.window_s - self.allowed_lateness_s:
             self.stats.late += 1
@@ -121,48 +164,82 @@ class RewardAttribution:
     def add_recommendation(self, state: dict[str, Any], rec: dict[str, Any]) -> str:
         """Open a window for a served recommendation; returns ``pending`` or ``duplicate``."""
         rid = rec["request_id"]
-        if rid in state["closed"] or any(p["request_id"] == rid for p in state["pending"]):
+        held = state.setdefault("held", [])
+        if rid in state["closed"] or any(p["request_id"] == rid for p in state["pending"]) \
+                or any(h["request_id"] == rid for h in held):
             self.stats.duplicate += 1
             return "duplicate"
         state["pending"].append(rec)
+        self._mark_active(state, rec["ts"])
         return "pending"
 
+    def _mark_active(self, state: dict[str, Any], ts: float) -> None:
+        for h in state.get("held", ()):
+            if not h["active"] and self._in_gap(h["ts"], ts):
+                h["active"] = True
+
     def next_close(self, state: dict[str, Any]) -> float | None:
-        """Watermark at which this user's earliest open window closes (None when none)."""
-        return min((self.close_time(p["ts"]) for p in state["pending"]), default=None)
+        """Watermark after which :meth:`close_due` has something to emit for this user (None when
+        nothing is open). A held window whose session is known to go on reports its (passed)
+        close time, so that it is emitted at the next call."""
+        times = [self.close_time(p["ts"]) for p in state["pending"]]
+        times += [self.close_time(h["ts"]) if h["active"] else self.hold_time(h["ts"])
+                  for h in state.get("held", ())]
+        return min(times, default=None)
 
     def state_before(self, state: dict[str, Any], ts: float) -> np.ndarray:
         """The user's state from actions strictly before ``ts``."""
         return self.encoder.encode([e for e in self.history(state) if e.ts < ts])
 
     def close_due(self, state: dict[str, Any], watermark: float, now: float) -> list[tuple[Transition, Case]]:
-        """Close every window whose close time the watermark has passed."""
+        """Close every window whose close time the watermark has passed and emit every transition
+        that is due (all of them without a session gap; with one, those whose ``done`` is
+        decided), oldest recommendation first."""
+        held = state.setdefault("held", [])
         due = [p for p in state["pending"] if self.close_time(p["ts"]) < watermark]
-        if not due:
+        if not due and not held:
             return []
-        state["pending"] = [p for p in state["pending"] if self.close_time(p["ts"]) >= watermark]
-        out = [self._close(state, rec, now) for rec in sorted(due, key=lambda p: p["ts"])]
+        if due:
+            held.extend([self._fix(state, rec) for rec in due])
+            state["pending"] = [p for p in state["pending"] if self.close_time(p["ts"]) >= watermark]
+        ready = [h for h in held if self.session_gap_s == 0 or h["active"] or self.hold_time(h["ts"]) < watermark]
+        if not ready:
+            return []
+        emitted = {h["request_id"] for h in ready}
+        state["held"] = [h for h in held if h["request_id"] not in emitted]
+        out = [self._emit(state, h, now) for h in sorted(ready, key=lambda h: h["ts"])]
         self._prune(state)
         return out
 
-    def _close(self, state: dict[str, Any], rec: dict[str, Any], now: float) -> tuple[Transition, Case]:
+    def _fix(self, state: dict[str, Any], rec: dict[str, Any]) -> dict[str, Any]:
+        """The window's reward and s′, from the history as it is when the window closes, and
+        whether a user event is already known in its session gap."""
         start, end = rec["ts"], rec["ts"] + self.window_s
         weights = [self.rewards.weight(h[1]) for h in state["history"]
                    if h[0] == rec["item_id"] and start <= h[2] <= end]
-        reward = max(weights, default=0.0)
+        next_state = self.encoder.encode(self.history(state), until=end)
+        active = self.session_gap_s > 0 and (
+            any(self._in_gap(start, h[2]) for h in state["history"])
+            or any(self._in_gap(start, p["ts"]) for p in state["pending"])
+            or any(self._in_gap(start, h["ts"]) for h in state["held"]))
+        return {**rec, "reward": max(weights, default=0.0), "next_state": _pack(next_state), "active": active}
+
+    def _emit(self, state: dict[str, Any], held: dict[str, Any], now: float) -> tuple[Transition, Case]:
+        rec, reward = held, held["reward"]  # a held window is its recommendation dict + results
+        done = self.session_gap_s > 0 and not held["active"]
         if reward > 0:
             self.stats.hit += 1
         else:
             self.stats.miss += 1
-        next_state = self.encoder.encode(self.history(state), until=end)
+        self.stats.session_end += done
         state["closed"].append(rec["request_id"])
         del state["closed"][:-_MAX_REMEMBERED_IDS]
         state_vec = _unpack(rec["state"])
         transition = Transition(
             transition_id=rec["request_id"], user_id=rec["user_id"], state=state_vec,
             case_id=rec["case_id"], case_features=_unpack(rec["case_features"]), item_id=rec["item_id"],
-            propensity=rec["propensity"], reward=reward, next_state=[float(x) for x in next_state],
-            done=False, policy_version=rec["policy_version"], ts=rec["ts"], closed_at=now)
+            propensity=rec["propensity"], reward=reward, next_state=_unpack(held["next_state"]),
+            done=done, policy_version=rec["policy_version"], ts=rec["ts"], closed_at=now)
         case = Case(case_id=f"rec:{rec['request_id']}", state=state_vec, item_id=rec["item_id"],
                     item_vec=[float(x) for x in self.encoder.items.encode(rec["item_id"])],
                     outcome=reward, ts=rec["ts"], source="recommendation")

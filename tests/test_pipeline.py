@@ -18,7 +18,6 @@ from memento.broker import EmbeddedBroker, free_port
 from memento.processes import ProcessGroup, memento_command, wait_http
 from memento.prometheus import query, start_prometheus
 from memento.replay import ReplayConfig, run_replay
-from memento.schemas import Action, encode
 
 pytestmark = pytest.mark.integration
 
@@ -33,6 +32,37 @@ def read_topic(bootstrap: str, topic: str, idle_ms: int = 1500) -> list:
         return list(consumer)
     finally:
         consumer.close()
+
+
+def due_transitions(recs: list, actions: list, settings) -> dict[str, bool]:
+    """Request id → ``done`` of every recommendation whose transition the worker must have
+    emitted once its inputs are idle (then a partition's watermark is its largest event time):
+    the window [t, t + window] has closed (watermark > t + window + lateness) and its session end
+    is decided: the user has an event in (end, end + gap] (done=False) or the watermark has
+    passed end + gap + lateness (done=True)."""
+    watermark: dict[int, float] = defaultdict(lambda: float("-inf"))
+    activity: dict[str, list[float]] = defaultdict(list)
+    bodies = []
+    for m in recs + actions:
+        try:
+            body = json.loads(m.value)
+            ts, user = float(body["ts"]), body["user_id"]
+        except (ValueError, KeyError, TypeError):
+            continue  # the malformed actions of the test
+        watermark[m.partition] = max(watermark[m.partition], ts)
+        activity[user].append(ts)
+        if "request_id" in body and m.topic == settings.topics.recommendations:
+            bodies.append((m.partition, body))
+    gap, lateness = settings.session_gap_s, settings.allowed_lateness_s
+    due = {}
+    for partition, rec in bodies:
+        end, wm = rec["ts"] + settings.window_s, watermark[partition]
+        if not end + lateness < wm:
+            continue
+        active = gap > 0 and any(end < t <= end + gap for t in activity[rec["user_id"]])
+        if gap == 0 or active or end + gap + lateness < wm:
+            due[rec["request_id"]] = gap > 0 and not active
+    return due
 
 
 def stats(url: str) -> dict:
@@ -89,30 +119,30 @@ def test_end_to_end_loop(pipeline):
     summary = run_replay(config, progress=False)
     group.check()
 
-    # Wait for the stream to settle: every closable window has its transition.
-    window_close = settings.window_s + settings.allowed_lateness_s
+    # Wait for the stream to settle: every window whose transition is due under the attribution
+    # rules (streams/attribution.py; watermark = largest event time on the partition, as once
+    # the inputs are idle) has its transition.
     deadline = time.monotonic() + 240
     while True:
         recs = read_topic(broker.bootstrap, settings.topics.recommendations)
         actions = read_topic(broker.bootstrap, settings.topics.actions)
         transitions = read_topic(broker.bootstrap, settings.topics.transitions)
-        watermark: dict[int, float] = defaultdict(lambda: float("-inf"))
-        for m in recs + actions:
-            try:
-                watermark[m.partition] = max(watermark[m.partition], json.loads(m.value)["ts"])
-            except (ValueError, KeyError):
-                pass
-        closable = {json.loads(m.value)["request_id"] for m in recs
-                    if json.loads(m.value)["ts"] + window_close < watermark[m.partition]}
+        due = due_transitions(recs, actions, settings)
         transition_ids = Counter(json.loads(m.value)["transition_id"] for m in transitions)
-        if closable <= set(transition_ids) or time.monotonic() > deadline:
+        if set(due) <= set(transition_ids) or time.monotonic() > deadline:
             break
         time.sleep(2)
     served = {json.loads(m.value)["request_id"] for m in recs}
 
     # 1. Exactly one transition per closed window; none lost, none doubled, none invented.
-    assert len(closable) > 0.8 * EVENTS
-    assert closable - set(transition_ids) == set(), "windows closed without a transition"
+    assert len(due) > 0.8 * EVENTS
+    assert set(due) - set(transition_ids) == set(), "windows closed without a transition"
+    # ... with the session end the rule gives (done: the user has no event in the gap after the
+    # window), which with the default 1800 s gap is True for some and False for others
+    done = {json.loads(m.value)["transition_id"]: json.loads(m.value)["done"] for m in transitions}
+    wrong = {tid: (done[tid], want) for tid, want in due.items() if done[tid] != want}
+    assert wrong == {}, f"{len(wrong)} transitions with the wrong done flag: {dict(list(wrong.items())[:5])}"
+    assert 0 < sum(due.values()) < len(due), "session ends: expected some done and some not"
     assert [t for t, n in transition_ids.items() if n > 1] == [], "duplicate transitions"
     assert set(transition_ids) <= served
 

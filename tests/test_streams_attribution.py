@@ -109,3 +109,132 @@ def test_history_is_bounded_but_keeps_what_open_windows_need(attr):
     assert t.reward == 5.0
     attr.add_action(st, "e99", "9", "click", 2000.0)
     assert len(st["history"]) == 3
+
+
+# -- session ends: done when the user has no event in (window end, window end + gap] ------------
+
+@pytest.fixture
+def gap() -> RewardAttribution:
+    """window 60, lateness 10, session gap 100: rec at 100 → window end 160, gap (160, 260],
+    reward fixed at watermark > 170, done=True decided at watermark > 270."""
+    return RewardAttribution(StateEncoder(ItemEncoder(D)), RewardWeights(), window_s=60.0,
+                             allowed_lateness_s=10.0, session_gap_s=100.0)
+
+
+def test_inactive_user_window_is_held_then_done(gap):
+    st = gap.new_state()
+    gap.add_recommendation(st, rec("r1", "7", 100.0))
+    gap.add_action(st, "e1", "7", "cart", 150.0)
+    assert gap.close_due(st, watermark=200.0, now=0.0) == []  # closed, held for the gap
+    assert gap.next_close(st) == 270.0 and len(st["held"]) == 1 and st["pending"] == []
+    assert gap.close_due(st, watermark=270.0, now=0.0) == []  # not past e + g + lateness yet
+    (t, case), = gap.close_due(st, watermark=270.5, now=0.0)
+    assert (t.transition_id, t.reward, t.done) == ("r1", 3.0, True) and case.outcome == 3.0
+    assert gap.stats.session_end == 1 and gap.next_close(st) is None
+
+
+def test_event_in_gap_known_at_close_emits_at_once_not_done(gap):
+    st = gap.new_state()
+    gap.add_recommendation(st, rec("r1", "7", 100.0))
+    gap.add_action(st, "e1", "8", "click", 200.0)  # in (160, 260]
+    (t, _), = gap.close_due(st, watermark=170.5, now=0.0)
+    assert (t.reward, t.done) == (0.0, False) and gap.stats.session_end == 0
+
+
+def test_event_in_gap_after_close_releases_held_window_not_done(gap):
+    st = gap.new_state()
+    gap.add_recommendation(st, rec("r1", "7", 100.0))
+    assert gap.close_due(st, watermark=180.0, now=0.0) == []
+    assert gap.add_action(st, "e1", "8", "click", 259.0) == "new"
+    assert gap.next_close(st) == 170.0  # due at once
+    (t, _), = gap.close_due(st, watermark=180.0, now=0.0)
+    assert (t.reward, t.done) == (0.0, False)
+
+
+def test_recommendation_counts_as_activity(gap):
+    """The user's next request (a recommendation) in the gap continues the session, also when
+    its own window closes in the same call."""
+    st = gap.new_state()
+    gap.add_recommendation(st, rec("r1", "7", 100.0))
+    gap.add_recommendation(st, rec("r2", "7", 200.0))  # 200 ∈ (160, 260]; its own gap is (260, 360]
+    out = gap.close_due(st, watermark=1000.0, now=0.0)
+    assert [(t.transition_id, t.done) for t, _ in out] == [("r1", False), ("r2", True)]
+
+
+def test_gap_bounds_are_open_then_closed(gap):
+    """(e, e + g]: an event exactly at the window end does not continue the session, one exactly
+    at e + g does."""
+    at_end, at_gap_end = gap.new_state(), gap.new_state()
+    for st, ts in ((at_end, 160.0), (at_gap_end, 260.0)):
+        gap.add_recommendation(st, rec("r1", "7", 100.0))
+        gap.add_action(st, "e1", "8", "click", ts)
+    assert [t.done for t, _ in gap.close_due(at_end, watermark=1000.0, now=0.0)] == [True]
+    assert [t.done for t, _ in gap.close_due(at_gap_end, watermark=1000.0, now=0.0)] == [False]
+
+
+def test_reward_is_fixed_when_window_closes_not_when_emitted(gap):
+    """An action inside the window that arrives while the window is held (after its close) does
+    not change the reward: the result does not depend on the gap."""
+    st = gap.new_state()
+    gap.add_recommendation(st, rec("r1", "7", 100.0))
+    gap.close_due(st, watermark=171.0, now=0.0)
+    gap.add_action(st, "e1", "7", "purchase", 150.0, watermark=171.0)
+    (t, _), = gap.close_due(st, watermark=300.0, now=0.0)
+    assert (t.reward, t.done) == (0.0, True)
+
+
+def test_held_window_is_idempotent(gap):
+    st = gap.new_state()
+    gap.add_recommendation(st, rec("r1", "7", 100.0))
+    gap.close_due(st, watermark=180.0, now=0.0)
+    assert gap.add_recommendation(st, rec("r1", "7", 100.0)) == "duplicate"
+    assert len(gap.close_due(st, watermark=300.0, now=0.0)) == 1
+    assert gap.add_recommendation(st, rec("r1", "7", 100.0)) == "duplicate"
+    assert gap.close_due(st, watermark=900.0, now=0.0) == []
+
+
+def test_same_result_whatever_the_arrival_order():
+    """Events arriving out of order, each before the watermark (the largest event time seen)
+    passes the close or hold time that it matters to, give the transitions of event-time order."""
+    events = [("rec", "r1", "7", 100.0), ("act", "e1", "7", "click", 105.0), ("rec", "r2", "9", 150.0),
+              ("act", "e2", "9", "purchase", 200.0), ("rec", "r3", "5", 325.0), ("act", "e3", "5", "click", 330.0)]
+
+    def run(order):
+        attr = RewardAttribution(StateEncoder(ItemEncoder(D)), RewardWeights(), window_s=60.0,
+                                 allowed_lateness_s=10.0, session_gap_s=100.0)
+        st, out, wm = attr.new_state(), [], float("-inf")
+        for ev in order:
+            if ev[0] == "rec":
+                attr.add_recommendation(st, rec(ev[1], ev[2], ev[3]))
+            else:
+                assert attr.add_action(st, ev[1], ev[2], ev[3], ev[4], watermark=wm) == "new"
+            wm = max(wm, ev[-1])
+            out += attr.close_due(st, wm, now=0.0)
+        out += attr.close_due(st, float("inf"), now=0.0)
+        return sorted((t.transition_id, t.reward, t.done) for t, _ in out)
+
+    # r1: click in its window, e2 (200) in its gap (160, 260]; r2: purchase, nothing in
+    # (210, 310]; r3: click, nothing after
+    expected = [("r1", 1.0, False), ("r2", 5.0, True), ("r3", 1.0, True)]
+    assert run(events) == expected
+    assert run([events[i] for i in (1, 0, 2, 3, 5, 4)]) == expected  # actions before their recommendations
+    assert run([events[i] for i in (0, 1, 3, 2, 4, 5)]) == expected  # r2 after its answer, 50 s late
+
+
+def test_gap_zero_disables_session_ends(attr):
+    st = attr.new_state()
+    attr.add_recommendation(st, rec("r1", "7", 100.0))
+    (t, _), = attr.close_due(st, watermark=170.5, now=0.0)
+    assert t.done is False and st["held"] == []
+
+
+def test_state_without_held_list_still_works(gap):
+    """States written before session ends existed have no ``held`` list."""
+    st = {"history": [], "pending": [], "closed": [], "seen": []}
+    gap.add_recommendation(st, rec("r1", "7", 100.0))
+    assert gap.close_due(st, watermark=180.0, now=0.0) == [] and gap.next_close(st) == 270.0
+
+
+def test_negative_settings_are_rejected():
+    with pytest.raises(ValueError, match="session_gap_s"):
+        RewardAttribution(StateEncoder(ItemEncoder(D)), RewardWeights(), session_gap_s=-1.0)
