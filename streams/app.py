@@ -39,7 +39,7 @@ from memento.kafka_io import DeadLetterWriter, throttle_aiokafka_empty_fetches
 from memento.schemas import Action, Recommendation, SchemaError, decode, encode
 from streams.attribution import RewardAttribution
 
-__all__ = ["TransitionWorker", "consumer_lags", "faust_app_kwargs", "encode_flat", "EVENTS", "DEAD_LETTERS", "TRANSITIONS", "CASES", "ATTRIBUTION",
+__all__ = ["TransitionWorker", "consumer_lags", "faust_app_kwargs", "EVENTS", "DEAD_LETTERS", "TRANSITIONS", "CASES", "ATTRIBUTION",
            "CONSUMER_LAG", "READ_LAG"]
 
 log = logging.getLogger(__name__)
@@ -64,18 +64,6 @@ ASSIGNED = Gauge("memento_stream_assigned_partitions", "Input partitions assigne
 _ACTION_EVENTS, _RECOMMENDATION_EVENTS, _TICK_EVENTS = (EVENTS.labels(k) for k in ("action", "recommendation", "tick"))
 _ORGANIC_CASES, _RECOMMENDATION_CASES = CASES.labels("action"), CASES.labels("recommendation")
 _HITS, _MISSES = ATTRIBUTION.labels("hit"), ATTRIBUTION.labels("miss")
-
-
-def encode_flat(obj: Any) -> bytes:
-    """:func:`memento.schemas.encode` for a dataclass whose fields are plain values and lists of
-    them (Transition, Case), without ``dataclasses.asdict``'s deep copy: the same bytes.
-
-    >>> from memento.schemas import Case
-    >>> c = Case("rec:r1", [0.5, 1.0], "7", [1.0, 0.0], 3.0, 10.0)
-    >>> encode_flat(c) == encode(c)
-    True
-    """
-    return json.dumps(vars(obj), separators=(",", ":"), allow_nan=False).encode()
 
 
 def _decode_state(raw: bytes | None) -> dict[str, Any] | None:
@@ -458,7 +446,7 @@ class TransitionWorker:
             ATTRIBUTION.labels("late").inc()
         if action.request_id is None:
             case = self.attribution.organic_case(state, action.event_id, action.item_id, action.action, action.ts)
-            self._outbox.append((self.settings.topics.cases, case.case_id.encode(), encode_flat(case)))
+            self._outbox.append((self.settings.topics.cases, case.case_id.encode(), encode(case)))
             _ORGANIC_CASES.inc()
         self._save(action.user_id, state)
 
@@ -513,8 +501,8 @@ class TransitionWorker:
             state = self._load(user_id, partition)
             emitted = self.attribution.close_due(state, watermark, now)
             for transition, case in emitted:
-                outbox.append((topics.transitions, transition.user_id.encode(), encode_flat(transition)))
-                outbox.append((topics.cases, case.case_id.encode(), encode_flat(case)))
+                outbox.append((topics.transitions, transition.user_id.encode(), encode(transition)))
+                outbox.append((topics.cases, case.case_id.encode(), encode(case)))
                 TRANSITIONS.inc()
                 REWARD.inc(transition.reward)
                 _RECOMMENDATION_CASES.inc()
