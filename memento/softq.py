@@ -15,9 +15,10 @@ True
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-__all__ = ["soft_value", "policy_probs", "td_target", "entropy"]
+__all__ = ["soft_value", "policy_probs", "td_target", "entropy", "policy_probs_numpy", "entropy_numpy"]
 
 _NEG = -1e30
 
@@ -47,6 +48,35 @@ def policy_probs(q: torch.Tensor, alpha: float, min_prob: float = 0.0,
 
 def entropy(probs: torch.Tensor) -> torch.Tensor:
     return -(probs * torch.log(probs.clamp(min=1e-12))).sum(-1)
+
+
+def policy_probs_numpy(q: np.ndarray, alpha: float, min_prob: float = 0.0,
+                       mask: np.ndarray | None = None) -> np.ndarray:
+    """:func:`policy_probs` on numpy arrays, for serving's small batches (the same arithmetic;
+    tests check the two agree).
+
+    >>> q = np.array([[1.0, 0.0, 5.0]], np.float32); m = np.array([[True, True, False]])
+    >>> t = policy_probs(torch.from_numpy(q), 0.5, 0.1, torch.from_numpy(m)).numpy()
+    >>> bool(np.allclose(policy_probs_numpy(q, 0.5, 0.1, m), t, atol=1e-7))
+    True
+    """
+    z = (q if mask is None else np.where(mask, q, np.float32(_NEG))) / np.float32(alpha)
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    probs = e / e.sum(axis=-1, keepdims=True)
+    if min_prob > 0:
+        n = np.full(q.shape[:-1] + (1,), q.shape[-1], q.dtype) if mask is None else \
+            mask.sum(axis=-1, keepdims=True).astype(q.dtype)
+        floor = np.minimum(min_prob * n, 1.0).astype(q.dtype)
+        uniform = np.broadcast_to(1.0 / np.maximum(n, 1), probs.shape)
+        if mask is not None:
+            uniform = uniform * mask
+        probs = (1 - floor) * probs + floor * uniform
+    return probs
+
+
+def entropy_numpy(probs: np.ndarray) -> np.ndarray:
+    """:func:`entropy` on numpy arrays."""
+    return -(probs * np.log(np.maximum(probs, 1e-12))).sum(axis=-1)
 
 
 @torch.no_grad()

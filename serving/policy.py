@@ -29,10 +29,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
-from memento.qnet import QNetwork
-from memento.softq import entropy, policy_probs
+from memento.qnet import FrozenQ, QNetwork
+from memento.softq import entropy_numpy, policy_probs_numpy
 
 __all__ = ["PolicyOptions", "Decision", "RetrievalPolicy", "NoCandidatesError"]
 
@@ -127,13 +126,14 @@ class RetrievalPolicy:
         self.net = net.eval()
         for p in self.net.parameters():
             p.requires_grad_(False)
+        self._frozen = FrozenQ(self.net)  # the same function, without torch's per-call overhead
         self.version = int(version)
         self.bank = bank
         self.options = options or PolicyOptions()
 
-    def _scores(self, state: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    def _scores(self, states: np.ndarray, features: np.ndarray) -> np.ndarray:
         """Q values [B, K] of the candidates (padding included); subclasses may score differently."""
-        return self.net(state, features)
+        return self._frozen(states, features)
 
     def recommend(self, state: np.ndarray, rng: np.random.Generator) -> Decision:
         """Retrieve, score and sample for one state; raises :class:`NoCandidatesError` on an
@@ -167,11 +167,10 @@ class RetrievalPolicy:
                 features: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> list[Decision | None]:
         # Valid candidates come first in every row (best first) and padding after.
         feats = np.ascontiguousarray(features, dtype=np.float32)
-        with torch.no_grad():
-            q = self._scores(torch.from_numpy(states), torch.from_numpy(feats))
-            mu = policy_probs(q, self.options.alpha, self.options.min_prob, mask=torch.from_numpy(mask))
-            ent = entropy(mu).tolist()
-        q_np, mu_np = q.numpy(), mu.double().numpy()
+        q_np = self._scores(states, feats)
+        mu = policy_probs_numpy(q_np, self.options.alpha, self.options.min_prob, mask=mask)
+        ent = entropy_numpy(mu).tolist()
+        mu_np = mu.astype(np.float64)
         draws = rng.random(len(states))
         out: list[Decision | None] = []
         for b, case_ids in enumerate(id_lists):

@@ -200,3 +200,35 @@ def test_config_rejects_bad_values():
         SoftQConfig(gamma=1.5)
     with pytest.raises(ValueError, match="loss must be 'mse' or 'huber'"):
         SoftQConfig(loss="l1")
+
+
+def test_numpy_scoring_path_equals_the_torch_definitions():
+    """Serving scores with FrozenQ and the numpy μ; they must be the network's and softq's
+    functions, masks, floors and all."""
+    import numpy as np
+
+    from memento.qnet import FrozenQ, QNetwork
+    from memento.softq import entropy, entropy_numpy, policy_probs, policy_probs_numpy
+
+    torch.manual_seed(3)
+    net = QNetwork(6, hidden=24)
+    for p in net.parameters():  # away from the initialisation's small weights
+        p.data.mul_(3.0)
+    frozen = FrozenQ(net)
+    rng = np.random.default_rng(0)
+    states = rng.normal(size=(5, 6)).astype(np.float32)
+    cases = rng.normal(size=(5, 7, 13)).astype(np.float32)
+    with torch.no_grad():
+        want = net(torch.from_numpy(states), torch.from_numpy(cases)).numpy()
+    got = frozen(states, cases)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert np.abs(want).max() > 1.0  # the comparison is not between near-zeros
+    mask = np.arange(7)[None, :] < np.array([7, 3, 1, 5, 2])[:, None]
+    for alpha, floor in ((0.1, 0.0), (0.5, 0.02), (2.0, 0.1)):
+        t = policy_probs(torch.from_numpy(got), alpha, floor, torch.from_numpy(mask))
+        n = policy_probs_numpy(got, alpha, floor, mask)
+        np.testing.assert_allclose(n, t.numpy(), rtol=1e-5, atol=1e-7)
+        assert np.allclose(n.sum(-1), 1.0, atol=1e-5) and (n[~mask] == 0).all()
+        np.testing.assert_allclose(entropy_numpy(n), entropy(t).numpy(), rtol=1e-5, atol=1e-6)
+    net.mlp[0].weight.data.zero_()  # a snapshot: later training does not reach it
+    np.testing.assert_allclose(frozen(states, cases), got)
