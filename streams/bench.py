@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 __all__ = ["add_arguments", "run", "main", "BenchEvents", "Produced", "partition_of", "emission_times", "sustained_rate", "percentile",
-           "parse_metrics", "trivial_app", "summarise_profile"]
+           "parse_metrics", "trivial_app", "summarise_profile", "wait_until_assigned"]
 
 PARTITIONS = 4
 
@@ -256,6 +256,27 @@ def percentile(values: list[float], q: float) -> float:
 
 _SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)')
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def wait_until_assigned(group, topic: str, ports: list[int], timeout: float = 60.0) -> None:
+    """Until the worker processes whose metrics are on ``ports`` together hold every partition of
+    ``topic``, each some, for 1.5 s (a rebalance is over). ``group.check()`` runs on every round,
+    so a process that died fails at once; raises :class:`TimeoutError` after ``timeout``."""
+    deadline, since = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        group.check()
+        try:
+            counts = [_metric(_scrape(p), "memento_stream_assigned_partitions", topic=topic) for p in ports]
+        except OSError:  # metrics endpoint not up yet
+            counts = [0.0]
+        if sum(counts) == PARTITIONS and min(counts) > 0:
+            since = since or time.monotonic()
+            if time.monotonic() - since >= 1.5:
+                return
+        else:
+            since = None
+        time.sleep(0.2)
+    raise TimeoutError(f"partitions of {topic} not assigned to {len(ports)} worker process(es) in {timeout:.0f}s")
 
 
 def parse_metrics(text: str) -> list[tuple[str, dict[str, str], float]]:
@@ -460,22 +481,7 @@ class _Phase:
     def wait_assigned(self, timeout: float = 60.0) -> None:
         """Until every process holds some of the actions partitions and together all of them,
         for 1.5 s (a rebalance is over)."""
-        deadline, since = time.monotonic() + timeout, None
-        topic = self.settings.topics.actions
-        while time.monotonic() < deadline:
-            self.bench.group.check()
-            try:
-                counts = [_metric(_scrape(p), "memento_stream_assigned_partitions", topic=topic) for p in self.ports]
-            except OSError:  # metrics endpoint not up yet
-                counts = [0.0]
-            if sum(counts) == PARTITIONS and min(counts) > 0:
-                since = since or time.monotonic()
-                if time.monotonic() - since >= 1.5:
-                    return
-            else:
-                since = None
-            time.sleep(0.2)
-        raise RuntimeError(f"{self.name}: partitions not assigned to {len(self.ports)} processes in {timeout:.0f}s")
+        wait_until_assigned(self.bench.group, self.settings.topics.actions, self.ports, timeout)
 
     def drain(self, total: int, timeout: float = 600.0, at_tenth: Callable[[], None] | None = None) -> float:
         """Sample the processes' progress (from their start) until ``total`` events are consumed;

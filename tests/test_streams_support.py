@@ -16,7 +16,7 @@ from memento.config import Settings, TopicNames
 from memento.kafka_io import ensure_topics, make_consumer, make_producer, poll
 from memento.processes import ManagedProcess, ProcessGroup, memento_command
 from memento.schemas import Action, Recommendation, encode
-from streams.bench import parse_metrics, partition_of
+from streams.bench import parse_metrics, partition_of, wait_until_assigned
 
 PARTITIONS = 4
 # answer to recommendation i, by i % 4: (action, reward); None = no reaction
@@ -144,19 +144,7 @@ def metric(port: int, name: str, strict: bool = False, **labels) -> float:
 
 def wait_assigned(group: ProcessGroup, settings: Settings, ports: list[int], timeout: float = 60.0) -> None:
     """Until the workers together hold every actions partition, each at least one, for 1.5 s."""
-    deadline = time.monotonic() + timeout
-    since = None
-    while time.monotonic() < deadline:
-        group.check()
-        counts = [metric(p, "memento_stream_assigned_partitions", topic=settings.topics.actions) for p in ports]
-        if sum(counts) == PARTITIONS and min(counts) > 0:
-            since = since or time.monotonic()
-            if time.monotonic() - since >= 1.5:
-                return
-        else:
-            since = None
-        time.sleep(0.2)
-    raise AssertionError(f"partitions not assigned to {len(ports)} worker(s) within {timeout:.0f}s")
+    wait_until_assigned(group, settings.topics.actions, ports, timeout)
 
 
 def committed_offsets(settings: Settings, group_id: str, topic: str) -> dict[int, int]:
