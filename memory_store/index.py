@@ -137,7 +137,7 @@ class IVFIndex(_IdMappedIndex):
         super().__init__(dim)
         if encoding not in IVF_ENCODINGS:
             raise ValueError(f"IVF encoding must be one of {IVF_ENCODINGS}, got {encoding!r}")
-        self.encoding = encoding
+        self.encoding = encoding if index is None else _encoding_of(index)  # a loaded index keeps its own
         self.nlist_per_sqrt = nlist_per_sqrt
         self.fixed_nprobe = nprobe
         self.train_per_list = train_per_list
@@ -196,7 +196,7 @@ class IVFIndex(_IdMappedIndex):
         nlist = self.index.nlist
         quantizer = faiss.IndexFlat(self.dim, faiss.METRIC_INNER_PRODUCT)
         quantizer.add(self.index.quantizer.reconstruct_n(0, nlist))  # trained once, never changes
-        copy = _empty_ivf(quantizer, self.dim, nlist, _encoding_of(self.index))
+        copy = _empty_ivf(quantizer, self.dim, nlist, self.encoding)
         if not copy.is_trained:  # the quantizer is; this trains only the (untrained) fp16 codec
             copy.train(np.ascontiguousarray(vectors[:256], np.float32))
         copy.add_with_ids(np.ascontiguousarray(vectors, np.float32), np.ascontiguousarray(ids, np.int64))

@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from memory_store.index import IVF_ENCODINGS
+
 __all__ = ["BankOptions"]
 
 
@@ -110,7 +112,7 @@ class BankOptions:
         if self.approx_index not in ("ivf", "hnsw", "flat"):
             raise ValueError(f"CaseBank: option approx_index must be 'ivf', 'hnsw' or 'flat', "
                              f"got {self.approx_index!r}")
-        if self.ivf_encoding not in ("flat", "fp16"):
+        if self.ivf_encoding not in IVF_ENCODINGS:
             raise ValueError(f"CaseBank: option ivf_encoding must be 'flat' or 'fp16', got {self.ivf_encoding!r}")
         if self.eviction not in ("oldest", "utility"):
             raise ValueError(f"CaseBank: option eviction must be 'oldest' or 'utility', got {self.eviction!r}")

@@ -559,8 +559,7 @@ class Shard:
             self.index = FlatIndex(self.dim, raw)
         elif kind == "ivf":
             self.index = IVFIndex(self.dim, nprobe=self.options.nprobe, target_recall=self.options.target_recall,
-                                  tune_k=self._tune_k, seed=self.options.seed, encoding=self.options.ivf_encoding,
-                                  index=raw)
+                                  tune_k=self._tune_k, seed=self.options.seed, index=raw)
         else:
             self.index = HNSWIndex(self.dim, ef_search=self.options.hnsw_ef_search, index=raw)
             in_index = faiss.vector_to_array(raw.id_map)

@@ -86,10 +86,10 @@ class CaseItemGenerator(Generator):
 
     def _generate(self, decision: Decision, k: int, history: list[HistoryEntry]) -> list[str]:
         first = self._item(decision.case_id)
-        if k == 1 and first is not None:
-            return [first]
-        items: list[str] = []
-        for index in decision.ranked():
+        items: list[str] = [] if first is None else [first]
+        if len(items) == k:  # the common k=1 answer, without ranking the other candidates
+            return items
+        for index in decision.ranked()[1:]:  # ranked() starts with the chosen case
             item = self._item(decision.case_ids[index])
             if item is not None and item not in items:
                 items.append(item)

@@ -98,19 +98,13 @@ class Publisher:
 
     def _run(self) -> None:
         while True:
-            batches = [self._queue.get()]
-            try:
-                while True:
-                    batches.append(self._queue.get_nowait())
-            except queue.Empty:
-                pass
-            for batch in batches:
-                if batch is _STOP:
-                    return
-                for message in batch:
-                    self._send(*message)
-                with self._count_lock:
-                    self._queued -= len(batch)
+            batch = self._queue.get()  # one event-loop turn's messages
+            if batch is _STOP:
+                return
+            for message in batch:
+                self._send(*message)
+            with self._count_lock:
+                self._queued -= len(batch)
 
     def _send(self, topic: str, key: str, value) -> None:
         try:
