@@ -223,9 +223,19 @@ def _driver_process(url: str, rate: float, duration: float, concurrency: int, ou
 def _run_driver(url: str, rate: float, duration: float, concurrency: int, out: Path, items: int = 20_000,
                 seed: int = 0) -> list:
     proc = _driver_process(url, rate, duration, concurrency, out, items, seed)
-    if proc.wait(timeout=duration + 120) != 0:
+    if _wait_driver(proc, duration + 120) != 0:
         raise RuntimeError(f"load generator exited with {proc.returncode}")
     return json.loads(out.read_text())
+
+
+def _wait_driver(proc: subprocess.Popen, timeout: float) -> int:
+    """The load generator's exit code; killed (by PID) if it outlives ``timeout``."""
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise RuntimeError(f"load generator still running after {timeout:.0f} s; killed") from None
 
 
 # -- baseline server ----------------------------------------------------------------------------
@@ -450,7 +460,7 @@ def run(args: argparse.Namespace) -> dict:
         proc = _driver_process(url, args.swap_rate, 6.0, args.concurrency, out, args.items, args.seed)
         time.sleep(2.5)
         announced = announce(2)
-        if proc.wait(timeout=130) != 0:
+        if _wait_driver(proc, 130) != 0:
             raise RuntimeError("load generator failed during the swap")
         log = json.loads(out.read_text())
         seen = [t for t, _, status, v in log if status == 200 and v == 2]
