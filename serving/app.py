@@ -78,6 +78,11 @@ class ServingConfig:
     bank_encoding
         How the bank's IVF cells store vectors: ``fp16`` (default: half the memory read per
         search, at equal tuned recall) or ``flat`` (float32).
+    bank_nprobe
+        IVF cells scanned per search; None (default) = the smallest number that reaches the
+        bank's target recall (0.97), tuned when the index is built. A fixed, smaller nprobe trades
+        recall for search time, the largest part of a request's cost at a million cases
+        (docs/serving.md has measured pairs).
     compute_threads
         Threads for torch and FAISS (process-wide). One request scores one state, so more
         threads only add contention; 1 is fastest on small machines.
@@ -99,6 +104,7 @@ class ServingConfig:
     worker_index: int = 0
     bank_shards: int = 1
     bank_encoding: str = "fp16"
+    bank_nprobe: int | None = None
     compute_threads: int = 1
     max_users: int = 1_000_000
     max_batch: int = 64
@@ -106,6 +112,8 @@ class ServingConfig:
     def __post_init__(self):
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.bank_nprobe is not None and self.bank_nprobe < 1:
+            raise ValueError(f"bank_nprobe must be >= 1 (or None: tuned), got {self.bank_nprobe}")
         if self.generator not in ("case", "chat"):
             raise ValueError(f"generator must be 'case' or 'chat', got {self.generator!r}")
         if self.generator == "chat" and not self.chat_url:
@@ -164,7 +172,7 @@ class ServingService:
             self.bank = CaseBank(self.bank_path, dim=self.settings.state_dim,
                                  num_shards=CaseBank.stored_num_shards(self.bank_path) or self.config.bank_shards,
                                  omp_threads=self.config.compute_threads, tune_k=self.options.top_k,
-                                 ivf_encoding=self.config.bank_encoding)
+                                 ivf_encoding=self.config.bank_encoding, nprobe=self.config.bank_nprobe)
             self.metrics.cases.set(len(self.bank))
             default = CaseItemGenerator(self.bank)
             if self.config.generator == "chat":

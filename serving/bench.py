@@ -65,6 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=1, help="serving worker processes")
     parser.add_argument("--max-batch", type=int, default=64, help="serving's --max-batch (1 = no batching)")
     parser.add_argument("--bank-shards", type=int, default=1, help="shards of the serving case bank")
+    parser.add_argument("--bank-nprobe", type=int, default=None,
+                        help="serving's --bank-nprobe (default: tuned to the bank's target recall)")
     parser.add_argument("--items", type=int, default=20_000, help="catalogue size for case and request items")
     parser.add_argument("--engine", choices=("noida", "tansu"), default="noida",
                         help="embedded broker engine (ignored with --bootstrap-servers)")
@@ -279,7 +281,8 @@ def serve_baseline(port: int, workers: int = 1) -> None:
 
 
 # -- orchestration ------------------------------------------------------------------------------
-def _build_bank(settings, n: int, items: int, seed: int, shards: int = 1) -> float:
+def _build_bank(settings, n: int, items: int, seed: int, shards: int = 1) -> tuple[float, np.ndarray]:
+    """Build the serving bank of ``n`` cases ``bench-<i>``; returns (seconds, the states [n, dim])."""
     from tqdm import tqdm
 
     from memento.encoder import ItemEncoder
@@ -288,6 +291,7 @@ def _build_bank(settings, n: int, items: int, seed: int, shards: int = 1) -> flo
     rng = np.random.default_rng(seed)
     item_vecs = ItemEncoder(settings.item_dim).encode_many([f"item{i}" for i in range(items)])
     weights = HISTORY_DECAY ** np.arange(5, dtype=np.float32)
+    all_states = np.empty((n, settings.item_dim), np.float32)
     started = time.perf_counter()
     bank = CaseBank(Path(settings.data_dir) / "serving-bank", dim=settings.item_dim, num_shards=shards,
                     fsync=False, tune_k=settings.top_k, ivf_encoding="fp16")  # as serving opens it
@@ -300,6 +304,7 @@ def _build_bank(settings, n: int, items: int, seed: int, shards: int = 1) -> flo
                 keep = np.arange(5)[None, :] < _history_lengths(rng, m)[:, None]
                 states = np.einsum("mh,mhd->md", keep * weights, item_vecs[history])
                 states /= np.linalg.norm(states, axis=1, keepdims=True)
+                all_states[start:start + m] = states
                 which = _popular_items(rng, items, m)
                 bank.add_arrays([f"bench-{start + j}" for j in range(m)], states,
                                 [f"item{i}" for i in which], item_vecs[which],
@@ -309,7 +314,42 @@ def _build_bank(settings, n: int, items: int, seed: int, shards: int = 1) -> flo
         bank.wait_for_index(timeout=900)
     finally:
         bank.close()
-    return time.perf_counter() - started
+    return time.perf_counter() - started, all_states
+
+
+def _bank_figures(settings, states: np.ndarray, args: argparse.Namespace, queries: int = 512) -> dict:
+    """The serving bank's search as serving opens it: per-query CPU time in batches of 16 on one
+    thread, and recall@k of the request states against exact search (a found case counts when it
+    scores at least the exact k-th best score, so equally good cases count alike). This is the
+    part of a request's cost that the bank's size and nprobe set."""
+    import faiss
+
+    from memento.encoder import ItemEncoder, StateEncoder
+    from memory_store import CaseBank
+    from serving.validation import parse_json, parse_recommend
+
+    encoder = StateEncoder(ItemEncoder(settings.item_dim))
+    reqs = [parse_recommend(parse_json(b)) for b in request_bodies(queries, args.items, args.seed)]
+    q = np.stack([encoder.encode(r.recent_items, until=r.ts) for r in reqs]).astype(np.float32)
+    k = settings.top_k
+    exact, _ = faiss.knn(q, states, k, metric=faiss.METRIC_INNER_PRODUCT)
+    path = Path(settings.data_dir) / "serving-bank"
+    bank = CaseBank(path, dim=settings.item_dim, num_shards=CaseBank.stored_num_shards(path), omp_threads=1,
+                    tune_k=k, ivf_encoding="fp16", nprobe=args.bank_nprobe)
+    try:
+        bank.search(q[:16], k)  # first touch
+        cpu = time.thread_time()
+        found = []
+        for i in range(0, len(q), 16):
+            found.extend(bank.search(q[i:i + 16], k)[1])
+        cpu = time.thread_time() - cpu
+        stats = bank.stats()
+    finally:
+        bank.close()
+    good = [np.count_nonzero(states[[int(c.rsplit("-", 1)[1]) for c in ids]] @ q[i] >= exact[i, -1] - 1e-5)
+            for i, ids in enumerate(found)]
+    return {"search_per_query_ms": cpu * 1e3 / len(q), "recall_at_k": float(np.mean(good)) / k, "k": k,
+            "index": [s["index_type"] for s in stats["shards"]], "nprobe": [s["nprobe"] for s in stats["shards"]]}
 
 
 def _get(url: str) -> tuple[int, dict]:
@@ -407,7 +447,7 @@ def run(args: argparse.Namespace) -> dict:
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="memento-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     figures: dict = {"cases": args.cases, "workers": args.workers, "max_batch": args.max_batch,
-                     "bank_shards": args.bank_shards,
+                     "bank_shards": args.bank_shards, "bank_nprobe": args.bank_nprobe,
                      "duration_s": args.duration, "concurrency": args.concurrency,
                      "loadavg_start": list(os.getloadavg()), "cpus": os.cpu_count()}
     if not args.no_baseline:
@@ -434,7 +474,10 @@ def run(args: argparse.Namespace) -> dict:
                                "checkpoint_dir": str(work / "ckpt"), "item_dim": args.item_dim,
                                "topics": TopicNames(**{r: f"{prefix}.{t}" for r, t in TopicNames().all().items()})})
         ensure_topics(settings)
-        figures["bank_build_s"] = _build_bank(settings, args.cases, args.items, args.seed, args.bank_shards)
+        figures["bank_build_s"], states = _build_bank(settings, args.cases, args.items, args.seed, args.bank_shards)
+        figures["bank"] = _bank_figures(settings, states, args)
+        del states
+        print(f"bank: {_brief(figures['bank'])}", flush=True)
         for worker in range(1, args.workers):  # each serving worker owns a copy of the bank
             shutil.copytree(Path(settings.data_dir) / "serving-bank", Path(settings.data_dir) / f"serving-bank-{worker}")
         producer = make_producer(settings)
@@ -450,7 +493,8 @@ def run(args: argparse.Namespace) -> dict:
         announce(1)
         server = subprocess.Popen([sys.executable, "-m", "serving.cli", "--port", str(port),
                                    "--workers", str(args.workers), "--seed", str(args.seed),
-                                   "--max-batch", str(args.max_batch), "--bank-shards", str(args.bank_shards)],
+                                   "--max-batch", str(args.max_batch), "--bank-shards", str(args.bank_shards)]
+                                  + ([] if args.bank_nprobe is None else ["--bank-nprobe", str(args.bank_nprobe)]),
                                   cwd=ROOT, env={**os.environ, **settings.to_env(), "PYTHONPATH": str(ROOT),
                                                  "MEMENTO_LOG_LEVEL": "WARNING"})
         _wait_ready(url, server)

@@ -112,12 +112,13 @@ BAD_REQUESTS = [
 def test_validation_auth_feedback_and_malformed_cases(broker, tmp_path):
     settings = fresh_settings(broker, tmp_path)
     config = ServingConfig(options=PolicyOptions(top_k=settings.top_k), api_token="s3cret",
-                           max_body_bytes=4096)
+                           max_body_bytes=4096, bank_nprobe=3)
     with ServerThread(settings, config) as server:
         publish_cases(settings, make_cases(settings, 10))
         publish(settings, settings.topics.cases, [(None, b"{broken"), (None, b'{"case_id": "x"}')])
         announce(settings, 1)
         wait_for(lambda: http("GET", f"{server.url}/readyz")[0] == 200, what="ready")
+        assert server.service.bank.options.nprobe == 3  # --bank-nprobe reaches the bank
 
         for raw, status, field in BAD_REQUESTS:
             got, body = http("POST", f"{server.url}/v1/recommend", raw=raw)

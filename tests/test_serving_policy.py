@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -192,3 +193,15 @@ def test_validation_defaults_and_aliases():
     assert req.recent_items[0].action == "purchase" and req.recent_items[0].ts == 50.0
     action = parse_feedback({"user_id": "u", "item_id": "i", "action": "Click"}, now=9.0)
     assert action.action == "click" and action.ts == 9.0 and action.event_id and action.request_id is None
+
+
+def test_serving_options_reject_a_non_positive_nprobe():
+    from serving.app import ServingConfig
+    from serving.cli import add_arguments, run_from_args
+
+    with pytest.raises(ValueError, match="bank_nprobe"):
+        ServingConfig(bank_nprobe=0)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    with pytest.raises(SystemExit, match="--bank-nprobe"):
+        run_from_args(parser.parse_args(["--bank-nprobe", "0"]))
