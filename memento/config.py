@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-__all__ = ["Settings", "TopicNames", "RewardWeights", "TOPIC_PARTITIONS", "add_settings_arguments",
-           "settings_from_args"]
+__all__ = ["Settings", "TopicNames", "RewardWeights", "parse_reward_mapping", "TOPIC_PARTITIONS",
+           "add_settings_arguments", "settings_from_args"]
 
 
 @dataclass(frozen=True)
@@ -61,15 +62,65 @@ class RewardWeights:
 
     @classmethod
     def parse(cls, spec: str) -> "RewardWeights":
-        """Parse ``"click=1,cart=3"``; unnamed actions keep their defaults."""
-        values = {}
-        for part in filter(None, (p.strip() for p in spec.split(","))):
-            name, sep, value = part.partition("=")
-            if not sep or name.strip() not in {f.name for f in fields(cls)}:
-                raise ValueError(f"bad reward weight {part!r}: expected ACTION=NUMBER with ACTION "
-                                 f"in {[f.name for f in fields(cls)]}")
-            values[name.strip()] = float(value)
+        """Parse ``"click=1,cart=3"`` (:func:`parse_reward_mapping`); unnamed actions keep their
+        defaults, and only this class's actions are allowed.
+
+        >>> RewardWeights.parse("cart=4").cart
+        4.0
+        >>> RewardWeights.parse("view=1")
+        Traceback (most recent call last):
+        ...
+        ValueError: bad reward weight 'view': the actions are ['click', 'collect', 'cart', 'purchase']
+        """
+        values = parse_reward_mapping(spec)
+        known = [f.name for f in fields(cls)]
+        for name in values:
+            if name not in known:
+                raise ValueError(f"bad reward weight {name!r}: the actions are {known}")
         return cls(**values)
+
+
+def parse_reward_mapping(spec: str) -> dict[str, float]:
+    """Parse ``"click=1,cart=3,view=0.5"`` into ``{action: reward}``.
+
+    Any action name is allowed; names are stripped and lower-cased. :meth:`RewardWeights.parse`
+    allows only its own actions; the log loaders of :mod:`memento.evaluation.logs` apply the
+    result on top of the default rewards, so actions not named keep their default reward.
+
+    Parameters
+    ----------
+    spec
+        Comma-separated ``ACTION=NUMBER`` parts.
+
+    >>> parse_reward_mapping("click=1, cart=3,view=0.5")
+    {'click': 1.0, 'cart': 3.0, 'view': 0.5}
+    >>> parse_reward_mapping("click=lots")
+    Traceback (most recent call last):
+    ...
+    ValueError: bad reward mapping part 'click=lots': 'lots' is not a number (expected ACTION=NUMBER, e.g. click=1,cart=3)
+    """
+    out: dict[str, float] = {}
+    parts = [p.strip() for p in spec.split(",")]
+    if not any(parts):
+        raise ValueError(f"empty reward mapping {spec!r} (expected ACTION=NUMBER, e.g. click=1,cart=3)")
+    for part in parts:
+        if not part:
+            continue
+        name, sep, value = part.partition("=")
+        name = name.strip().lower()
+        hint = "(expected ACTION=NUMBER, e.g. click=1,cart=3)"
+        if not sep or not name:
+            raise ValueError(f"bad reward mapping part {part!r} {hint}")
+        try:
+            reward = float(value)
+        except ValueError:
+            raise ValueError(f"bad reward mapping part {part!r}: {value.strip()!r} is not a number {hint}") from None
+        if not math.isfinite(reward):
+            raise ValueError(f"bad reward mapping part {part!r}: the reward must be finite")
+        if name in out:
+            raise ValueError(f"bad reward mapping {spec!r}: action {name!r} is given twice")
+        out[name] = reward
+    return out
 
 
 @dataclass(frozen=True)

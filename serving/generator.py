@@ -27,14 +27,14 @@ import logging
 import re
 import urllib.error
 import urllib.request
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from memento.encoder import HistoryEntry
 from serving.policy import Decision
 
-__all__ = ["Generator", "CaseItemGenerator", "ChatCompletionGenerator", "GeneratorError"]
+__all__ = ["Generator", "CaseItemGenerator", "ChatCompletionGenerator", "GeneratorError", "first_distinct"]
 
 log = logging.getLogger(__name__)
 
@@ -85,28 +85,38 @@ class CaseItemGenerator(Generator):
         return None if case is None else case.item_id
 
     def _generate(self, decision: Decision, k: int, history: list[HistoryEntry]) -> list[str]:
-        first = self._item(decision.case_id)
-        items: list[str] = [] if first is None else [first]
-        if len(items) == k:  # the common k=1 answer, without ranking the other candidates
-            return items
+        return first_distinct(self._items_in_order(decision, k), k)
+
+    def _items_in_order(self, decision: Decision, k: int) -> Iterator[str | None]:
+        """The candidates' items, the chosen case's first, then by decreasing μ; then the items of
+        the next nearest cases (searched only if the candidates' items run out before ``k``)."""
+        yield self._item(decision.case_id)
         for index in decision.ranked()[1:]:  # ranked() starts with the chosen case
-            item = self._item(decision.case_ids[index])
-            if item is not None and item not in items:
-                items.append(item)
-                if len(items) == k:
-                    return items
+            yield self._item(decision.case_ids[index])
         seen_cases = set(decision.case_ids)
-        _, ids = self.bank.search(np.asarray(decision.state, np.float32)[None],
-                                  len(seen_cases) + 4 * k)
+        _, ids = self.bank.search(np.asarray(decision.state, np.float32)[None], len(seen_cases) + 4 * k)
         for case_id in ids[0]:
-            if case_id in seen_cases:
-                continue
-            item = self._item(case_id)
-            if item is not None and item not in items:
-                items.append(item)
-                if len(items) == k:
-                    break
-        return items
+            if case_id not in seen_cases:
+                yield self._item(case_id)
+
+
+def first_distinct(items: Iterable[str | None], k: int) -> list[str]:
+    """The first ``k`` distinct item ids of ``items``, in order, skipping ``None``; ``items`` is
+    consumed only as far as needed. The recommendation-list rule shared by
+    :class:`CaseItemGenerator` and the offline evaluation.
+
+    >>> first_distinct(["a", None, "a", "b", "c"], 2)
+    ['a', 'b']
+    """
+    out: list[str] = []
+    if k < 1:
+        return out
+    for item in items:
+        if item is not None and item not in out:
+            out.append(item)
+            if len(out) == k:
+                break
+    return out
 
 
 class ChatCompletionGenerator(Generator):

@@ -40,7 +40,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterable, TextIO
 
-from memento.config import RewardWeights
+from memento.config import RewardWeights, parse_reward_mapping
 from memento.encoder import ItemMeta, load_products, normalise_item_id
 from memento.schemas import ACTION_ALIASES
 from memento.tmall import load_tmall_log
@@ -155,48 +155,6 @@ def default_rewards() -> dict[str, float]:
     {'click': 1.0, 'collect': 2.0, 'cart': 3.0, 'purchase': 5.0}
     """
     return {k: float(v) for k, v in dataclasses.asdict(RewardWeights()).items()}
-
-
-def parse_reward_mapping(spec: str) -> dict[str, float]:
-    """Parse ``"click=1,cart=3,view=0.5"`` into ``{action: reward}``.
-
-    Any action name is allowed; names are stripped and lower-cased. The loaders apply the result
-    on top of :func:`default_rewards`, so actions not named keep their default reward.
-
-    Parameters
-    ----------
-    spec
-        Comma-separated ``ACTION=NUMBER`` parts.
-
-    >>> parse_reward_mapping("click=1, cart=3,view=0.5")
-    {'click': 1.0, 'cart': 3.0, 'view': 0.5}
-    >>> parse_reward_mapping("click=lots")
-    Traceback (most recent call last):
-    ...
-    ValueError: bad reward mapping part 'click=lots': 'lots' is not a number (expected ACTION=NUMBER, e.g. click=1,cart=3)
-    """
-    out: dict[str, float] = {}
-    parts = [p.strip() for p in spec.split(",")]
-    if not any(parts):
-        raise ValueError(f"empty reward mapping {spec!r} (expected ACTION=NUMBER, e.g. click=1,cart=3)")
-    for part in parts:
-        if not part:
-            continue
-        name, sep, value = part.partition("=")
-        name = name.strip().lower()
-        hint = "(expected ACTION=NUMBER, e.g. click=1,cart=3)"
-        if not sep or not name:
-            raise ValueError(f"bad reward mapping part {part!r} {hint}")
-        try:
-            reward = float(value)
-        except ValueError:
-            raise ValueError(f"bad reward mapping part {part!r}: {value.strip()!r} is not a number {hint}") from None
-        if not math.isfinite(reward):
-            raise ValueError(f"bad reward mapping part {part!r}: the reward must be finite")
-        if name in out:
-            raise ValueError(f"bad reward mapping {spec!r}: action {name!r} is given twice")
-        out[name] = reward
-    return out
 
 
 def _effective_rewards(rewards: dict[str, float] | None) -> dict[str, float]:

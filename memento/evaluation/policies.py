@@ -35,6 +35,7 @@ import abc
 import copy
 import heapq
 from collections import Counter
+from itertools import chain
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -48,6 +49,7 @@ from learner.service import LearnerServiceConfig
 from learner.trainer import SoftQConfig, SoftQLearner
 from memento.qnet import QNetwork
 from memento.schemas import Transition
+from serving.generator import first_distinct
 from serving.policy import PolicyOptions, RetrievalPolicy
 
 __all__ = ["Request", "Choice", "EvalPolicy", "RandomPolicy", "PopularityPolicy", "CosinePolicy",
@@ -123,20 +125,8 @@ class Choice:
 
 def items_in_order(request: Request, order: Sequence[int], list_size: int) -> list[str]:
     """Distinct items of the candidates in ``order``, then of the next nearest cases: the rule
-    of :class:`serving.generator.CaseItemGenerator`."""
-    items: list[str] = []
-    for index in order:
-        item = request.case_items[int(index)]
-        if item not in items:
-            items.append(item)
-            if len(items) == list_size:
-                return items
-    for item in request.extra_items:
-        if item not in items:
-            items.append(item)
-            if len(items) == list_size:
-                break
-    return items
+    of :class:`serving.generator.CaseItemGenerator` (:func:`serving.generator.first_distinct`)."""
+    return first_distinct(chain((request.case_items[int(i)] for i in order), request.extra_items), list_size)
 
 
 def _deterministic(items: list[str]) -> dict[str, float]:
