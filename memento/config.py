@@ -182,7 +182,7 @@ class Settings:
                     t.name: env.get(f"MEMENTO_TOPIC_{t.name.upper()}", t.default)
                     for t in fields(TopicNames)})
             elif f.name == "rewards":
-                if key in env:
+                if env.get(key, "").strip():  # set and not empty
                     values["rewards"] = RewardWeights.parse(env[key])
             elif key in env:
                 raw = env[key]
