@@ -19,8 +19,8 @@ One run, on one embedded broker (or ``--bootstrap-servers``), each phase on topi
 4. **baseline**: a Faust agent that decodes and counts (:func:`trivial_app`), measured like 1.
 5. **baseline with output**: the same agent, also sending per event as many records, of the
    same mean size and to topics of as many partitions, as the worker of phase 1 produced per
-   input event (changelog, transitions, cases, dead letters: :func:`measure_outputs`, read back
-   once all its windows closed). The worker's rate against this one leaves out what Faust and
+   input event while its rate was measured (changelog, transitions, cases, dead letters:
+   :func:`measure_outputs`). The worker's rate against this one leaves out what Faust and
    producing through the broker cost, and measures the worker's own code.
 6. **ceiling**: a kafka-python consumer drains the baseline's topics (a backlog of the same
    events), counting messages without decoding.
@@ -61,7 +61,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-__all__ = ["add_arguments", "run", "main", "BenchEvents", "Produced", "partition_of", "emission_times", "sustained_rate", "percentile",
+__all__ = ["add_arguments", "run", "main", "BenchEvents", "Produced", "partition_of", "emission_times", "sustained_span", "sustained_rate", "percentile",
            "parse_metrics", "trivial_app", "summarise_profile", "wait_until_assigned", "Output",
            "measure_outputs"]
 
@@ -234,21 +234,31 @@ def emission_times(produced: Iterable[Produced], *, window_s: float, lateness_s:
 
 
 # -- measurement helpers ----------------------------------------------------------------------
-def sustained_rate(samples: list[tuple[float, float]], total: int) -> float:
-    """Events/s from ``(wall time, events processed)`` samples of a consumer draining a backlog
-    of ``total`` events: the slope from 10% to 90% of them (interpolated), which leaves out the
-    start-up and the tail.
+def sustained_span(samples: list[tuple[float, float]], total: int) -> tuple[float, float]:
+    """The wall times at which a consumer draining a backlog of ``total`` events had processed
+    10% and 90% of them (interpolated between ``(wall time, events processed)`` samples).
 
-    >>> sustained_rate([(0, 0), (1, 0), (2, 100), (4, 500), (6, 900), (7, 1000)], 1000)
-    200.0
+    >>> sustained_span([(0, 0), (1, 0), (2, 100), (4, 500), (6, 900), (7, 1000)], 1000)
+    (2.0, 6.0)
     """
     def time_at(count: float) -> float:
         for (t0, c0), (t1, c1) in zip(samples, samples[1:]):
             if c1 >= count > c0:
                 return t0 + (t1 - t0) * (count - c0) / (c1 - c0)
-        raise ValueError(f"sustained_rate: no sample reached {count} events (last: {samples[-1]})")
+        raise ValueError(f"sustained_span: no sample reached {count} events (last: {samples[-1]})")
 
-    return 0.8 * total / (time_at(0.9 * total) - time_at(0.1 * total))
+    return time_at(0.1 * total), time_at(0.9 * total)
+
+
+def sustained_rate(samples: list[tuple[float, float]], total: int) -> float:
+    """Events/s of a consumer draining a backlog of ``total`` events: the slope over
+    :func:`sustained_span` (80% of the events), which leaves out the start-up and the tail.
+
+    >>> sustained_rate([(0, 0), (1, 0), (2, 100), (4, 500), (6, 900), (7, 1000)], 1000)
+    200.0
+    """
+    start, end = sustained_span(samples, total)
+    return 0.8 * total / (end - start)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -336,11 +346,12 @@ class Output:
     value_bytes: int
 
 
-def measure_outputs(settings, topics: dict[str, str], events: int, quiet_s: float = 1.0,
-                    timeout: float = 60.0) -> list[Output]:
-    """What the worker produced for ``events`` input events, read back from its output topics
-    (``role → topic``) until nothing new arrived for ``quiet_s`` (the worker must be done: the
-    end offsets are not used, Tansu's are wrong). Roles with no record are left out."""
+def measure_outputs(settings, topics: dict[str, str], span: tuple[float, float], events: float,
+                    quiet_s: float = 1.0, timeout: float = 60.0) -> list[Output]:
+    """What the worker produced while it processed ``events`` input events in the wall-time
+    ``span`` (the records whose producer timestamp falls in it), read back from its output
+    topics (``role → topic``) until nothing new arrived for ``quiet_s`` (the end offsets are not
+    used: Tansu's are wrong). Roles with no record in the span are left out."""
     from kafka import KafkaConsumer, TopicPartition
 
     consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers.split(","),
@@ -360,8 +371,9 @@ def measure_outputs(settings, topics: dict[str, str], events: int, quiet_s: floa
                 time.sleep(0.01)  # noida answers an empty fetch at once
             for tp, batch in polled.items():
                 last = time.monotonic()
-                records[tp.topic] += len(batch)
-                size[tp.topic] += sum(len(m.value or b"") for m in batch)
+                inside = [m for m in batch if span[0] <= m.timestamp / 1000.0 <= span[1]]
+                records[tp.topic] += len(inside)
+                size[tp.topic] += sum(len(m.value or b"") for m in inside)
     finally:
         consumer.close()
     return [Output(role, topic, len(partitions[topic]), round(records[topic] / events, 4),
@@ -563,7 +575,8 @@ class _Phase:
 
     def drain(self, total: int, timeout: float = 600.0, at_tenth: Callable[[], None] | None = None) -> float:
         """Sample the processes' progress (from their start) until ``total`` events are consumed;
-        returns :func:`sustained_rate`. ``at_tenth`` is called once a tenth is consumed."""
+        returns :func:`sustained_rate` and keeps :func:`sustained_span` in ``span``. ``at_tenth``
+        is called once a tenth is consumed."""
         samples = [(time.time(), 0.0)]
         deadline = time.monotonic() + timeout
         while samples[-1][1] < total:
@@ -578,6 +591,7 @@ class _Phase:
                 samples.append((time.time(), _consumed(self.ports)))
             except OSError:  # metrics endpoint not up yet
                 pass
+        self.span = sustained_span(samples, total)
         return sustained_rate(samples, total)
 
 
@@ -742,17 +756,12 @@ def run(args: argparse.Namespace) -> dict:
         reader.close()
         one_result = {tid: one_seen[tid][1:] for tid in expected if tid in one_seen}
         figures["duplicate_transitions"] = sum(n - 1 for n in reader.copies.values())
-        # what the worker produced per input event, once every window has closed (the last ones
-        # on the idle timeout): the producing trivial agent (phase 5) sends as much
-        recs = sum(p.role == "recommendation" for p in events.produced)
-        deadline = time.monotonic() + 60
-        while (_metric(_scrape(one.ports[0]), "memento_stream_transitions_total") < recs
-               and time.monotonic() < deadline):
-            time.sleep(0.5)
+        # what the worker produced per input event while its rate was measured: the producing
+        # trivial agent (phase 5) sends as much
         t = one.settings.topics
         outputs = measure_outputs(one.settings, {
             "changelog": f"{one.app_id}-{USERS_TABLE}-changelog", "transitions": t.transitions,
-            "cases": t.cases, "dead_letter": t.dead_letter}, total)
+            "cases": t.cases, "dead_letter": t.dead_letter}, one.span, 0.8 * total)
         figures["outputs_per_event"] = round(sum(o.per_event for o in outputs), 3)
         figures["outputs"] = {o.role: {"per_event": o.per_event, "value_bytes": o.value_bytes} for o in outputs}
         print(f"worker outputs per input event: {figures['outputs']}", flush=True)

@@ -1,10 +1,11 @@
 """``memento bench stream``'s baseline with output, against the real embedded broker: the
 producing trivial agent sends what it is told per input event, and :func:`measure_outputs` reads
-back exactly that."""
+back exactly that, by the records' timestamps."""
 
 from __future__ import annotations
 
 import argparse
+import math
 
 import pytest
 
@@ -31,8 +32,10 @@ def test_producing_trivial_agent_sends_the_measured_outputs(noida, tmp_path):  #
         phase.start_agent(told)
         phase.drain(total, timeout=120)
         topics = {o.role: f"{phase.prefix}.out.{o.role}" for o in told}
-        measured = measure_outputs(phase.settings, topics, total)
+        measured = measure_outputs(phase.settings, topics, (0.0, math.inf), total)
+        before = measure_outputs(phase.settings, topics, (0.0, phase.span[0] - 60), total)
     finally:
         bench.close()
     assert measured == [Output("changelog", topics["changelog"], 4, round(int(total * 0.5) / total, 4), 100),
                         Output("cases", topics["cases"], 2, round(int(total * 1.25) / total, 4), 40)]
+    assert before == []  # records are counted by their timestamps
