@@ -546,7 +546,8 @@ class _Phase:
         from memento.kafka_io import ensure_topics
 
         outputs = [dataclasses.replace(o, topic=f"{self.prefix}.out.{o.role}") for o in outputs]
-        ensure_topics(self.settings, specs={o.topic: o.partitions for o in outputs})
+        if outputs:
+            ensure_topics(self.settings, specs={o.topic: o.partitions for o in outputs})
         port = free_port()
         (self.bench.work / self.name).mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "streams.bench", "agent", "--app-id", self.app_id,
