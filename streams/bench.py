@@ -831,6 +831,10 @@ def run(args: argparse.Namespace) -> dict:
             figures["two_workers_transitions"] = len(two_result)
             figures["two_workers_match_one"] = (bool(expected) and one_result == two_result
                                                 and len(one_result) == len(expected))
+            differ = sorted(tid for tid in expected if one_result.get(tid) != two_result.get(tid))
+            figures["two_workers_differ"] = len(differ)  # (reward, done) of one worker, of two
+            figures["two_workers_differ_examples"] = {tid: [one_result.get(tid), two_result.get(tid)]
+                                                      for tid in differ[:5]}
             print(f"two workers: {rate:.0f} events/s; transitions {len(two_result)}/{len(expected)}, "
                   f"same as one worker: {figures['two_workers_match_one']}", flush=True)
         bench.group.stop_all()
