@@ -350,8 +350,9 @@ def measure_outputs(settings, topics: dict[str, str], span: tuple[float, float],
                     quiet_s: float = 1.0, timeout: float = 60.0) -> list[Output]:
     """What the worker produced while it processed ``events`` input events in the wall-time
     ``span`` (the records whose producer timestamp falls in it), read back from its output
-    topics (``role → topic``) until nothing new arrived for ``quiet_s`` (the end offsets are not
-    used: Tansu's are wrong). Roles with no record in the span are left out."""
+    topics (``role → topic``) until nothing new arrived for ``quiet_s`` since the last record
+    (the end offsets are not used: Tansu's are wrong). Roles with no record in the span are left
+    out."""
     from kafka import KafkaConsumer, TopicPartition
 
     consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers.split(","),
@@ -362,9 +363,11 @@ def measure_outputs(settings, topics: dict[str, str], span: tuple[float, float],
         consumer.seek_to_beginning()
         records: Counter = Counter()
         size: Counter = Counter()
-        last, deadline = time.monotonic(), time.monotonic() + timeout
-        while time.monotonic() - last < quiet_s:
-            if time.monotonic() > deadline:
+        start, last = time.monotonic(), None  # quiet counts from the first record read
+        while last is None or time.monotonic() - last < quiet_s:
+            if time.monotonic() - start > timeout:
+                if last is None:
+                    break  # nothing at all
                 raise RuntimeError(f"measure_outputs: {topics} still growing after {timeout:.0f}s")
             polled = consumer.poll(timeout_ms=100)
             if not polled:
