@@ -59,9 +59,11 @@ def topic_specs(settings: Settings) -> dict[str, int]:
     return {name: TOPIC_PARTITIONS[role] for role, name in settings.topics.all().items()}
 
 
-def ensure_topics(settings: Settings, replication_factor: int = 1) -> dict[str, int]:
-    """Create the project's topics that do not exist yet; returns name → partitions."""
-    specs = topic_specs(settings)
+def ensure_topics(settings: Settings, replication_factor: int = 1,
+                  specs: dict[str, int] | None = None) -> dict[str, int]:
+    """Create the project's topics (or those of ``specs``, name → partitions) that do not exist
+    yet; returns name → partitions."""
+    specs = topic_specs(settings) if specs is None else specs
     admin = KafkaAdminClient(**client_kwargs(settings))
     try:
         existing = set(admin.list_topics())

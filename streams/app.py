@@ -40,9 +40,11 @@ from memento.schemas import Action, Recommendation, SchemaError, decode, encode
 from streams.attribution import RewardAttribution
 
 __all__ = ["TransitionWorker", "consumer_lags", "faust_app_kwargs", "EVENTS", "DEAD_LETTERS", "TRANSITIONS", "CASES", "ATTRIBUTION",
-           "CONSUMER_LAG", "READ_LAG"]
+           "CONSUMER_LAG", "READ_LAG", "USERS_TABLE"]
 
 log = logging.getLogger(__name__)
+
+USERS_TABLE = "memento-users"  # the changelog topic is ``<app id>-memento-users-changelog``
 
 EVENTS = Counter("memento_stream_events_total", "Events consumed by the stream worker", ["type"])
 DEAD_LETTERS = Counter("memento_stream_dead_letters_total", "Messages sent to the dead-letter topic", ["reason"])
@@ -87,6 +89,13 @@ def faust_app_kwargs(settings: Settings) -> dict[str, Any]:
         consumer_auto_offset_reset="earliest",
         web_enabled=False,
         processing_guarantee="at_least_once",
+        # Every input event of the worker writes a changelog record and about half emit a
+        # transition and a case: lingering sends them in fewer, larger produce requests. Socket
+        # writes of produce requests took ~10% of the worker's main thread at 5 ms; 50 ms costs at
+        # most 50 ms of latency (measured on noida, noisy: worker +30–60% events/s, broker CPU per
+        # event /2). Shared so that the bench's producing trivial agent produces alike.
+        producer_linger=0.05,
+        producer_max_batch_size=256 * 1024,
     )
     if settings.embedded_broker:
         kwargs.update(broker_session_timeout=6.0, broker_heartbeat_interval=1.0)
@@ -218,11 +227,6 @@ class TransitionWorker:
     def _build_app(self, app_id: str, worker_id: str, store: str) -> faust.App:
         s = self.settings
         extra = faust_app_kwargs(s)
-        # Every input event writes a changelog record and about half emit a transition and a
-        # case: lingering sends them in fewer, larger produce requests. Socket writes of produce
-        # requests took ~10% of the worker's main thread at 5 ms; 50 ms costs at most 50 ms of
-        # latency (measured on noida, noisy: worker +30–60% events/s, broker CPU per event /2).
-        extra.update(producer_linger=0.05, producer_max_batch_size=256 * 1024)
         if s.embedded_broker == "tansu" and self.tansu_safe_recovery:
             # Tansu answers ListOffsets with the last batch's first offset + 1: one record per
             # batch keeps changelog recovery complete (docs/embedded-brokers.md), at a large cost
@@ -239,7 +243,7 @@ class TransitionWorker:
         self.ticks_topic = app.topic(t.ticks, key_serializer="raw", value_serializer="raw")
         # values are compact JSON bytes, written and read by this class (a cache in front keeps
         # the decoded states of recently active users)
-        self.users = app.Table("memento-users", default=None, partitions=self.partitions, value_type=bytes)
+        self.users = app.Table(USERS_TABLE, default=None, partitions=self.partitions, value_type=bytes)
 
         @app.agent(source)
         async def join(stream):

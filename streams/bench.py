@@ -17,11 +17,18 @@ One run, on one embedded broker (or ``--bootstrap-servers``), each phase on topi
    compared with phase 1's. A group that has not drained the input within 5 times the
    one-worker drain time is recorded as ``two_workers_error`` and the run goes on.
 4. **baseline**: a Faust agent that decodes and counts (:func:`trivial_app`), measured like 1.
-5. **ceiling**: a kafka-python consumer drains the baseline's topics (a backlog of the same
+5. **baseline with output**: the same agent, also sending per event as many records, of the
+   same mean size and to topics of as many partitions, as the worker of phase 1 produced per
+   input event while its rate was measured (changelog, transitions, cases, dead letters:
+   :func:`measure_outputs`). The worker's rate against this one leaves out what Faust and
+   producing through the broker cost, and measures the worker's own code.
+6. **ceiling**: a kafka-python consumer drains the baseline's topics (a backlog of the same
    events), counting messages without decoding.
 
 Figures go to ``--json``: the worker's at the top level, the trivial agent's under ``baseline``,
-kafka-python's under ``ceiling``; latencies in keys ending ``_ms``, rates in keys ending ``_per_s``.
+the producing one's under ``baseline_with_output``, kafka-python's under ``ceiling``, the
+worker's rate over each agent's in ``ratio_to_baseline`` and ``ratio_to_baseline_with_output``;
+latencies in keys ending ``_ms``, rates in keys ending ``_per_s``.
 ``os.getloadavg()`` is recorded at the start and the end: on a shared machine, compare runs only
 at similar load.
 
@@ -36,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import dataclasses
 import json
 import math
 import os
@@ -53,8 +61,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-__all__ = ["add_arguments", "run", "main", "BenchEvents", "Produced", "partition_of", "emission_times", "sustained_rate", "percentile",
-           "parse_metrics", "trivial_app", "summarise_profile", "wait_until_assigned"]
+__all__ = ["add_arguments", "run", "main", "BenchEvents", "Produced", "partition_of", "emission_times", "sustained_span", "sustained_rate", "percentile",
+           "parse_metrics", "trivial_app", "summarise_profile", "wait_until_assigned", "Output",
+           "measure_outputs"]
 
 PARTITIONS = 4
 
@@ -225,21 +234,31 @@ def emission_times(produced: Iterable[Produced], *, window_s: float, lateness_s:
 
 
 # -- measurement helpers ----------------------------------------------------------------------
-def sustained_rate(samples: list[tuple[float, float]], total: int) -> float:
-    """Events/s from ``(wall time, events processed)`` samples of a consumer draining a backlog
-    of ``total`` events: the slope from 10% to 90% of them (interpolated), which leaves out the
-    start-up and the tail.
+def sustained_span(samples: list[tuple[float, float]], total: int) -> tuple[float, float]:
+    """The wall times at which a consumer draining a backlog of ``total`` events had processed
+    10% and 90% of them (interpolated between ``(wall time, events processed)`` samples).
 
-    >>> sustained_rate([(0, 0), (1, 0), (2, 100), (4, 500), (6, 900), (7, 1000)], 1000)
-    200.0
+    >>> sustained_span([(0, 0), (1, 0), (2, 100), (4, 500), (6, 900), (7, 1000)], 1000)
+    (2.0, 6.0)
     """
     def time_at(count: float) -> float:
         for (t0, c0), (t1, c1) in zip(samples, samples[1:]):
             if c1 >= count > c0:
                 return t0 + (t1 - t0) * (count - c0) / (c1 - c0)
-        raise ValueError(f"sustained_rate: no sample reached {count} events (last: {samples[-1]})")
+        raise ValueError(f"sustained_span: no sample reached {count} events (last: {samples[-1]})")
 
-    return 0.8 * total / (time_at(0.9 * total) - time_at(0.1 * total))
+    return time_at(0.1 * total), time_at(0.9 * total)
+
+
+def sustained_rate(samples: list[tuple[float, float]], total: int) -> float:
+    """Events/s of a consumer draining a backlog of ``total`` events: the slope over
+    :func:`sustained_span` (80% of the events), which leaves out the start-up and the tail.
+
+    >>> sustained_rate([(0, 0), (1, 0), (2, 100), (4, 500), (6, 900), (7, 1000)], 1000)
+    200.0
+    """
+    start, end = sustained_span(samples, total)
+    return 0.8 * total / (end - start)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -313,12 +332,69 @@ def _consumed(ports: list[int]) -> float:
     return total
 
 
+@dataclass(frozen=True)
+class Output:
+    """Records of one kind that the worker produces, as the producing trivial agent imitates
+    them: ``per_event`` records per input event, of ``value_bytes`` bytes on average, to a topic
+    of ``partitions`` partitions (``topic``: the worker's where measured, the agent's where sent).
+    """
+
+    role: str  # "changelog", "transitions", "cases", "dead_letter"
+    topic: str
+    partitions: int
+    per_event: float
+    value_bytes: int
+
+
+def measure_outputs(settings, topics: dict[str, str], span: tuple[float, float], events: float,
+                    quiet_s: float = 1.0, timeout: float = 60.0) -> list[Output]:
+    """What the worker produced while it processed ``events`` input events in the wall-time
+    ``span`` (the records whose producer timestamp falls in it), read back from its output
+    topics (``role → topic``) until nothing new arrived for ``quiet_s`` since the last record
+    (the end offsets are not used: Tansu's are wrong). Roles with no record in the span are left
+    out."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers.split(","),
+                             enable_auto_commit=False, group_id=None)
+    try:
+        partitions = {topic: sorted(consumer.partitions_for_topic(topic) or ()) for topic in topics.values()}
+        consumer.assign([TopicPartition(t, p) for t, ps in partitions.items() for p in ps])
+        consumer.seek_to_beginning()
+        records: Counter = Counter()
+        size: Counter = Counter()
+        start, last = time.monotonic(), None  # quiet counts from the first record read
+        while last is None or time.monotonic() - last < quiet_s:
+            if time.monotonic() - start > timeout:
+                if last is None:
+                    break  # nothing at all
+                raise RuntimeError(f"measure_outputs: {topics} still growing after {timeout:.0f}s")
+            polled = consumer.poll(timeout_ms=100)
+            if not polled:
+                time.sleep(0.01)  # noida answers an empty fetch at once
+            for tp, batch in polled.items():
+                last = time.monotonic()
+                inside = [m for m in batch if span[0] <= m.timestamp / 1000.0 <= span[1]]
+                records[tp.topic] += len(inside)
+                size[tp.topic] += sum(len(m.value or b"") for m in inside)
+    finally:
+        consumer.close()
+    return [Output(role, topic, len(partitions[topic]), round(records[topic] / events, 4),
+                   round(size[topic] / records[topic]))
+            for role, topic in topics.items() if records[topic]]
+
+
 # -- the trivial agent (baseline) ---------------------------------------------------------------
-def trivial_app(settings, app_id: str, datadir: str, registry=None):
+def trivial_app(settings, app_id: str, datadir: str, registry=None, outputs: Iterable["Output"] = ()):
     """A Faust app that decodes every action and recommendation and counts them (the baseline):
     the worker's consumer settings, its topics, none of its work. Exports the same
     ``memento_stream_events_total`` and ``memento_stream_assigned_partitions`` as the worker, in
     ``registry`` (a fresh one by default).
+
+    With ``outputs`` (the baseline with output), it also sends, after each event and through the
+    worker's producer settings, ``per_event`` records of ``value_bytes`` bytes keyed by the
+    event's key to each output's ``topic`` (fractions carry over from event to event): what
+    producing the worker's records through the broker costs, without the worker's work.
 
     >>> from memento.config import Settings
     >>> trivial_app(Settings(), "bench-agent", "/tmp/memento-doctest-agent").conf.id
@@ -341,12 +417,21 @@ def trivial_app(settings, app_id: str, datadir: str, registry=None):
     by_topic = {t.actions: (Action, events.labels("action")),
                 t.recommendations: (Recommendation, events.labels("recommendation"))}
 
+    sends = [[o.topic, o.per_event, b"x" * o.value_bytes, 0.0] for o in outputs]  # credit last
+
     @app.agent(source)
     async def count(stream):
+        producer = app.producer
         async for event in stream.events():
             schema, counter = by_topic[event.message.topic]
             decode(schema, event.value)
             counter.inc()
+            for send in sends:
+                send[3] += send[1]
+                while send[3] >= 1.0:
+                    send[3] -= 1.0
+                    await producer.send(send[0], event.message.key, send[2], partition=None,
+                                        timestamp=None, headers=None)
 
     @app.timer(interval=1.0)
     async def report():
@@ -362,6 +447,7 @@ def _run_agent(argv: list[str]) -> int:
     p.add_argument("--app-id", required=True)
     p.add_argument("--metrics-port", type=int, required=True)
     p.add_argument("--datadir", required=True)
+    p.add_argument("--outputs", default="[]", help="JSON list of Output fields (what to send per event)")
     a = p.parse_args(argv)
     from faust import Worker
     from prometheus_client import CollectorRegistry, start_http_server
@@ -370,7 +456,8 @@ def _run_agent(argv: list[str]) -> int:
 
     registry = CollectorRegistry()  # not the default one, where streams.app's metrics live
     start_http_server(a.metrics_port, addr="127.0.0.1", registry=registry)
-    app = trivial_app(Settings.from_env(), a.app_id, a.datadir, registry=registry)
+    outputs = [Output(**o) for o in json.loads(a.outputs)]
+    app = trivial_app(Settings.from_env(), a.app_id, a.datadir, registry=registry, outputs=outputs)
     worker = Worker(app, loglevel="warning", quiet=True)
     worker.spinner = None  # as in streams.worker: no root logger at DEBUG
     worker.execute_from_commandline()
@@ -429,7 +516,7 @@ class _Phase:
         from memento.kafka_io import ensure_topics
 
         self.bench, self.name = bench, name
-        prefix = f"bench-{bench.stamp}-{name}"
+        self.app_id = self.prefix = prefix = f"bench-{bench.stamp}-{name}"
         topics = TopicNames(**{role: f"{prefix}.{t}" for role, t in TopicNames().all().items()})
         base = bench.base
         self.settings = Settings(**{**base.__dict__, "topics": topics, "data_dir": str(bench.work / name),
@@ -446,7 +533,7 @@ class _Phase:
         procs = []
         for i in range(n):
             port = free_port()
-            cmd = memento_command("worker", "--app-id", f"bench-{self.bench.stamp}-{self.name}",
+            cmd = memento_command("worker", "--app-id", self.app_id,
                                   "--worker-id", f"w{i}", "--metrics-port", str(port), "--loglevel", "warning")
             if self.settings.embedded_broker == "tansu":
                 cmd.append("--no-tansu-safe-recovery")
@@ -455,13 +542,20 @@ class _Phase:
             self.ports.append(port)
         return procs
 
-    def start_agent(self):
+    def start_agent(self, outputs: Iterable["Output"] = ()):
+        """The trivial agent (:func:`trivial_app`); with ``outputs``, sending them to topics of
+        this phase (``<prefix>.out.<role>``, with the worker's partition counts)."""
         from memento.broker import free_port
+        from memento.kafka_io import ensure_topics
 
+        outputs = [dataclasses.replace(o, topic=f"{self.prefix}.out.{o.role}") for o in outputs]
+        if outputs:
+            ensure_topics(self.settings, specs={o.topic: o.partitions for o in outputs})
         port = free_port()
         (self.bench.work / self.name).mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "streams.bench", "agent", "--app-id", f"bench-{self.bench.stamp}-{self.name}",
-               "--metrics-port", str(port), "--datadir", str(self.bench.work / self.name / "agent")]
+        cmd = [sys.executable, "-m", "streams.bench", "agent", "--app-id", self.app_id,
+               "--metrics-port", str(port), "--datadir", str(self.bench.work / self.name / "agent"),
+               "--outputs", json.dumps([dataclasses.asdict(o) for o in outputs])]
         proc = self.bench.group.start(f"{self.name}-agent", cmd, env=self.settings.to_env(),
                                       log_dir=self.bench.work / "logs")
         self.ports.append(port)
@@ -485,7 +579,8 @@ class _Phase:
 
     def drain(self, total: int, timeout: float = 600.0, at_tenth: Callable[[], None] | None = None) -> float:
         """Sample the processes' progress (from their start) until ``total`` events are consumed;
-        returns :func:`sustained_rate`. ``at_tenth`` is called once a tenth is consumed."""
+        returns :func:`sustained_rate` and keeps :func:`sustained_span` in ``span``. ``at_tenth``
+        is called once a tenth is consumed."""
         samples = [(time.time(), 0.0)]
         deadline = time.monotonic() + timeout
         while samples[-1][1] < total:
@@ -500,6 +595,7 @@ class _Phase:
                 samples.append((time.time(), _consumed(self.ports)))
             except OSError:  # metrics endpoint not up yet
                 pass
+        self.span = sustained_span(samples, total)
         return sustained_rate(samples, total)
 
 
@@ -625,6 +721,8 @@ def _profile(pid: int, seconds: float, out: Path) -> subprocess.Popen | None:
 
 def run(args: argparse.Namespace) -> dict:
     """Run every phase; returns (and writes to ``--json``) the figures."""
+    from streams.app import USERS_TABLE
+
     figures: dict = {"events": args.events, "users": args.users, "window_s": args.window,
                      "allowed_lateness_s": args.lateness, "session_gap_s": args.session_gap,
                      "cpus": os.cpu_count(), "loadavg_start": list(os.getloadavg())}
@@ -662,12 +760,20 @@ def run(args: argparse.Namespace) -> dict:
         reader.close()
         one_result = {tid: one_seen[tid][1:] for tid in expected if tid in one_seen}
         figures["duplicate_transitions"] = sum(n - 1 for n in reader.copies.values())
+        # what the worker produced per input event while its rate was measured: the producing
+        # trivial agent (phase 5) sends as much
+        t = one.settings.topics
+        outputs = measure_outputs(one.settings, {
+            "changelog": f"{one.app_id}-{USERS_TABLE}-changelog", "transitions": t.transitions,
+            "cases": t.cases, "dead_letter": t.dead_letter}, one.span, 0.8 * total)
+        figures["outputs_per_event"] = round(sum(o.per_event for o in outputs), 3)
+        figures["outputs"] = {o.role: {"per_event": o.per_event, "value_bytes": o.value_bytes} for o in outputs}
+        print(f"worker outputs per input event: {figures['outputs']}", flush=True)
         reader = _TransitionReader(one.settings, from_end=True)
         reader.start()
 
         # 2. latency, same worker and topics: event time = production time
         lat = BenchEvents(args.users, args.item_dim, "l", seed=args.seed + 1)
-        t = one.settings.topics
         topic = {"action": t.actions, "recommendation": t.recommendations}
         rate_target = args.latency_rate or max(50.0, figures["events_per_s"] / 2)
         sent, t0 = 0, time.time()
@@ -728,6 +834,10 @@ def run(args: argparse.Namespace) -> dict:
             figures["two_workers_transitions"] = len(two_result)
             figures["two_workers_match_one"] = (bool(expected) and one_result == two_result
                                                 and len(one_result) == len(expected))
+            differ = sorted(tid for tid in expected if one_result.get(tid) != two_result.get(tid))
+            figures["two_workers_differ"] = len(differ)  # (reward, done) of one worker, of two
+            figures["two_workers_differ_examples"] = {tid: [one_result.get(tid), two_result.get(tid)]
+                                                      for tid in differ[:5]}
             print(f"two workers: {rate:.0f} events/s; transitions {len(two_result)}/{len(expected)}, "
                   f"same as one worker: {figures['two_workers_match_one']}", flush=True)
         bench.group.stop_all()
@@ -743,13 +853,27 @@ def run(args: argparse.Namespace) -> dict:
         bench.group.stop_all()
         bench.group.processes.clear()
 
-        # 5. ceiling: kafka-python drains the baseline's topics
+        # 5. baseline with output: the trivial agent, sending what the worker sent
+        floor = _Phase(bench, "floor")
+        floor.produce(batches)
+        floor.start_agent(outputs)
+        rate = floor.drain(total)
+        figures["baseline_with_output"] = {"events_per_s": round(rate, 1),
+                                           "outputs_per_event": figures["outputs_per_event"]}
+        print(f"baseline with output (trivial agent sending {figures['outputs_per_event']} records "
+              f"per event): {rate:.0f} events/s", flush=True)
+        bench.group.stop_all()
+        bench.group.processes.clear()
+
+        # 6. ceiling: kafka-python drains the baseline's topics
         figures["ceiling"] = {"events_per_s": round(_ceiling(base.settings, total), 1)}
         print(f"ceiling (kafka-python): {figures['ceiling']['events_per_s']:.0f} events/s", flush=True)
-        figures["ratio_to_baseline"] = round(figures["events_per_s"] / figures["baseline"]["events_per_s"], 3)
-        if "two_workers_events_per_s" in figures:
-            figures["two_workers_ratio_to_baseline"] = round(
-                figures["two_workers_events_per_s"] / figures["baseline"]["events_per_s"], 3)
+        for key, reference in (("ratio_to_baseline", "baseline"),
+                               ("ratio_to_baseline_with_output", "baseline_with_output")):
+            figures[key] = round(figures["events_per_s"] / figures[reference]["events_per_s"], 3)
+            if "two_workers_events_per_s" in figures:
+                figures[f"two_workers_{key}"] = round(
+                    figures["two_workers_events_per_s"] / figures[reference]["events_per_s"], 3)
     finally:
         figures["loadavg_end"] = list(os.getloadavg())
         bench.close()
