@@ -534,7 +534,8 @@ class _Phase:
         for i in range(n):
             port = free_port()
             cmd = memento_command("worker", "--app-id", self.app_id,
-                                  "--worker-id", f"w{i}", "--metrics-port", str(port), "--loglevel", "warning")
+                                  "--worker-id", f"w{i}", "--metrics-port", str(port),
+                                  "--loglevel", os.environ.get("MEMENTO_BENCH_WORKER_LOGLEVEL", "warning"))
             if self.settings.embedded_broker == "tansu":
                 cmd.append("--no-tansu-safe-recovery")
             procs.append(self.bench.group.start(f"{self.name}-w{i}", cmd, env=self.settings.to_env(),
@@ -838,6 +839,13 @@ def run(args: argparse.Namespace) -> dict:
             figures["two_workers_differ"] = len(differ)  # (reward, done) of one worker, of two
             figures["two_workers_differ_examples"] = {tid: [one_result.get(tid), two_result.get(tid)]
                                                       for tid in differ[:5]}
+            part = {p.request_id: p.partition for p in events.produced if p.role == "recommendation"}
+            figures["two_workers_differ_partitions"] = dict(sorted(Counter(part[tid] for tid in differ).items()))
+            if differ:  # (partition, one worker's, two workers', the rules' (reward, done))
+                truth = _truth(batches, args, set(differ))
+                (bench.work / "two_workers_differ.json").write_text(json.dumps(
+                    {tid: [part[tid], one_result.get(tid), two_result.get(tid), truth.get(tid)]
+                     for tid in differ}))
             print(f"two workers: {rate:.0f} events/s; transitions {len(two_result)}/{len(expected)}, "
                   f"same as one worker: {figures['two_workers_match_one']}", flush=True)
         bench.group.stop_all()
@@ -881,6 +889,31 @@ def run(args: argparse.Namespace) -> dict:
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
     return figures
+
+
+def _truth(batches, args, ids: set[str]) -> dict[str, list]:
+    """(reward, done) of the recommendations ``ids`` from the rules applied to all the events
+    (diagnostic: which of two differing runs is right)."""
+    from memento.config import RewardWeights
+    from memento.schemas import Action, Recommendation, decode
+
+    weights, acts, times, recs = RewardWeights(), defaultdict(list), defaultdict(list), []
+    for batch in batches:
+        for role, _, value, p in batch:
+            times[p.user].append(p.ts)
+            if role == "action":
+                a = decode(Action, value)
+                acts[a.user_id].append((a.item_id, a.action, a.ts))
+            elif p.request_id in ids:
+                recs.append(decode(Recommendation, value))
+    out = {}
+    for r in recs:
+        end = r.ts + args.window
+        reward = max((weights.weight(k) for i, k, ts in acts[r.user_id] if i == r.item_id and r.ts <= ts <= end),
+                     default=0.0)
+        done = args.session_gap > 0 and not any(end < ts <= end + args.session_gap for ts in times[r.user_id])
+        out[r.request_id] = [reward, done]
+    return out
 
 
 def _ceiling(settings, total: int) -> float:
