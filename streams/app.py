@@ -30,7 +30,7 @@ from typing import Any, Iterable, Sequence
 
 import faust
 from faust.streams import _current_event
-from faust.types import EventT
+from faust.types import TP, EventT
 from prometheus_client import Counter, Gauge
 
 from memento.config import TOPIC_PARTITIONS, Settings
@@ -152,7 +152,7 @@ class TransitionWorker:
         Wall-clock period of the watermark ticks.
     idle_timeout_s
         Wall-clock seconds after which an input partition that delivered nothing stops holding
-        the watermark back.
+        the watermark back, once the consumer knows of no unread message in it.
     tansu_safe_recovery
         Embedded Tansu only: send one record per producer batch so that table recovery after a
         worker restart is complete (Tansu's ListOffsets defect). Costs most of the worker's
@@ -200,6 +200,7 @@ class TransitionWorker:
         self.tansu_safe_recovery = tansu_safe_recovery
         self.watermarks: dict[int, float] = {}
         self._input_latest: dict[int, dict[str, tuple[float, float]]] = {}
+        self._processed: dict[tuple[str, int], int] = {}  # (input topic, partition) → last offset handled
         # per partition: user → watermark after which close_due has work, and a heap of
         # (time, user) entries of which those that disagree with the dict are stale
         self._due: dict[int, dict[str, float]] = {}
@@ -268,6 +269,7 @@ class TransitionWorker:
                 if tp.topic in (t.actions, t.recommendations):
                     self._input_latest.pop(tp.partition, None)
                     self.watermarks.pop(tp.partition, None)
+                    self._processed.pop((tp.topic, tp.partition), None)
                 for gauge in (CONSUMER_LAG, READ_LAG):
                     try:
                         gauge.remove(tp.topic, str(tp.partition))
@@ -334,6 +336,8 @@ class TransitionWorker:
         """Process one consumed message: update the user's state (in memory) and queue what it
         makes due; :meth:`handle_batch` sends and writes."""
         t = self.settings.topics
+        if topic == t.actions or topic == t.recommendations:
+            self._processed[(topic, partition)] = offset
         try:
             if topic == t.ticks:
                 _TICK_EVENTS.inc()
@@ -379,18 +383,48 @@ class TransitionWorker:
         event time consumed from that topic's partition. Faust does not interleave topics in event
         time, so one topic may be read ahead of the other; the minimum keeps a window open until
         both have passed its end. An input that delivered nothing for ``idle_timeout_s`` is idle
-        and does not hold the watermark back (when all are idle, the largest time counts)."""
+        and does not hold the watermark back (when all are idle, the largest time counts), unless
+        the consumer knows of unread messages in it: a backlog that Faust has not fetched for a
+        while (one topic starved by the other) is not idleness, and treating it so closed windows
+        and decided session ends before their events were read."""
         latest = self._input_latest.get(partition)
         if not latest:
             return None
         now = time.monotonic()
-        active = [ts for ts, seen in latest.values() if now - seen < self.idle_timeout_s]
-        if len(latest) < len(self.INPUTS) and active:
+        active = [ts for source, (ts, seen) in latest.items()
+                  if now - seen < self.idle_timeout_s or not self._caught_up(source, partition)]
+        unheard = [source for source in self.INPUTS if source not in latest]
+        if unheard and (active or not all(self._caught_up(source, partition) for source in unheard)):
             return None  # an input not heard from yet may still hold earlier events
         wm = min(active) if active else max(ts for ts, _ in latest.values())
         wm = max(wm, self.watermarks.get(partition, float("-inf")))
         self.watermarks[partition] = wm
         return wm
+
+    def _caught_up(self, source: str, partition: int) -> bool:
+        """False when the consumer knows of messages of input ``source`` in ``partition`` beyond
+        the next one this worker would handle (:meth:`_unread` > 1: the last offset may be a
+        transaction's commit marker, which is never delivered); True when there are none or
+        it cannot tell."""
+        unread = self._unread(source, partition)
+        return unread is None or unread <= 1
+
+    def _unread(self, source: str, partition: int) -> int | None:
+        """Offsets of input ``source``'s ``partition`` that the consumer knows exist (its high
+        watermark) past the last one handled (or the committed offset, before any); None when
+        unknown (no fetch answered yet, not assigned, nothing handled or committed)."""
+        t = self.settings.topics
+        tp = TP(t.actions if source == "action" else t.recommendations, partition)
+        consumer = self.app.consumer
+        try:
+            highwater = consumer.highwater(tp)
+        except Exception:  # not assigned (any more), or the consumer is not started
+            return None
+        done = self._processed.get(tuple(tp))
+        start = done + 1 if done is not None else consumer._committed_offset.get(tp)
+        if highwater is None or start is None:
+            return None
+        return max(0, highwater - start)
 
     def _load(self, user_id: str, partition: int) -> dict[str, Any]:
         cache = self._cache

@@ -238,3 +238,61 @@ def test_state_without_held_list_still_works(gap):
 def test_negative_settings_are_rejected():
     with pytest.raises(ValueError, match="session_gap_s"):
         RewardAttribution(StateEncoder(ItemEncoder(D)), RewardWeights(), session_gap_s=-1.0)
+
+
+# -- the worker's watermark: idle inputs ------------------------------------------------------
+class _Consumer:
+    """What the worker asks Faust's consumer: high watermarks and committed offsets."""
+
+    def __init__(self, highwater: dict, committed: dict | None = None):
+        self.highwaters = highwater
+        self._committed_offset = committed or {}
+
+    def highwater(self, tp):
+        if tp not in self.highwaters:
+            raise AssertionError(f"{tp} is not assigned")
+        return self.highwaters[tp]
+
+
+def _worker(tmp_path, **kwargs):
+    from memento.config import Settings
+    from streams.app import TransitionWorker
+
+    return TransitionWorker(Settings(data_dir=str(tmp_path)), store="memory://", **kwargs)
+
+
+def test_a_silent_input_with_unread_messages_still_holds_the_watermark(tmp_path):
+    """A backlog that Faust has not fetched for a while (one input starved by the other) is not
+    idleness: closing windows on the other input's time alone decided session ends and rewards
+    before their events were read (seen on Tansu in `memento bench stream`)."""
+    worker = _worker(tmp_path, idle_timeout_s=0.0)  # every input counts as silent at once
+    unread = {"action": 0, "recommendation": 5}
+    worker._unread = lambda source, partition: unread[source]
+    worker._advance("action", 0, 100.0)
+    worker._advance("recommendation", 0, 50.0)
+    assert worker.watermark(0) == 50.0  # the recommendations' backlog holds it back
+    unread["recommendation"] = 1  # at most a commit marker left: caught up
+    assert worker.watermark(0) == 100.0  # both idle: the largest time counts
+
+    fresh = _worker(tmp_path / "fresh", idle_timeout_s=0.0)
+    unread = {"action": 0, "recommendation": 3}
+    fresh._unread = lambda source, partition: unread[source]
+    fresh._advance("action", 1, 10.0)
+    assert fresh.watermark(1) is None  # an input not heard from yet, with messages waiting
+    unread["recommendation"] = 0
+    assert fresh.watermark(1) == 10.0
+
+
+def test_unread_counts_from_the_last_handled_offset_or_the_committed_one(tmp_path):
+    from faust.types import TP
+
+    worker = _worker(tmp_path)
+    t = worker.settings.topics
+    worker.app.consumer = _Consumer({TP(t.actions, 0): 10, TP(t.recommendations, 0): None,
+                                     TP(t.actions, 1): 8}, committed={TP(t.actions, 1): 5})
+    assert worker._unread("action", 0) is None  # nothing handled, nothing committed
+    worker.handle(t.actions, 0, 7, b"u", b"{broken")  # a dead letter is handled too
+    assert worker._unread("action", 0) == 2
+    assert worker._unread("action", 1) == 3  # from the committed offset
+    assert worker._unread("recommendation", 0) is None  # no fetch answered yet
+    assert worker._unread("recommendation", 3) is None  # not assigned
