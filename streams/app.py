@@ -23,6 +23,7 @@ import heapq
 import itertools
 import json
 import logging
+import math
 import time
 import weakref
 from collections import OrderedDict
@@ -200,7 +201,8 @@ class TransitionWorker:
         self.tansu_safe_recovery = tansu_safe_recovery
         self.watermarks: dict[int, float] = {}
         self._input_latest: dict[int, dict[str, tuple[float, float]]] = {}
-        self._processed: dict[tuple[str, int], int] = {}  # (input topic, partition) → last offset handled
+        # (input topic, partition) → (last offset handled, wall time it was handled)
+        self._processed: dict[tuple[str, int], tuple[int, float]] = {}
         # per partition: user → watermark after which close_due has work, and a heap of
         # (time, user) entries of which those that disagree with the dict are stale
         self._due: dict[int, dict[str, float]] = {}
@@ -337,7 +339,7 @@ class TransitionWorker:
         makes due; :meth:`handle_batch` sends and writes."""
         t = self.settings.topics
         if topic == t.actions or topic == t.recommendations:
-            self._processed[(topic, partition)] = offset
+            self._processed[(topic, partition)] = (offset, time.time())
         try:
             if topic == t.ticks:
                 _TICK_EVENTS.inc()
@@ -402,29 +404,54 @@ class TransitionWorker:
         return wm
 
     def _caught_up(self, source: str, partition: int) -> bool:
-        """False when the consumer knows of messages of input ``source`` in ``partition`` beyond
-        the next one this worker would handle (:meth:`_unread` > 1: the last offset may be a
-        transaction's commit marker, which is never delivered); True when there are none or
-        it cannot tell."""
+        """Whether input ``source`` has nothing more in ``partition`` as far as the consumer
+        knows: a fetch answered since the last message handled from it, with a high watermark at
+        most one offset past the next message to handle (the last offset may be a transaction's
+        commit marker, which is never delivered). A partition that Faust stopped fetching (its
+        buffer full, the other input being served) has no fresh answer, so it is not caught up
+        however close its last high watermark was. Before any message of it is handled, an
+        unknown count counts as caught up (an input may have no message at all)."""
         unread = self._unread(source, partition)
-        return unread is None or unread <= 1
+        if unread is None:
+            return tuple(self._input_tp(source, partition)) not in self._processed
+        return unread <= 1
+
+    def _input_tp(self, source: str, partition: int) -> TP:
+        t = self.settings.topics
+        return TP(t.actions if source == "action" else t.recommendations, partition)
 
     def _unread(self, source: str, partition: int) -> int | None:
-        """Offsets of input ``source``'s ``partition`` that the consumer knows exist (its high
-        watermark) past the last one handled (or the committed offset, before any); None when
-        unknown (no fetch answered yet, not assigned, nothing handled or committed)."""
-        t = self.settings.topics
-        tp = TP(t.actions if source == "action" else t.recommendations, partition)
+        """Offsets of input ``source``'s ``partition`` that the consumer's latest fetch answer says
+        exist past the last one handled (or the committed offset, before any); None when that
+        answer is older than the last message handled, or unknown (not fetched yet, not
+        assigned, nothing handled or committed)."""
+        tp = self._input_tp(source, partition)
         consumer = self.app.consumer
         try:
             highwater = consumer.highwater(tp)
         except Exception:  # not assigned (any more), or the consumer is not started
             return None
-        done = self._processed.get(tuple(tp))
-        start = done + 1 if done is not None else consumer._committed_offset.get(tp)
-        if highwater is None or start is None:
+        try:
+            answered_ms = self._fetch_answered_ms(tp)
+        except AttributeError:  # another consumer driver: the high watermark alone
+            answered_ms = math.inf
+        except Exception:
             return None
+        handled = self._processed.get(tuple(tp))
+        if handled is not None:
+            start, handled_at = handled[0] + 1, handled[1]
+        else:
+            start, handled_at = consumer._committed_offset.get(tp), None
+        if highwater is None or start is None or answered_ms is None:
+            return None
+        if handled_at is not None and answered_ms / 1000.0 <= handled_at:
+            return None  # no answer since: a stale high watermark says nothing
         return max(0, highwater - start)
+
+    def _fetch_answered_ms(self, tp: TP) -> float | None:
+        """Wall time (ms) of the consumer's latest fetch answer for ``tp``, which set its high
+        watermark (aiokafka's ``last_poll_timestamp``; Faust has no accessor for it)."""
+        return self.app.consumer._thread._ensure_consumer().last_poll_timestamp(tp)
 
     def _load(self, user_id: str, partition: int) -> dict[str, Any]:
         cache = self._cache

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -296,3 +298,22 @@ def test_unread_counts_from_the_last_handled_offset_or_the_committed_one(tmp_pat
     assert worker._unread("action", 1) == 3  # from the committed offset
     assert worker._unread("recommendation", 0) is None  # no fetch answered yet
     assert worker._unread("recommendation", 3) is None  # not assigned
+
+
+def test_a_high_watermark_older_than_the_last_message_handled_says_nothing(tmp_path):
+    """Faust stops fetching a partition whose buffer is full: its last high watermark then
+    predates messages handled since, and must not make the input look caught up."""
+    from faust.types import TP
+
+    worker = _worker(tmp_path)
+    t = worker.settings.topics
+    worker.app.consumer = _Consumer({TP(t.actions, 0): 8, TP(t.recommendations, 0): 0})
+    answered = {"ms": None}
+    worker._fetch_answered_ms = lambda tp: answered["ms"]
+    assert worker._caught_up("recommendation", 0)  # nothing handled, nothing known: as before
+    worker.handle(t.actions, 0, 7, b"u", b"{broken")
+    assert worker._unread("action", 0) is None and not worker._caught_up("action", 0)
+    answered["ms"] = (time.time() - 60) * 1000  # answered before the message was handled
+    assert worker._unread("action", 0) is None and not worker._caught_up("action", 0)
+    answered["ms"] = (time.time() + 1) * 1000  # answered since: 8 - (7 + 1) = 0 unread
+    assert worker._unread("action", 0) == 0 and worker._caught_up("action", 0)
