@@ -119,6 +119,16 @@ class ServingConfig:
         if self.generator == "chat" and not self.chat_url:
             raise ValueError("generator 'chat' needs chat_url (an OpenAI-compatible endpoint root)")
 
+    def open_bank(self, path: Path, dim: int):
+        """The case bank at ``path`` (``memory_store.CaseBank``, states of ``dim``) with serving's
+        options: what a serving worker searches, and what ``memento bench serving`` measures."""
+        from memory_store import CaseBank
+
+        # IVF probes are tuned for recall at the k serving searches, not the bank's default.
+        return CaseBank(path, dim=dim, num_shards=CaseBank.stored_num_shards(path) or self.bank_shards,
+                        omp_threads=self.compute_threads, tune_k=self.options.top_k,
+                        ivf_encoding=self.bank_encoding, nprobe=self.bank_nprobe)
+
 
 class ServingService:
     """One serving process's state and background work.
@@ -165,14 +175,9 @@ class ServingService:
         """Open the bank, connect to Kafka, start the followers (blocking; run off the loop)."""
         try:
             import torch
-            from memory_store import CaseBank
 
             torch.set_num_threads(self.config.compute_threads)
-            # IVF probes are tuned for recall at the k serving searches, not the bank's default.
-            self.bank = CaseBank(self.bank_path, dim=self.settings.state_dim,
-                                 num_shards=CaseBank.stored_num_shards(self.bank_path) or self.config.bank_shards,
-                                 omp_threads=self.config.compute_threads, tune_k=self.options.top_k,
-                                 ivf_encoding=self.config.bank_encoding, nprobe=self.config.bank_nprobe)
+            self.bank = self.config.open_bank(self.bank_path, self.settings.state_dim)
             self.metrics.cases.set(len(self.bank))
             default = CaseItemGenerator(self.bank)
             if self.config.generator == "chat":

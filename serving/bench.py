@@ -325,7 +325,8 @@ def _bank_figures(settings, states: np.ndarray, args: argparse.Namespace, querie
     import faiss
 
     from memento.encoder import ItemEncoder, StateEncoder
-    from memory_store import CaseBank
+    from serving.app import ServingConfig
+    from serving.policy import PolicyOptions
     from serving.validation import parse_json, parse_recommend
 
     encoder = StateEncoder(ItemEncoder(settings.item_dim))
@@ -333,9 +334,8 @@ def _bank_figures(settings, states: np.ndarray, args: argparse.Namespace, querie
     q = np.stack([encoder.encode(r.recent_items, until=r.ts) for r in reqs]).astype(np.float32)
     k = settings.top_k
     exact, _ = faiss.knn(q, states, k, metric=faiss.METRIC_INNER_PRODUCT)
-    path = Path(settings.data_dir) / "serving-bank"
-    bank = CaseBank(path, dim=settings.item_dim, num_shards=CaseBank.stored_num_shards(path), omp_threads=1,
-                    tune_k=k, ivf_encoding="fp16", nprobe=args.bank_nprobe)
+    config = ServingConfig(options=PolicyOptions(top_k=k), bank_shards=args.bank_shards, bank_nprobe=args.bank_nprobe)
+    bank = config.open_bank(Path(settings.data_dir) / "serving-bank", settings.state_dim)
     try:
         bank.search(q[:16], k)  # first touch
         cpu = time.thread_time()
