@@ -234,6 +234,13 @@ class SyntheticSource(ReplaySource):
     organic actions come one event-second apart from the moment's start, the request is at
     mid-step, and the response actions follow ``response_delay_s`` apart (inside the window).
 
+    Common random numbers: which user comes at each moment is drawn from a stream of its own,
+    each moment's browsing from a stream keyed by the moment, and the reaction to a shown item
+    from a stream keyed by (moment, item). Two policies played from the same seed therefore
+    meet the same users in the same order, and the same user reacts the same way to the same
+    item at the same moment: differences in reward come from the policies' choices (and the
+    taste drift those choices cause), not from where a shared generator happened to be.
+
     >>> cfg = ReplayConfig(world=WorldConfig(n_items=30, n_users=4), warmup_moments=1, seed=3)
     >>> source = SyntheticSource(cfg)
     >>> len({a.user_id for a in source.warmup()})
@@ -249,10 +256,14 @@ class SyntheticSource(ReplaySource):
     def __init__(self, config: ReplayConfig, world: SyntheticWorld | None = None):
         self.config = config
         self.world = world or build_world(config)
-        behaviour_seed = np.random.SeedSequence([config.seed, 1])
-        self.rng = np.random.default_rng(behaviour_seed)
+        self._user_rng = np.random.default_rng([config.seed, 1])
         self._clock = config.start_ts
         self._events = 0
+        self._moments = 0  # organic moments so far (warm-up included): keys the browsing streams
+
+    def _stream(self, *key: int) -> np.random.Generator:
+        """The random stream of one draw site (see the class docstring)."""
+        return np.random.default_rng([self.config.seed, *key])
 
     def _action(self, user: str, item: str, action: str, ts: float, request_id: str | None = None) -> Action:
         self._events += 1
@@ -261,7 +272,8 @@ class SyntheticSource(ReplaySource):
 
     def _organic(self, user: str, start: float) -> list[Action]:
         # Organic actions of one moment are spaced inside the first half of the step.
-        pairs = self.world.browse(user, self.rng)
+        self._moments += 1
+        pairs = self.world.browse(user, self._stream(2, self._moments))
         spacing = min(1.0, self.config.moment_step_s / (2.0 * (len(pairs) + 1)))
         return [self._action(user, item, act, start + k * spacing) for k, (item, act) in enumerate(pairs)]
 
@@ -275,7 +287,7 @@ class SyntheticSource(ReplaySource):
     def moments(self, limit: int) -> Iterator[Moment]:
         step = self.config.moment_step_s
         for index in range(limit):
-            user = self.world.sample_user(self.rng)
+            user = self.world.sample_user(self._user_rng)
             before = self._organic(user, self._clock)
             yield Moment(index=index, user_id=user, ts=self._clock + step / 2.0, before=before)
             self._clock += step
@@ -289,7 +301,8 @@ class SyntheticSource(ReplaySource):
             log.warning("serving recommended %r, which is not in the synthetic catalogue", item_id)
             return Outcome([], 0.0, self.world.oracle_reward(moment.user_id))
         oracle = self.world.oracle_reward(moment.user_id)
-        acts = self.world.respond(moment.user_id, item_id, self.rng)
+        acts = self.world.respond(moment.user_id, item_id,
+                                  self._stream(3, moment.index, self.world.item_index(item_id)))
         delay = self.config.response_delay_s
         actions = [self._action(moment.user_id, item_id, a, moment.ts + delay * (k + 1), request_id)
                    for k, a in enumerate(acts)]

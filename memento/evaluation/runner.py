@@ -28,7 +28,7 @@ import heapq
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -70,6 +70,9 @@ class EvalConfig:
         Length of each ranked list (hit@10 and NDCG@10 need 10).
     window_s, allowed_lateness_s
         Reward attribution window and lateness, event seconds (the stream worker's rules).
+    session_gap_s
+        Inactivity after a window's end that ends the user's session (``done``), as in the
+        stream worker (:class:`memento.config.Settings`); 0 = sessions never end.
     warmup_moments
         Simulator: organic moments per user before the first request.
     warmup_events
@@ -97,6 +100,7 @@ class EvalConfig:
     list_size: int = 10
     window_s: float = 600.0
     allowed_lateness_s: float = 60.0
+    session_gap_s: float = Settings.session_gap_s
     warmup_moments: int = 2
     warmup_events: int = 300
     moment_step_s: float = 60.0
@@ -112,8 +116,8 @@ class EvalConfig:
             raise ValueError(f"source must be one of {list(SOURCES)}, got {self.source!r}")
         if self.events < 0 or self.top_k < 1 or self.list_size < 1 or self.item_dim < 2:
             raise ValueError("events must be >= 0, top_k and list_size >= 1, item_dim >= 2")
-        if not self.window_s > 0 or self.allowed_lateness_s < 0:
-            raise ValueError("window_s must be > 0 and allowed_lateness_s >= 0")
+        if not self.window_s > 0 or self.allowed_lateness_s < 0 or self.session_gap_s < 0:
+            raise ValueError("window_s must be > 0, allowed_lateness_s and session_gap_s >= 0")
         if self.source == "synthetic" and self.warmup_moments < 1:
             raise ValueError("the simulator needs warmup_moments >= 1 so the bank has cases to retrieve")
 
@@ -154,7 +158,8 @@ class _Stream:
         self.items = items
         self.encoder = StateEncoder(items)
         self.attribution = RewardAttribution(self.encoder, rewards, window_s=config.window_s,
-                                             allowed_lateness_s=config.allowed_lateness_s)
+                                             allowed_lateness_s=config.allowed_lateness_s,
+                                             session_gap_s=config.session_gap_s)
         self.bank = CaseBank(None, dim=config.item_dim)
         self.policy: EvalPolicy | None = None  # set once built: it needs this stream's bank
         self.on_closed = on_closed
@@ -294,7 +299,8 @@ def _run_synthetic(config: EvalConfig, policy_name: str, seed: int, tick: Callab
     replay = ReplayConfig(seed=seed, events=config.events, warmup_moments=config.warmup_moments,
                           moment_step_s=config.moment_step_s, world=config.world,
                           settings=Settings(window_s=config.window_s, rewards=config.rewards,
-                                            allowed_lateness_s=config.allowed_lateness_s))
+                                            allowed_lateness_s=config.allowed_lateness_s,
+                                            session_gap_s=config.session_gap_s))
     source = SyntheticSource(replay)
     world = source.world
     run = _Run(policy_name, seed, len(world.item_ids))
@@ -333,6 +339,28 @@ def _context_projection(n_in: int, dim: int) -> np.ndarray:
 
 def _action_key(event: LoggedEvent) -> str:
     return event.action if event.rating is None else f"rating:{event.reward:g}"
+
+
+def same_time_groups(events: Sequence[LoggedEvent]) -> Iterator[list[LoggedEvent]]:
+    """Consecutive runs of events with the same event time, in order.
+
+    Logs have coarse timestamps (Tmall: minutes) and keep ties in file order, which says nothing
+    about which event came first; so every event of one timestamp is requested before any of
+    them reaches a user's history or the case bank.
+
+    >>> from memento.evaluation.logs import LoggedEvent
+    >>> ev = [LoggedEvent(str(i), "u", "7", ts, "click", 1.0, None, None) for i, ts in enumerate([1, 1, 2])]
+    >>> [[e.event_id for e in g] for g in same_time_groups(ev)]
+    [['0', '1'], ['2']]
+    """
+    group: list[LoggedEvent] = []
+    for e in events:
+        if group and e.ts != group[0].ts:
+            yield group
+            group = []
+        group.append(e)
+    if group:
+        yield group
 
 
 def _run_logged(config: EvalConfig, data: LoggedData, policy_name: str, seed: int,
@@ -385,20 +413,25 @@ def _run_logged(config: EvalConfig, data: LoggedData, policy_name: str, seed: in
         rest = rest[:config.events]
     if len(stream.bank) == 0:
         raise ValueError("no case in the bank before the first request: raise --warmup-events")
-    for e in rest:
-        stream.advance(e.ts)
-        user = user_key(e)
-        state = context_state(e) if context else stream.state(user, e.ts)
-        request = stream.request(user, e.ts, state)
-        choice = policy.choose(request, rng, config.list_size)
-        request_id = run.next_id()
-        stream.open(request_id, user, e.ts, state, choice, request)
-        run.open[request_id] = (choice.items, e.item_id, None, None, None)
-        if off_policy is not None:
-            off_policy.add(e.reward, e.propensity, choice.prob_of(e.item_id), reward_hat(e.item_id),
-                           choice.expectation(reward_hat, catalogue))
-        record(e)
-        tick()
+    for group in same_time_groups(rest):
+        stream.advance(group[0].ts)
+        requests: dict[str, tuple[np.ndarray, Request]] = {}
+        for e in group:  # every request of the group is answered before any of its events is seen
+            user = user_key(e)
+            if user not in requests:
+                state = context_state(e) if context else stream.state(user, e.ts)
+                requests[user] = (state, stream.request(user, e.ts, state))
+            state, request = requests[user]
+            choice = policy.choose(request, rng, config.list_size)
+            request_id = run.next_id()
+            stream.open(request_id, user, e.ts, state, choice, request)
+            run.open[request_id] = (choice.items, e.item_id, None, None, None)
+            if off_policy is not None:
+                off_policy.add(e.reward, e.propensity, choice.prob_of(e.item_id), reward_hat(e.item_id),
+                               choice.expectation(reward_hat, catalogue))
+        for e in group:
+            record(e)
+            tick()
     stream.close()
     estimates = {} if off_policy is None or not len(off_policy) else {
         name: est.to_dict() for name, est in off_policy.estimates().items()}
