@@ -327,8 +327,10 @@ def _run_synthetic(config: EvalConfig, policy_name: str, seed: int, tick: Callab
 
 
 def _context_projection(n_in: int, dim: int) -> np.ndarray:
+    # float32 after the division: a float32 array divided by a NumPy float64 scalar is float64
+    # under NumPy 2's promotion rules (NEP 50), and a float64 state then reached the Q network.
     rng = np.random.default_rng(20140901 + n_in * 1000 + dim)
-    return rng.standard_normal((n_in, dim)).astype(np.float32) / np.sqrt(dim)
+    return (rng.standard_normal((n_in, dim)) / np.sqrt(dim)).astype(np.float32)
 
 
 def _action_key(event: LoggedEvent) -> str:
