@@ -344,7 +344,7 @@ def _run_logged(config: EvalConfig, data: LoggedData, policy_name: str, seed: in
     for e in data.events:
         rewards.weights[_action_key(e)] = e.reward
     context = bool(data.context_columns)
-    projection = _context_projection(len(data.context_columns), config.item_dim) if context else None
+    projection = _context_projection(data.context_dim, config.item_dim) if context else None
     run = _Run(policy_name, seed, len(catalogue))
     stream = _Stream(config, _items_for(config, data.items), rewards, run.closed, context_states=context)
     policy = stream.policy = make_policy(policy_name, config, stream.bank, catalogue, seed)
@@ -363,11 +363,12 @@ def _run_logged(config: EvalConfig, data: LoggedData, policy_name: str, seed: in
         return e.user_id if e.user_id and not context else f"ctx:{e.event_id}"
 
     def context_state(e: LoggedEvent) -> np.ndarray | None:
+        # numbers and hashed categories (LoggedData.context_vector), projected and normalised
         if not context:
             return None
-        v = np.asarray(e.context, np.float32) @ projection
+        v = data.context_vector(e) @ projection
         norm = float(np.linalg.norm(v))
-        return v / norm if norm > 0 else v
+        return (v / norm if norm > 0 else v).astype(np.float32)
 
     def record(e: LoggedEvent) -> None:
         stream.action(e.event_id, user_key(e), e.item_id, _action_key(e), e.ts, organic=True,
