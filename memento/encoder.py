@@ -34,7 +34,7 @@ import numpy as np
 
 __all__ = [
     "ItemMeta", "HistoryEntry", "ItemEncoder", "StateEncoder", "load_products", "normalise_item_id",
-    "ACTION_STRENGTH", "case_feature_vector", "case_feature_dim",
+    "ACTION_STRENGTH", "case_feature_vector", "case_feature_dim", "signed_hash",
     "TextEncoder", "SentenceTransformerTextEncoder", "text_encoder_from_path", "TEXT_PROJECTION_SEED",
 ]
 
@@ -62,6 +62,24 @@ class HistoryEntry:
 
 def _hash(token: str) -> int:
     return int.from_bytes(hashlib.blake2b(token.encode(), digest_size=8).digest(), "little")
+
+
+def signed_hash(token: str, dim: int) -> tuple[int, float]:
+    """Signed feature hashing of one token: its bucket in ``range(dim)`` and its sign (±1.0).
+
+    The one hashing family of the project: :class:`ItemEncoder` adds each metadata token this
+    way (several salted copies per token), and :mod:`memento.evaluation.logs` encodes
+    categorical context values (``"column=value"``) with it. The hash is BLAKE2b, the same in
+    every process and Python run.
+
+    >>> signed_hash("cat=1-2", 8) == signed_hash("cat=1-2", 8)
+    True
+    >>> index, sign = signed_hash("cat=1-2", 8)
+    >>> 0 <= index < 8 and sign in (1.0, -1.0)
+    True
+    """
+    h = _hash(token)
+    return h % dim, (1.0 if (h >> 32) & 1 else -1.0)
 
 
 def load_products(path: str | Path) -> dict[str, ItemMeta]:
@@ -314,8 +332,8 @@ class ItemEncoder:
             for token, weight in features:
                 # Several hashes per token spread it over dimensions (a random projection).
                 for j in range(4):
-                    h = _hash(f"{j}:{token}" if salt == 0 else f"{salt}.{j}:{token}")
-                    vec[h % self.dim] += weight * (1.0 if (h >> 32) & 1 else -1.0)
+                    index, sign = signed_hash(f"{j}:{token}" if salt == 0 else f"{salt}.{j}:{token}", self.dim)
+                    vec[index] += weight * sign
             # Rarely the signed hashes cancel out exactly; hash again rather than leave the item
             # with no direction.
             if embedding is not None or not features or np.any(vec) or salt >= 8:

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from memento.encoder import ItemMeta
+import numpy as np
+
+from memento.encoder import ItemMeta, signed_hash
 from memento.evaluation.logs import (
-    LoggedData, LoggedEvent, load_interactions, load_items, load_tmall, parse_reward_mapping,
-    parse_timestamp,
+    CONTEXT_BUCKETS, LoggedData, LoggedEvent, load_interactions, load_items, load_tmall,
+    parse_reward_mapping, parse_timestamp,
 )
 
 SAMPLE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tmall-sample"
@@ -140,16 +142,93 @@ def test_context_columns_without_user_id(tmp_path):
                            "abc,9,30,click,2,zz\n")
     data = load_interactions(path, context_prefix="x_")
     assert data.context_columns == ["x_age", "x_income"]
+    # x_age has a value that is not a number: the column is categorical, its values strings
+    assert data.categorical_columns == ["x_age"]
     assert [(e.user_id, e.item_id, e.context) for e in data.events] == [
-        ("", "7", (0.5, -1000.0)), ("", "8", (1.5, 2.0))]
-    assert data.skipped == [(4, "x_age 'abc' is not a number")]
+        ("", "7", ("0.5", -1000.0)), ("", "8", ("1.5", 2.0)), ("", "9", ("abc", 2.0))]
+    assert data.skipped == []
     assert not data.has_users
-    assert "no user ids" in data.summary() and "2 context columns" in data.summary()
+    assert "no user ids" in data.summary() and "2 context columns (1 categorical)" in data.summary()
     # without the context columns, the same file lacks a user id
     with pytest.raises(ValueError, match=r"missing required column\(s\) \['user_id'\]"):
         load_interactions(path)
     with pytest.raises(ValueError, match="no column starts with context prefix 'ctx_'"):
         load_interactions(path, context_prefix="ctx_")
+
+
+MIXED_CONTEXT_LOG = (
+    "item_id,timestamp,action,propensity,ctx_0,ctx_1,ctx_num,ctx_int\n"
+    "1,10,click,0.5,81ce5f0a,a,1e3,7\n"        # line 2
+    "2,11,click,0.5,,b,-0.25,\n"               # line 3: missing category, missing int
+    "1,12,click,0.5,81ce5f0a,NaN,+.5,007\n"    # line 4: nan is missing in both kinds
+    "2,13,click,0.5,9f00e1c2,b,null,-3\n"      # line 5: null is missing
+    "1,14,click,0.5,9f00e1c2,a,inf,1\n"        # line 6: an infinite number: skipped
+    "2,xx,click,0.5,not-a-number,a,zz,1\n"     # line 7: bad timestamp; its context types nothing
+)
+
+
+def test_context_columns_are_numeric_or_categorical_and_missing_values_load(tmp_path):
+    data = load_interactions(write(tmp_path, MIXED_CONTEXT_LOG), context_prefix="ctx_")
+    assert data.context_columns == ["ctx_0", "ctx_1", "ctx_num", "ctx_int"]
+    assert data.categorical_columns == ["ctx_0", "ctx_1"]
+    assert [e.context for e in data.events] == [
+        ("81ce5f0a", "a", 1000.0, 7.0), ("", "b", -0.25, 0.0), ("81ce5f0a", "", 0.5, 7.0),
+        ("9f00e1c2", "b", 0.0, -3.0)]
+    assert [line for line, _ in data.skipped] == [6, 7]
+    assert data.skipped[0] == (6, "ctx_num 'inf' is not a finite number")
+    assert data.context_buckets == CONTEXT_BUCKETS
+    assert data.context_dim == 2 + CONTEXT_BUCKETS
+    assert "4 context columns (2 categorical)" in data.summary()
+
+
+def test_context_vector_is_numbers_then_signed_hashed_one_hots(tmp_path):
+    data = load_interactions(write(tmp_path, MIXED_CONTEXT_LOG), context_prefix="ctx_", context_buckets=64)
+    assert data.context_dim == 66
+    vectors = [data.context_vector(e) for e in data.events]
+    assert all(v.dtype == np.float64 and v.shape == (66,) for v in vectors)
+    first = vectors[0]
+    assert first[:2].tolist() == [1000.0, 7.0]
+    expected = np.zeros(64)
+    for token in ("ctx_0=81ce5f0a", "ctx_1=a"):   # the item encoder's signed hashing
+        index, sign = signed_hash(token, 64)
+        expected[index] += sign
+    assert first[2:].tolist() == expected.tolist()
+    # a missing category adds nothing: one ±1 left on the second row
+    assert np.abs(vectors[1][2:]).sum() == 1.0
+    # the same category gives the same one-hot
+    index, sign = signed_hash("ctx_0=81ce5f0a", 64)
+    assert vectors[2][2 + index] == sign and np.abs(vectors[2][2:]).sum() == 1.0
+
+
+def test_numeric_context_vector_is_the_values_as_logged(tmp_path):
+    path = write(tmp_path, "item_id,timestamp,action,c_a,c_b\n1,1,click,0.0,1.0\n2,2,click,1,0\n")
+    data = load_interactions(path, context_prefix="c_")
+    assert data.categorical_columns == [] and data.context_dim == 2
+    assert [data.context_vector(e).tolist() for e in data.events] == [[0.0, 1.0], [1.0, 0.0]]
+
+
+@pytest.mark.parametrize("values", [
+    (np.float16(0.5), np.float32(2.0), np.float64(-1.0)),
+    np.array([0.5, 2.0, -1.0], np.float64),
+    np.array([0.5, 2.0, -1.0], np.float32),
+    (0.5, 2, -1.0),
+])
+def test_context_vector_accepts_any_float_type(values):
+    data = LoggedData("interactions", [], context_columns=["a", "b", "c"])
+    event = LoggedEvent("e", "", "1", 0.0, "click", 1.0, None, values)
+    vec = data.context_vector(event)
+    assert vec.dtype == np.float64 and vec.tolist() == [0.5, 2.0, -1.0]
+
+
+def test_context_vector_refuses_a_context_of_the_wrong_length():
+    data = LoggedData("interactions", [], context_columns=["a", "b"])
+    with pytest.raises(ValueError, match="does not match the context columns"):
+        data.context_vector(LoggedEvent("e", "", "1", 0.0, "click", 1.0, None, (1.0,)))
+
+
+def test_context_buckets_must_be_positive(tmp_path):
+    with pytest.raises(ValueError, match="context_buckets"):
+        load_interactions(write(tmp_path, MIXED_CONTEXT_LOG), context_prefix="ctx_", context_buckets=0)
 
 
 def test_propensity_validation(tmp_path):

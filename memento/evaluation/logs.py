@@ -6,6 +6,8 @@ Two sources are read into the same :class:`LoggedData`:
   with item metadata from a Tmall product file (:func:`memento.encoder.load_products`);
 * ``interactions`` (:func:`load_interactions`): a generic CSV with a header, one row per logged
   event, optionally with the logging policy's propensity and context-feature columns (bandit logs).
+  A context column holds numbers or categorical strings; :meth:`LoggedData.context_vector` turns
+  an event's context into one fixed-length vector (numbers as they are, categories feature-hashed).
 
 The reward of an event comes from a reward mapping (action name → reward, see
 :func:`parse_reward_mapping`) or, for rating logs, from a rating threshold. Rows that cannot be used
@@ -40,16 +42,23 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterable, TextIO
 
+import numpy as np
+
 from memento.config import RewardWeights, parse_reward_mapping
-from memento.encoder import ItemMeta, load_products, normalise_item_id
+from memento.encoder import ItemMeta, load_products, normalise_item_id, signed_hash
 from memento.schemas import ACTION_ALIASES
 from memento.tmall import load_tmall_log
 
 __all__ = ["LoggedEvent", "LoggedData", "parse_reward_mapping", "load_tmall", "load_interactions",
-           "load_items", "default_rewards", "parse_timestamp"]
+           "load_items", "default_rewards", "parse_timestamp", "CONTEXT_BUCKETS"]
 
 _ENCODINGS = ("utf-8-sig", "gb18030")
 _NULL = {"", "null"}
+# Spellings of a missing context value (compared lower case): 0 in a numeric column, no
+# feature in a categorical one.
+_MISSING_CONTEXT = {"", "nan", "null", "none", "na", "n/a"}
+# Hash buckets shared by the categorical context columns of a log.
+CONTEXT_BUCKETS = 1024
 
 
 @dataclass(frozen=True)
@@ -74,7 +83,10 @@ class LoggedEvent:
     propensity
         The logging policy's probability of this item, when the log has it.
     context
-        The context features, in header order, when the log has context columns.
+        The context values, one per context column in header order, when the log has context
+        columns: a float for a numeric column (a missing value is 0.0), the stripped string for a
+        categorical column (a missing value is ``""``). :meth:`LoggedData.context_vector` makes
+        the feature vector of it.
     rating
         The logged rating, when the log has a ``rating`` column.
     """
@@ -86,7 +98,7 @@ class LoggedEvent:
     action: str
     reward: float
     propensity: float | None
-    context: tuple[float, ...] | None
+    context: tuple[float | str, ...] | None
     rating: float | None = None
 
 
@@ -104,6 +116,11 @@ class LoggedData:
         Item metadata by item id (empty when no item file was given).
     context_columns
         Names of the context-feature columns, in header order (empty if none).
+    categorical_columns
+        The context columns whose values are categories (strings), in header order; the other
+        context columns are numeric.
+    context_buckets
+        Hash buckets of the categorical columns' one-hots (see :meth:`context_vector`).
     skipped
         ``(line, reason)`` of every row that was not loaded, by line.
     rewards
@@ -116,6 +133,52 @@ class LoggedData:
     context_columns: list[str] = field(default_factory=list)
     skipped: list[tuple[int, str]] = field(default_factory=list)
     rewards: dict[str, float] = field(default_factory=dict)
+    categorical_columns: list[str] = field(default_factory=list)
+    context_buckets: int = CONTEXT_BUCKETS
+
+    @property
+    def context_dim(self) -> int:
+        """Length of :meth:`context_vector`: one entry per numeric context column, plus
+        :attr:`context_buckets` when some column is categorical (0 without context)."""
+        n_numeric = len(self.context_columns) - len(self.categorical_columns)
+        return n_numeric + (self.context_buckets if self.categorical_columns else 0)
+
+    def context_vector(self, event: LoggedEvent) -> np.ndarray:
+        """The context of ``event`` as one float64 vector of length :attr:`context_dim`.
+
+        The numeric columns' values come first, in header order, as logged (any int or float
+        type). Then :attr:`context_buckets` entries shared by the categorical columns: each
+        non-missing value adds a signed one-hot, ±1 at the bucket of ``"column=value"`` under
+        :func:`memento.encoder.signed_hash` (the item encoder's hashing). A missing categorical
+        value adds nothing; distinct values rarely share a bucket (collisions may add or cancel).
+        The evaluation projects this vector to the state dimension (a fixed Gaussian projection,
+        normalised).
+
+        >>> from memento.encoder import signed_hash
+        >>> data = LoggedData("interactions", [], context_columns=["ctx_a", "ctx_b"],
+        ...                   categorical_columns=["ctx_a"], context_buckets=8)
+        >>> e = LoggedEvent("e1", "", "7", 0.0, "click", 1.0, None, ("81ce5f", 0.5))
+        >>> v = data.context_vector(e)
+        >>> index, sign = signed_hash("ctx_a=81ce5f", 8)
+        >>> data.context_dim, float(v[0]), bool(v[1 + index] == sign), float(abs(v).sum())
+        (9, 0.5, True, 1.5)
+        """
+        if event.context is None or len(event.context) != len(self.context_columns):
+            raise ValueError(f"event {event.event_id}: context {event.context!r} does not match "
+                             f"the context columns {self.context_columns}")
+        vec = np.zeros(self.context_dim, np.float64)
+        categorical = set(self.categorical_columns)
+        n_numeric = len(self.context_columns) - len(categorical)
+        numeric = 0
+        for name, value in zip(self.context_columns, event.context):
+            if name in categorical:
+                if value:
+                    index, sign = signed_hash(f"{name}={value}", self.context_buckets)
+                    vec[n_numeric + index] += sign
+            else:
+                vec[numeric] = float(value)
+                numeric += 1
+        return vec
 
     @property
     def has_propensity(self) -> bool:
@@ -141,7 +204,8 @@ class LoggedData:
         if self.items:
             parts.append(f"{len(self.items)} with metadata")
         if self.context_columns:
-            parts.append(f"{len(self.context_columns)} context columns")
+            kinds = f" ({len(self.categorical_columns)} categorical)" if self.categorical_columns else ""
+            parts.append(f"{len(self.context_columns)} context columns{kinds}")
         if self.has_propensity:
             parts.append("propensity logged")
         parts.append(f"{len(self.skipped)} skipped rows")
@@ -293,7 +357,8 @@ _KNOWN = ("user_id", "item_id", "timestamp", "action", "rating", "propensity", "
 
 def load_interactions(log_path: str | Path, *, items_path: str | Path | None = None,
                       rewards: dict[str, float] | None = None, rating_threshold: float | None = None,
-                      context_prefix: str | None = None) -> LoggedData:
+                      context_prefix: str | None = None,
+                      context_buckets: int = CONTEXT_BUCKETS) -> LoggedData:
     """Load an interactions CSV (one logged event per row) as logged data.
 
     The file needs a header. Columns (names are case-insensitive):
@@ -311,7 +376,12 @@ def load_interactions(log_path: str | Path, *, items_path: str | Path | None = N
     * ``event_id`` (optional): used as the event id instead of ``interactions-<line>``; must be
       unique;
     * context columns (optional): every column whose name starts with ``context_prefix``, in
-      header order, as floats.
+      header order. Each column is typed from the rows that load: it is numeric when every value
+      reads as a number (any int or float spelling, e.g. ``3``, ``-0.5``, ``1e3``), categorical
+      otherwise (e.g. hashed ids such as ``81ce5f…``, or ``red``). Empty, ``nan``, ``null``,
+      ``none``, ``na`` and ``n/a`` (any case) are missing: 0.0 in a numeric column, ``""`` (no
+      feature) in a categorical one. A numeric row holding ``inf`` is skipped. See
+      :meth:`LoggedData.context_vector` for the vector the evaluation uses.
 
     Rows with an unusable value are skipped and listed in :attr:`LoggedData.skipped` with the
     column and value.
@@ -328,6 +398,8 @@ def load_interactions(log_path: str | Path, *, items_path: str | Path | None = N
         Lowest rating that counts as a success; required for rating logs, refused for action logs.
     context_prefix
         Prefix of the context-feature column names, or ``None`` for no context.
+    context_buckets
+        Hash buckets shared by the categorical context columns (:attr:`LoggedData.context_buckets`).
 
     Raises :class:`FileNotFoundError` for a missing file and :class:`ValueError` for a missing
     required column, a bad option, or a file where no row could be used.
@@ -339,6 +411,14 @@ def load_interactions(log_path: str | Path, *, items_path: str | Path | None = N
     >>> data = load_interactions(path, rating_threshold=4, context_prefix="ctx_")
     >>> [(e.reward, e.propensity, e.context) for e in data.events], data.has_users
     ([(1.0, 0.25, (0.1, 1.0)), (0.0, 0.5, (0.2, 0.0))], False)
+
+    A categorical column (``ctx_site``) and a missing number (``ctx_a`` on the second row):
+
+    >>> _ = open(path, "w").write("item_id,timestamp,action,ctx_site,ctx_a\\n"
+    ...                           "3,10,click,81ce5f,0.5\\n4,11,click,,\\n")
+    >>> data = load_interactions(path, context_prefix="ctx_")
+    >>> [e.context for e in data.events], data.categorical_columns, data.context_dim
+    ([('81ce5f', 0.5), ('', 0.0)], ['ctx_site'], 1025)
     """
     path = Path(log_path)
     what = "interactions log"
@@ -346,6 +426,8 @@ def load_interactions(log_path: str | Path, *, items_path: str | Path | None = N
         raise ValueError("context_prefix must not be empty (it selects the context-feature columns)")
     if rating_threshold is not None and not math.isfinite(float(rating_threshold)):
         raise ValueError(f"rating_threshold {rating_threshold!r} must be a finite number")
+    if context_buckets < 1:
+        raise ValueError(f"context_buckets must be >= 1, got {context_buckets}")
 
     def read(fh: TextIO):
         reader = csv.reader(fh)
@@ -381,7 +463,7 @@ def load_interactions(log_path: str | Path, *, items_path: str | Path | None = N
         rows = _parse_rows(reader, header, columns, context_cols, mapping, rating_threshold)
         return header, context_cols, mapping, rows
 
-    header, context_cols, mapping, (events, skipped, rows_read) = _open_csv(path, what, read)
+    header, context_cols, mapping, (events, skipped, rows_read, categorical) = _open_csv(path, what, read)
     if not rows_read:
         raise ValueError(f"{what} {path}: no data rows after the header")
     if not events:
@@ -390,7 +472,8 @@ def load_interactions(log_path: str | Path, *, items_path: str | Path | None = N
     events.sort(key=lambda e: e.ts)
     items = load_items(items_path) if items_path else {}
     return LoggedData(source="interactions", events=events, items=items, context_columns=context_cols,
-                      skipped=skipped, rewards=mapping)
+                      skipped=skipped, rewards=mapping, categorical_columns=categorical,
+                      context_buckets=context_buckets)
 
 
 def _parse_rows(reader, header: list[str], columns: dict[str, int], context_cols: list[str],
@@ -423,17 +506,61 @@ def _parse_rows(reader, header: list[str], columns: dict[str, int], context_cols
             continue
         ids[event.event_id] = line
         parsed.append((line, event))
-    events = [e for _, e in parsed]
-    if any(e.propensity is not None for e in events):
+    if any(e.propensity is not None for _, e in parsed):
         kept = []
         for line, event in parsed:
             if event.propensity is None:
                 skipped.append((line, "empty propensity (other rows log one; every row needs it)"))
             else:
-                kept.append(event)
-        events = kept
+                kept.append((line, event))
+        parsed = kept
+    categorical: list[str] = []
+    if context_cols:
+        parsed, categorical = _type_context(parsed, context_cols, skipped)
     skipped.sort(key=lambda s: s[0])
-    return events, skipped, rows_read
+    return [e for _, e in parsed], skipped, rows_read, categorical
+
+
+def _context_number(text: str) -> float | None:
+    """The number ``text`` spells (None for a missing value); raises ValueError if none."""
+    if text.lower() in _MISSING_CONTEXT:
+        return None
+    value = float(text)
+    return None if math.isnan(value) else value
+
+
+def _type_context(parsed: list[tuple[int, LoggedEvent]], context_cols: list[str],
+                  skipped: list[tuple[int, str]]):
+    """Type each context column from the rows kept (their context holds the raw strings) and
+    convert the rows: floats for numeric columns, strings for categorical ones. Appends a row
+    with an infinite number to ``skipped``; returns the rows kept and the categorical columns."""
+    numeric = []
+    for j in range(len(context_cols)):
+        try:
+            for _, event in parsed:
+                _context_number(event.context[j])
+        except ValueError:
+            numeric.append(False)
+        else:
+            numeric.append(True)
+    out = []
+    for line, event in parsed:
+        values: list[float | str] = []
+        bad = None
+        for name, is_number, text in zip(context_cols, numeric, event.context):
+            if not is_number:
+                values.append("" if text.lower() in _MISSING_CONTEXT else text)
+                continue
+            value = _context_number(text)
+            if value is not None and not math.isfinite(value):
+                bad = f"{name} {text!r} is not a finite number"
+                break
+            values.append(0.0 if value is None else value)
+        if bad is not None:
+            skipped.append((line, bad))
+            continue
+        out.append((line, dataclasses.replace(event, context=tuple(values))))
+    return out, [name for name, is_number in zip(context_cols, numeric) if not is_number]
 
 
 def _parse_row(line: int, row: dict[str, str], cells: list[str], context_cols: list[str],
@@ -468,12 +595,8 @@ def _parse_row(line: int, row: dict[str, str], cells: list[str], context_cols: l
         propensity = _number(row, "propensity")
         if not 0.0 < propensity <= 1.0:
             raise ValueError(f"propensity {row['propensity']!r} is outside (0, 1]")
-    context = None
-    if context_cols:
-        values = []
-        for name, index in zip(context_cols, context_index):
-            values.append(_number({name: cells[index].strip()}, name))
-        context = tuple(values)
+    # the raw strings; typed per column once every row is read (_type_context)
+    context = tuple(cells[i].strip() for i in context_index) if context_cols else None
     event_id = f"interactions-{line}"
     if "event_id" in row:
         if not row["event_id"]:

@@ -67,12 +67,15 @@ class Request:
     user_id, ts
         Who asks, and when (event time).
     state
-        The user's state s, ``[D]``.
+        The user's state s, ``[D]``; any float array, kept as C-contiguous float32.
     case_ids, similarities, features, case_items
         The ``top_k`` nearest cases, most similar first: ids, cosine with s, feature vectors
-        ``[n, 2D+1]`` and items.
+        ``[n, 2D+1]`` (kept as C-contiguous float32) and items.
     extra_items
         Items of the next nearest cases beyond the top K, nearest first (to fill a list).
+
+    States and case features are float32 everywhere (the Q networks' dtype); a request is where
+    every policy reads them, so a float64 state from any source is converted here once.
     """
 
     user_id: str
@@ -83,6 +86,10 @@ class Request:
     features: np.ndarray
     case_items: list[str]
     extra_items: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        object.__setattr__(self, "state", np.ascontiguousarray(self.state, dtype=np.float32))
+        object.__setattr__(self, "features", np.ascontiguousarray(self.features, dtype=np.float32))
 
 
 @dataclass(frozen=True)

@@ -333,8 +333,10 @@ def _run_synthetic(config: EvalConfig, policy_name: str, seed: int, tick: Callab
 
 
 def _context_projection(n_in: int, dim: int) -> np.ndarray:
+    # float32 after the division: a float32 array divided by a NumPy float64 scalar is float64
+    # under NumPy 2's promotion rules (NEP 50), and a float64 state then reached the Q network.
     rng = np.random.default_rng(20140901 + n_in * 1000 + dim)
-    return rng.standard_normal((n_in, dim)).astype(np.float32) / np.sqrt(dim)
+    return (rng.standard_normal((n_in, dim)) / np.sqrt(dim)).astype(np.float32)
 
 
 def _action_key(event: LoggedEvent) -> str:
@@ -370,7 +372,7 @@ def _run_logged(config: EvalConfig, data: LoggedData, policy_name: str, seed: in
     for e in data.events:
         rewards.weights[_action_key(e)] = e.reward
     context = bool(data.context_columns)
-    projection = _context_projection(len(data.context_columns), config.item_dim) if context else None
+    projection = _context_projection(data.context_dim, config.item_dim) if context else None
     run = _Run(policy_name, seed, len(catalogue))
     stream = _Stream(config, _items_for(config, data.items), rewards, run.closed, context_states=context)
     policy = stream.policy = make_policy(policy_name, config, stream.bank, catalogue, seed)
@@ -389,11 +391,12 @@ def _run_logged(config: EvalConfig, data: LoggedData, policy_name: str, seed: in
         return e.user_id if e.user_id and not context else f"ctx:{e.event_id}"
 
     def context_state(e: LoggedEvent) -> np.ndarray | None:
+        # numbers and hashed categories (LoggedData.context_vector), projected and normalised
         if not context:
             return None
-        v = np.asarray(e.context, np.float32) @ projection
+        v = data.context_vector(e) @ projection
         norm = float(np.linalg.norm(v))
-        return v / norm if norm > 0 else v
+        return (v / norm if norm > 0 else v).astype(np.float32)
 
     def record(e: LoggedEvent) -> None:
         stream.action(e.event_id, user_key(e), e.item_id, _action_key(e), e.ts, organic=True,
