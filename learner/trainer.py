@@ -69,6 +69,9 @@ class SoftQConfig:
                                                       "min(μ(c|s)/propensity, this)")
     seed: int = _opt(1, "seed of network initialisation and sampling")
     hidden: int = _opt(128, "width of the Q network's hidden layers")
+    wide: bool = _opt(True, "add a linear (wide) term over [s*c_state, s*c_item, outcome] to the MLP")
+    item_buckets: int = _opt(4096, "hash buckets of the learned per-item embedding and bias (0 = none)")
+    item_embed: int = _opt(8, "width of the per-item embedding fed to the MLP")
 
     def __post_init__(self):
         problems = []
@@ -94,8 +97,15 @@ class SoftQConfig:
             problems.append(f"importance_weight_clip must be > 0 or None, got {self.importance_weight_clip}")
         if self.hidden < 1:
             problems.append(f"hidden must be >= 1, got {self.hidden}")
+        if self.item_buckets < 0 or self.item_embed < 0:
+            problems.append(f"item_buckets and item_embed must be >= 0, got {self.item_buckets}, {self.item_embed}")
         if problems:
             raise ValueError("bad SoftQConfig: " + "; ".join(problems))
+
+    def network(self) -> dict:
+        """The Q network's options (:class:`memento.qnet.QNetwork` keyword arguments)."""
+        return {"hidden": self.hidden, "wide": self.wide, "item_buckets": self.item_buckets,
+                "item_embed": self.item_embed}
 
     @classmethod
     def help(cls) -> dict[str, str]:
@@ -125,7 +135,7 @@ class SoftQLearner:
         self.config = config = config or SoftQConfig()
         self.state_dim = state_dim
         torch.manual_seed(config.seed)
-        self.q_net = QNetwork(state_dim, config.hidden)
+        self.q_net = QNetwork(state_dim, **config.network())
         self.target_net = copy.deepcopy(self.q_net).requires_grad_(False)
         self.optimizer = torch.optim.Adam(self.q_net.parameters(), lr=config.lr)
         self.log_alpha = torch.tensor(math.log(config.alpha), requires_grad=config.target_entropy is not None)
@@ -260,10 +270,11 @@ class SoftQLearner:
                 "config": {k: v for k, v in asdict(self.config).items()}, "state_dim": self.state_dim}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["state_dim"] != self.state_dim or state["config"]["hidden"] != self.config.hidden:
-            raise ValueError(f"saved learner has state_dim={state['state_dim']}, hidden="
-                             f"{state['config']['hidden']}; this learner state_dim={self.state_dim}, "
-                             f"hidden={self.config.hidden}")
+        mine = self.q_net.config()
+        saved = {**QNetwork(state["state_dim"], hidden=state["config"]["hidden"]).config(),
+                 **{k: state["config"][k] for k in mine if k in state["config"]}, "state_dim": state["state_dim"]}
+        if saved != mine:
+            raise ValueError(f"saved learner has network {saved}; this learner has {mine}")
         self.q_net.load_state_dict(state["q_net"])
         self.target_net.load_state_dict(state["target_net"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -287,8 +298,7 @@ class SoftQLearner:
 
     def load_network(self, net: QNetwork) -> None:
         """Start from a published policy network (online and target); optimiser state resets."""
-        if net.state_dim != self.state_dim or net.hidden != self.config.hidden:
-            raise ValueError(f"policy network has state_dim={net.state_dim}, hidden={net.hidden}; "
-                             f"learner expects {self.state_dim}, {self.config.hidden}")
+        if net.config() != self.q_net.config():
+            raise ValueError(f"policy network has {net.config()}; learner expects {self.q_net.config()}")
         self.q_net.load_state_dict(net.state_dict())
         self.target_net.load_state_dict(net.state_dict())

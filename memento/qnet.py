@@ -1,8 +1,8 @@
 """The soft-Q network Q(s, c): one definition, used by the learner, serving and eval.
 
 >>> import torch
->>> net = QNetwork(state_dim=4, hidden=8)
->>> s = torch.zeros(2, 4); cases = torch.zeros(2, 3, case_feature_dim(4))
+>>> net = QNetwork(state_dim=4, hidden=8, wide=True, item_buckets=16, item_embed=2)
+>>> s = torch.zeros(2, 4); cases = torch.rand(2, 3, case_feature_dim(4))
 >>> tuple(net(s, cases).shape)
 (2, 3)
 >>> frozen = FrozenQ(net)
@@ -18,7 +18,39 @@ from torch import nn
 
 from memento.encoder import case_feature_dim
 
-__all__ = ["QNetwork", "FrozenQ", "case_feature_dim"]
+__all__ = ["QNetwork", "FrozenQ", "case_feature_dim", "item_bucket"]
+
+# Odd multipliers below 2**20: a 32-bit word times one is below 2**52, so a row of up to 2**11
+# words sums without overflow and torch and numpy agree exactly.
+_BUCKET_SEED = 20140901
+
+
+def _bucket_multipliers(d: int) -> np.ndarray:
+    rng = np.random.default_rng(_BUCKET_SEED + d)
+    return rng.integers(1, 2 ** 19, d, dtype=np.int64) * 2 + 1
+
+
+def item_bucket(item_vec, buckets: int):
+    """A hash bucket of each item vector's exact float32 bits (numpy or torch, same result).
+
+    Item vectors are a deterministic function of the item (memento.encoder.ItemEncoder), so
+    equal items share a bucket and the bucket stands for the item's identity (the hashing
+    trick for ids), without a separate id column in the case features.
+
+    >>> v = np.eye(4, dtype=np.float32)
+    >>> b = item_bucket(v, 1024)
+    >>> bool((b == item_bucket(torch.from_numpy(v), 1024).numpy()).all()), len(set(b.tolist()))
+    (True, 4)
+    """
+    d = item_vec.shape[-1]
+    mult = _bucket_multipliers(d)
+    if isinstance(item_vec, torch.Tensor):
+        bits = item_vec.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+        h = (bits * torch.from_numpy(mult)).sum(-1)
+        return torch.remainder(h ^ (h >> 31), buckets)
+    bits = np.ascontiguousarray(item_vec, np.float32).view(np.uint32).astype(np.int64)
+    h = (bits * mult).sum(-1)
+    return np.remainder(h ^ (h >> 31), buckets)
 
 
 def _pair_inputs(s, cases, d: int) -> list:
@@ -31,10 +63,17 @@ def _pair_inputs(s, cases, d: int) -> list:
 class QNetwork(nn.Module):
     """Scores each candidate case for a state.
 
-    The input per (s, c) pair is ``[s, c_state, c_item, s*c_state, s*c_item, outcome]``: the
-    element-wise products let a small MLP express the similarities that plain RAG uses
-    (cosine of states) next to the ones it ignores (how well the case's item fits *this*
-    user, and how the case turned out).
+    The deep part is an MLP over ``[s, c_state, c_item, s*c_state, s*c_item, outcome]`` per
+    (s, c) pair: the element-wise products let it express the similarities that plain RAG uses
+    (cosine of states) next to the ones it ignores (how well the case's item fits *this* user,
+    and how the case turned out). Two optional parts (Wide & Deep, Cheng et al. 2016):
+
+    * ``wide``: a linear term over ``[s*c_state, s*c_item, outcome]``, the features a linear
+      contextual bandit uses, so the network starts from that inductive bias and only has to
+      learn what is nonlinear;
+    * ``item_buckets``: a learned embedding and bias per item (hashed into that many buckets by
+      :func:`item_bucket`), so Q can learn that an item pays more or less than its features
+      say, as a per-arm bandit does; the embedding also feeds the MLP.
 
     Parameters
     ----------
@@ -42,17 +81,37 @@ class QNetwork(nn.Module):
         Dimension of states and item vectors.
     hidden
         Width of the two hidden layers.
+    wide
+        Add the linear term.
+    item_buckets
+        Hash buckets of the item embedding (0 = no item embedding or bias).
+    item_embed
+        Width of the item embedding fed to the MLP (its bias is one more column).
     """
 
-    def __init__(self, state_dim: int = 32, hidden: int = 128):
+    def __init__(self, state_dim: int = 32, hidden: int = 128, wide: bool = False,
+                 item_buckets: int = 0, item_embed: int = 8):
         super().__init__()
+        if item_buckets < 0 or item_embed < 0:
+            raise ValueError(f"item_buckets and item_embed must be >= 0, got {item_buckets}, {item_embed}")
         self.state_dim = state_dim
         self.hidden = hidden
+        self.wide = bool(wide)
+        self.item_buckets = int(item_buckets)
+        self.item_embed = int(item_embed) if item_buckets else 0
         self.mlp = nn.Sequential(
-            nn.Linear(5 * state_dim + 1, hidden), nn.ReLU(),
+            nn.Linear(5 * state_dim + 1 + self.item_embed, hidden), nn.ReLU(),
             nn.Linear(hidden, hidden), nn.ReLU(),
             nn.Linear(hidden, 1),
         )
+        if self.wide:
+            self.wide_linear = nn.Linear(2 * state_dim + 1, 1, bias=False)
+            nn.init.zeros_(self.wide_linear.weight)
+        if self.item_buckets:
+            self.item_table = nn.Embedding(self.item_buckets, self.item_embed + 1)
+            with torch.no_grad():
+                self.item_table.weight.normal_(0.0, 0.1)
+                self.item_table.weight[:, -1] = 0.0
 
     @property
     def case_dim(self) -> int:
@@ -60,12 +119,22 @@ class QNetwork(nn.Module):
 
     def forward(self, state: torch.Tensor, cases: torch.Tensor) -> torch.Tensor:
         """``state`` [B, D], ``cases`` [B, K, 2D+1] → Q values [B, K]."""
+        d = self.state_dim
         s = state.unsqueeze(1).expand(-1, cases.shape[1], -1)
-        x = torch.cat(_pair_inputs(s, cases, self.state_dim), dim=-1)
-        return self.mlp(x).squeeze(-1)
+        parts = _pair_inputs(s, cases, d)
+        extra = 0.0
+        if self.item_buckets:
+            item = self.item_table(item_bucket(cases[..., d:2 * d], self.item_buckets))
+            parts.append(item[..., :-1])
+            extra = item[..., -1]
+        q = self.mlp(torch.cat(parts, dim=-1)).squeeze(-1) + extra
+        if self.wide:
+            q = q + self.wide_linear(torch.cat(parts[3:6], dim=-1)).squeeze(-1)
+        return q
 
-    def config(self) -> dict[str, int]:
-        return {"state_dim": self.state_dim, "hidden": self.hidden}
+    def config(self) -> dict:
+        return {"state_dim": self.state_dim, "hidden": self.hidden, "wide": self.wide,
+                "item_buckets": self.item_buckets, "item_embed": self.item_embed}
 
 
 class FrozenQ:
@@ -92,14 +161,30 @@ class FrozenQ:
                 self.layers.append(None)
             else:
                 raise TypeError(f"FrozenQ: unsupported layer {type(layer).__name__} in QNetwork.mlp")
+        self.wide = (net.wide_linear.weight.detach().numpy()[0].astype(np.float32, copy=True)
+                     if net.wide else None)
+        self.item_buckets = net.item_buckets
+        self.item_table = (net.item_table.weight.detach().numpy().astype(np.float32, copy=True)
+                           if net.item_buckets else None)
 
     def __call__(self, states: np.ndarray, cases: np.ndarray) -> np.ndarray:
         """``states`` [B, D], ``cases`` [B, K, 2D+1] (float32) → Q values [B, K]."""
+        d = self.state_dim
         s = np.broadcast_to(states[:, None, :], cases.shape[:-1] + (states.shape[-1],))
-        x = np.concatenate(_pair_inputs(s, cases, self.state_dim), axis=-1)
+        parts = _pair_inputs(s, cases, d)
+        extra = np.float32(0.0)
+        if self.item_table is not None:
+            item = self.item_table[item_bucket(cases[..., d:2 * d], self.item_buckets)]
+            parts.append(item[..., :-1])
+            extra = item[..., -1]
+        x = np.concatenate(parts, axis=-1)
+        wide_in = x[..., 3 * d:5 * d + 1] if self.wide is not None else None
         for layer in self.layers:
             if layer is None:
                 np.maximum(x, 0.0, out=x)
             else:
                 x = x @ layer[0] + layer[1]
-        return x[..., 0]
+        q = x[..., 0] + extra
+        if self.wide is not None:
+            q = q + wide_in @ self.wide
+        return q

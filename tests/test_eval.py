@@ -209,7 +209,7 @@ def test_greedy_q_chooses_from_a_float64_state():
     from learner.service import LearnerServiceConfig
     from memento.evaluation.policies import GreedyQPolicy
 
-    policy = GreedyQPolicy(None, 4, 2, LearnerServiceConfig(), hidden=8)
+    policy = GreedyQPolicy(None, 4, 2, LearnerServiceConfig(), network={"hidden": 8})
     req = Request("u", 0.0, np.full(4, 0.5), ["c0", "c1"], np.array([0.9, 0.1]),
                   np.zeros((2, 9)), ["7", "8"])   # float64 state and features
     assert policy.choose(req, np.random.default_rng(0)).items[0] in {"7", "8"}

@@ -51,6 +51,7 @@ class RunMetrics:
     expected: list[float] = field(default_factory=list)
     oracle: list[float] = field(default_factory=list)
     ceiling: list[float] = field(default_factory=list)
+    greedy: list[float] = field(default_factory=list)
     hits1: int = 0
     hits10: int = 0
     ndcg: float = 0.0
@@ -58,10 +59,14 @@ class RunMetrics:
 
     def add(self, reward: float, items: Sequence[str], target: str | None,
             expected: float | None = None, oracle: float | None = None,
-            ceiling: float | None = None) -> None:
+            ceiling: float | None = None, greedy: float | None = None) -> None:
         """One closed request; ``ceiling`` is the best expected reward among the retrieved
-        candidates' items (simulator), what any case policy could at most have earned."""
+        candidates' items (simulator), what any case policy could at most have earned;
+        ``greedy`` the expected reward of the item the policy ranked best (simulator), which
+        differs from ``expected`` when the policy explores."""
         self.rewards.append(float(reward))
+        if greedy is not None:
+            self.greedy.append(float(greedy))
         if ceiling is not None:
             self.ceiling.append(float(ceiling))
         if expected is not None:
@@ -93,6 +98,9 @@ class RunMetrics:
         if self.ceiling and self.oracle:
             orc = float(np.mean(self.oracle))
             out["candidate_ceiling_share"] = float(np.mean(self.ceiling)) / orc if orc > 0 else math.nan
+        if self.greedy and self.oracle:
+            orc = float(np.mean(self.oracle))
+            out["greedy_share_of_oracle"] = float(np.mean(self.greedy)) / orc if orc > 0 else math.nan
         return out
 
 

@@ -109,6 +109,10 @@ class Choice:
         ``catalogue_size`` items.
     catalogue_size
         Size of the catalogue (for a uniform distribution).
+    greedy_item
+        The item the policy ranks best, when it samples its recommendation (softq: the argmax-Q
+        candidate's item); None when ``items[0]`` is already its best. The simulator reports
+        its expected reward beside the sampled one, separating ranking from exploration cost.
     """
 
     items: list[str]
@@ -116,6 +120,7 @@ class Choice:
     propensity: float
     distribution: dict[str, float] | None
     catalogue_size: int = 0
+    greedy_item: str | None = None
 
     def prob_of(self, item: str) -> float:
         """π(item | s): the probability that the policy recommends ``item``."""
@@ -332,7 +337,8 @@ class SoftQPolicy(_TrainedCasePolicy):
         by_item: dict[str, float] = {}
         for item, p in zip(request.case_items, decision.probs):
             by_item[item] = by_item.get(item, 0.0) + float(p)
-        return Choice(items, decision.chosen, decision.propensity, by_item)
+        return Choice(items, decision.chosen, decision.propensity, by_item,
+                      greedy_item=request.case_items[int(np.argmax(decision.q))])
 
 
 class GreedyQPolicy(_TrainedCasePolicy):
@@ -344,17 +350,18 @@ class GreedyQPolicy(_TrainedCasePolicy):
     ----------
     bank, state_dim, top_k, pacing
         As :class:`_TrainedCasePolicy`.
-    hidden, lr, batch_size, seed
-        Network width, Adam learning rate, batch size and seed.
+    network, lr, batch_size, seed
+        The Q network's options (softq's, :meth:`learner.trainer.SoftQConfig.network`), Adam
+        learning rate, batch size and seed.
     """
 
     name = "greedy-q"
 
     def __init__(self, bank, state_dim: int, top_k: int, pacing: LearnerServiceConfig, *,
-                 hidden: int = 128, lr: float = 1e-3, batch_size: int = 64, seed: int = 1):
+                 network: dict | None = None, lr: float = 1e-3, batch_size: int = 64, seed: int = 1):
         super().__init__(bank, state_dim, top_k, pacing, seed)
         torch.manual_seed(seed)
-        self.net = QNetwork(state_dim, hidden)
+        self.net = QNetwork(state_dim, **(network or {}))
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=lr)
         self.batch_size = batch_size
         self.serving_net = copy.deepcopy(self.net).eval()

@@ -50,8 +50,10 @@ def _cell(stats: dict[str, float], key: str, digits: int = 3) -> str:
 def format_table(summary: dict[str, dict[str, float]]) -> str:
     """A fixed-width table, one row per policy; ``vs cosine`` is the ratio of mean rewards."""
     base = summary.get("cosine", {}).get("reward_mean")
-    columns = [("reward/req", "reward_mean"), ("vs cosine", None), ("%oracle", "share_of_oracle"),
-               ("regret/req", "regret_mean"), ("hit@1", "hit@1"), ("hit@10", "hit@10"),
+    columns = [("reward/req", "reward_mean"), ("vs cosine", None), ("%oracle", "share_of_oracle")]
+    if any("greedy_share_of_oracle" in s for s in summary.values()):
+        columns.append(("%oracle argmax", "greedy_share_of_oracle"))
+    columns += [("regret/req", "regret_mean"), ("hit@1", "hit@1"), ("hit@10", "hit@10"),
                ("ndcg@10", "ndcg@10"), ("coverage", "coverage")]
     if any("ips" in s for s in summary.values()):
         columns += [(f"{n} [95% CI]", n) for n in _OFF_POLICY]
@@ -65,7 +67,7 @@ def format_table(summary: dict[str, dict[str, float]]) -> str:
             elif key in _OFF_POLICY:
                 row.append(f"{stats[key]:.3f} [{stats[key + '_ci_low']:.3f}, {stats[key + '_ci_high']:.3f}]"
                            if key in stats else "-")
-            elif key == "share_of_oracle" and key in stats:
+            elif key in ("share_of_oracle", "greedy_share_of_oracle") and key in stats:
                 row.append(f"{100 * stats[key]:.1f}±{100 * stats.get(key + '_std', 0.0):.1f}%")
             else:
                 row.append(_cell(stats, key))

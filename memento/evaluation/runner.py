@@ -262,7 +262,7 @@ def make_policy(name: str, config: EvalConfig, bank, catalogue: Sequence[str], s
     if name == "cosine":
         return CosinePolicy()
     if name == "greedy-q":
-        return GreedyQPolicy(bank, config.item_dim, config.top_k, config.pacing, hidden=softq.hidden,
+        return GreedyQPolicy(bank, config.item_dim, config.top_k, config.pacing, network=softq.network(),
                              lr=softq.lr, batch_size=softq.batch_size, seed=seed + 1)
     if name == "linucb":
         return LinUCBPolicy(config.item_dim, alpha=config.linucb_alpha)
@@ -285,8 +285,8 @@ class _Run:
         return f"{self.policy_name}-{self.seed}-{self.requests}"
 
     def closed(self, transition: Transition) -> None:
-        items, target, expected, oracle, ceiling = self.open.pop(transition.transition_id)
-        self.metrics.add(transition.reward, items, target, expected, oracle, ceiling)
+        items, target, expected, oracle, ceiling, *greedy = self.open.pop(transition.transition_id)
+        self.metrics.add(transition.reward, items, target, expected, oracle, ceiling, *greedy)
 
 
 def _items_for(config: EvalConfig, catalogue: dict) -> ItemEncoder:
@@ -323,7 +323,10 @@ def _run_synthetic(config: EvalConfig, policy_name: str, seed: int, tick: Callab
         ceiling = max((float(expected_now[world.item_index(i)]) for i in request.case_items), default=0.0)
         stream.open(request_id, moment.user_id, moment.ts, state, choice, request)
         outcome = source.respond(moment, choice.items[0], request_id)
-        run.open[request_id] = (choice.items, target, outcome.expected_reward, outcome.oracle_reward, ceiling)
+        greedy = (outcome.expected_reward if choice.greedy_item is None
+                  else float(expected_now[world.item_index(choice.greedy_item)]))
+        run.open[request_id] = (choice.items, target, outcome.expected_reward, outcome.oracle_reward, ceiling,
+                                greedy)
         for a in outcome.actions:
             stream.action(a.event_id, a.user_id, a.item_id, a.action, a.ts, organic=False)
         tick()
