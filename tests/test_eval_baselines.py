@@ -67,10 +67,10 @@ def test_itemknn_ranks_co_occurring_items_above_a_popular_stranger():
                       ("u3", "a", 1.0), ("u3", "c", 1.0), ("w", "c", 1.0),
                       ("v", "x", 5.0), ("v", "y", 1.0), ("w", "x", 5.0), ("t", "a", 1.0)])
     choice = policy.choose(_item_request("t"), np.random.default_rng(0), list_size=4)
-    # t's history is {a}: sim(a, b) = 2/sqrt(4·2) > sim(a, c) = 1/sqrt(4·2) > sim(a, x) = 0;
-    # popularity fills after the neighbours: x (10), then a (4)
-    assert choice.items == ["b", "c", "x", "a"]
-    assert choice.case_index is None and choice.distribution == {"b": 1.0}
+    # t's history is {a}: sim(a, a) = 1 (nothing excluded: users re-buy) > sim(a, b) = 2/sqrt(4·2)
+    # > sim(a, c) = 1/sqrt(4·2) > sim(a, x) = 0; popularity fills after the neighbours: x (10)
+    assert choice.items == ["a", "b", "c", "x"]
+    assert choice.case_index is None and choice.distribution == {"a": 1.0}
 
 
 def test_itemknn_similarity_is_cosine_normalised_and_repeats_count_once():
@@ -81,9 +81,9 @@ def test_itemknn_similarity_is_cosine_normalised_and_repeats_count_once():
     assert policy.occurrences == {"a": 1, "b": 3, "c": 1}
     assert policy.similarity("a", "b") == pytest.approx(1 / math.sqrt(3))
     assert policy.similarity("b", "a") == policy.similarity("a", "b")
-    assert policy.similarity("a", "c") == 0.0
-    # u1 = {a, b}: a scores sim(b, a), b scores sim(a, b), c scores sim(b, c); nothing excluded
-    assert policy.scores("u1") == pytest.approx({"a": 1 / math.sqrt(3), "b": 1 / math.sqrt(3),
+    assert policy.similarity("a", "c") == 0.0 and policy.similarity("b", "b") == 1.0
+    # u1 = {a, b}: a scores sim(a, a) + sim(b, a), b likewise, c scores sim(b, c)
+    assert policy.scores("u1") == pytest.approx({"a": 1 + 1 / math.sqrt(3), "b": 1 + 1 / math.sqrt(3),
                                                  "c": 1 / math.sqrt(3)})
 
 
@@ -94,7 +94,7 @@ def test_itemknn_window_forgets_the_oldest_items():
     assert policy.similarity("a", "d") == 0.0
     assert policy.similarity("b", "d") > 0 and policy.similarity("c", "d") > 0 and policy.similarity("a", "c") > 0
     # u's window is {c, d}; every item occurred once, so each co-occurring pair has similarity 1
-    assert policy.scores("u") == pytest.approx({"a": 1.0, "b": 2.0, "c": 1.0, "d": 1.0})
+    assert policy.scores("u") == pytest.approx({"a": 1.0, "b": 2.0, "c": 2.0, "d": 2.0})
 
 
 # --- vw ------------------------------------------------------------------------------------------

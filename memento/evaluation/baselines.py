@@ -132,8 +132,9 @@ class ItemKNNPolicy(EvalPolicy):
     an item already in the history only refreshes its recency and counts nothing.
 
     A user's candidates are scored by ``Σ_h sim(h, j)`` over the items ``h`` of their recent
-    history; nothing is excluded (users re-buy: a history item scores by its co-occurrence with
-    the user's other items). The list is the best-scored items (ties: the order in which they
+    history, with ``sim(h, h) = 1`` (the cosine of a vector with itself). Nothing is excluded
+    (users re-buy): a history item scores 1 for itself plus its similarity to the user's other
+    items, as in item-kNN recommenders that do not filter already-seen items. The list is the best-scored items (ties: the order in which they
     were reached), then popularity, then random catalogue items.
 
     Parameters
@@ -165,6 +166,8 @@ class ItemKNNPolicy(EvalPolicy):
                     self.co[other][item_id] += 1
 
     def similarity(self, a: str, b: str) -> float:
+        if a == b:
+            return 1.0 if self.occurrences[a] else 0.0
         c = self.co.get(a, {}).get(b, 0)
         return c / math.sqrt(self.occurrences[a] * self.occurrences[b]) if c else 0.0
 
@@ -172,6 +175,7 @@ class ItemKNNPolicy(EvalPolicy):
         """``Σ_h sim(h, j)`` for every item ``j`` co-occurring with the user's recent items."""
         scores: dict[str, float] = {}
         for h in self.history.newest_first(user_id):
+            scores[h] = scores.get(h, 0.0) + 1.0   # sim(h, h)
             row = self.co.get(h)
             if not row:
                 continue
