@@ -64,6 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--warmup-events", type=int, default=d.warmup_events,
                         help="logs: leading events only observed before the first request")
     parser.add_argument("--linucb-alpha", type=float, default=d.linucb_alpha, help="LinUCB confidence width")
+    parser.add_argument("--vw-args", default=d.vw_args,
+                        help="Vowpal Wabbit arguments of the vw policy, one string (needs --cb_explore_adf; "
+                        "write --vw-args='--cb_explore_adf ...' so the value is not read as an option)")
     parser.add_argument("--text-encoder", default="", metavar="MODEL_PATH",
                         help="sentence-transformers model for item titles (off by default)")
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
@@ -87,7 +90,8 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
                       list_size=args.list_size, window_s=args.window_s,
                       allowed_lateness_s=args.allowed_lateness_s, warmup_moments=args.warmup_moments,
                       warmup_events=args.warmup_events, softq=softq, pacing=pacing,
-                      linucb_alpha=args.linucb_alpha, text_encoder=args.text_encoder, rewards=rewards)
+                      linucb_alpha=args.linucb_alpha, vw_args=args.vw_args, text_encoder=args.text_encoder,
+                      rewards=rewards)
 
 
 def load_data(args: argparse.Namespace):

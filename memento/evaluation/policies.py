@@ -55,7 +55,7 @@ from serving.policy import PolicyOptions, RetrievalPolicy
 __all__ = ["Request", "Choice", "EvalPolicy", "RandomPolicy", "PopularityPolicy", "CosinePolicy",
            "GreedyQPolicy", "LinUCBPolicy", "SoftQPolicy", "POLICY_NAMES", "items_in_order"]
 
-POLICY_NAMES = ("random", "popularity", "cosine", "greedy-q", "linucb", "softq")
+POLICY_NAMES = ("random", "popularity", "cosine", "greedy-q", "linucb", "softq", "recent", "itemknn", "vw")
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from learner.service import LearnerServiceConfig
 from learner.trainer import SoftQConfig
 from memento.config import RewardWeights, Settings
 from memento.encoder import ItemEncoder, StateEncoder, case_feature_vector, text_encoder_from_path
+from memento.evaluation.baselines import DEFAULT_VW_ARGS, ItemKNNPolicy, RecentPolicy, VWPolicy
 from memento.evaluation.logs import LoggedData, LoggedEvent
 from memento.evaluation.metrics import RunMetrics
 from memento.evaluation.offpolicy import OffPolicyAccumulator
@@ -85,6 +86,8 @@ class EvalConfig:
         The learner process's buffer, learning-start, update and publish options.
     linucb_alpha
         Confidence width of LinUCB.
+    vw_args
+        Vowpal Wabbit arguments of the ``vw`` policy (``--cb_explore_adf`` ...).
     text_encoder
         Path of a sentence-transformers model for item titles ("" = hashing only).
     rewards
@@ -107,6 +110,7 @@ class EvalConfig:
     softq: SoftQConfig = field(default_factory=SoftQConfig)
     pacing: LearnerServiceConfig = field(default_factory=LearnerServiceConfig)
     linucb_alpha: float = 1.0
+    vw_args: str = DEFAULT_VW_ARGS
     text_encoder: str = ""
     rewards: RewardWeights = field(default_factory=RewardWeights)
     world: WorldConfig = field(default_factory=WorldConfig)
@@ -268,6 +272,12 @@ def make_policy(name: str, config: EvalConfig, bank, catalogue: Sequence[str], s
         return LinUCBPolicy(config.item_dim, alpha=config.linucb_alpha)
     if name == "softq":
         return SoftQPolicy(bank, config.item_dim, softq, config.pacing)
+    if name == "recent":
+        return RecentPolicy(catalogue)
+    if name == "itemknn":
+        return ItemKNNPolicy(catalogue)
+    if name == "vw":
+        return VWPolicy(config.vw_args, seed=seed)
     raise ValueError(f"unknown policy {name!r}; known: {', '.join(POLICY_NAMES)}")
 
 
