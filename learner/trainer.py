@@ -2,7 +2,8 @@
 
 One update (CleanRL dqn.py shape): sample a batch, compute the TD target
 y = r + γ(1 − done)·α·logsumexp(Q_target(s′, ·)/α) over s′'s candidates under ``no_grad``,
-regress Q(s, c) on it (MSE or Huber, optionally importance-weighted), clip gradients, step,
+regress Q(s, c) on it (MSE or Huber, or cross-entropy against its HL-Gauss histogram when Q
+is a histogram's mean; optionally importance-weighted), clip gradients, step,
 then Polyak-average the target network. α is fixed or tuned so that the entropy of μ tracks a
 target entropy (as in discrete SAC). The entropy is that of μ(·|s′) over s′'s candidates under
 the target network, whose Q values the TD target computes anyway (the candidate set of s is
@@ -38,7 +39,7 @@ from learner.storage import ReplayBatch
 from memento.checkpoint import save_checkpoint
 from memento.qnet import QNetwork
 from memento.schemas import CheckpointAnnouncement
-from memento.softq import entropy, policy_probs, td_target
+from memento.softq import entropy, histogram_mean, histogram_target, policy_probs, td_target
 
 __all__ = ["SoftQConfig", "SoftQLearner", "UnhealthyLearnerError"]
 
@@ -72,6 +73,12 @@ class SoftQConfig:
     wide: bool = _opt(True, "add a linear (wide) term over [s*c_state, s*c_item, outcome] to the MLP")
     item_buckets: int = _opt(4096, "hash buckets of the learned per-item embedding and bias (0 = none)")
     item_embed: int = _opt(8, "width of the per-item embedding fed to the MLP")
+    value_bins: int = _opt(0, "0: Q is a number regressed with `loss`; N > 1: Q is the mean of a "
+                              "histogram over N bins trained by cross-entropy on the TD target "
+                              "(HL-Gauss; `loss` is then unused)")
+    value_min: float = _opt(0.0, "lowest value of the histogram's support (value_bins > 1)")
+    value_max: float = _opt(10.0, "highest value of the histogram's support: at least the largest "
+                                  "reward / (1 − γ) (value_bins > 1)")
 
     def __post_init__(self):
         problems = []
@@ -97,6 +104,9 @@ class SoftQConfig:
             problems.append(f"importance_weight_clip must be > 0 or None, got {self.importance_weight_clip}")
         if self.hidden < 1:
             problems.append(f"hidden must be >= 1, got {self.hidden}")
+        if self.value_bins == 1 or self.value_bins < 0 or (self.value_bins and not self.value_max > self.value_min):
+            problems.append(f"value_bins must be 0 or > 1 with value_max > value_min, got {self.value_bins} "
+                            f"bins on [{self.value_min}, {self.value_max}]")
         if self.item_buckets < 0 or self.item_embed < 0:
             problems.append(f"item_buckets and item_embed must be >= 0, got {self.item_buckets}, {self.item_embed}")
         if problems:
@@ -105,7 +115,8 @@ class SoftQConfig:
     def network(self) -> dict:
         """The Q network's options (:class:`memento.qnet.QNetwork` keyword arguments)."""
         return {"hidden": self.hidden, "wide": self.wide, "item_buckets": self.item_buckets,
-                "item_embed": self.item_embed}
+                "item_embed": self.item_embed, "value_bins": self.value_bins,
+                "value_min": self.value_min, "value_max": self.value_max}
 
     @classmethod
     def help(cls) -> dict[str, str]:
@@ -202,14 +213,21 @@ class SoftQLearner:
         t = self._tensors(batch)
         alpha = self.alpha
         y, policy_entropy = self._td_target(t, alpha)
-        q_chosen = self.q_net(t["state"], t["case_features"].unsqueeze(1)).squeeze(1)
+        out = self.q_net.outputs(t["state"], t["case_features"].unsqueeze(1)).squeeze(1)
+        if cfg.value_bins:
+            q_chosen = histogram_mean(out, torch.as_tensor(self.q_net.support(), dtype=out.dtype))
+        else:
+            q_chosen = out.squeeze(-1)
         weights = t["weights"].float()
         if cfg.importance_weight_clip is not None:
             mu_chosen = self.policy_at_state(t, q_chosen.detach(), alpha)
             iw = (mu_chosen / t["propensity"].float().clamp(min=1e-6)).clamp(max=cfg.importance_weight_clip)
             weights = weights * iw
         td_error = q_chosen - y
-        if cfg.loss == "mse":
+        if cfg.value_bins:
+            target = histogram_target(y, cfg.value_min, cfg.value_max, cfg.value_bins)
+            per_sample = -(target * F.log_softmax(out, dim=-1)).sum(-1)
+        elif cfg.loss == "mse":
             per_sample = td_error.pow(2)
         else:
             per_sample = F.smooth_l1_loss(q_chosen, y, reduction="none")

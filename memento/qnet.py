@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from memento.encoder import case_feature_dim
+from memento.softq import histogram_mean, histogram_support
 
 __all__ = ["QNetwork", "FrozenQ", "case_feature_dim", "item_bucket"]
 
@@ -86,55 +87,85 @@ class QNetwork(nn.Module):
     item_buckets
         Hash buckets of the item embedding (0 = no item embedding or bias).
     item_embed
-        Width of the item embedding fed to the MLP (its bias is one more column).
+        Width of the item embedding fed to the MLP (its bias is one more column per output).
+    value_bins
+        0: Q is one number per pair. N > 1: the network outputs logits of a histogram over N
+        equal bins covering [``value_min``, ``value_max``] and Q is its mean
+        (:func:`memento.softq.histogram_mean`); the learner then trains it by cross-entropy
+        (:func:`memento.softq.histogram_target`). The wide term and item bias add to the logits.
+    value_min, value_max
+        The histogram's support (used only with ``value_bins``).
     """
 
     def __init__(self, state_dim: int = 32, hidden: int = 128, wide: bool = False,
-                 item_buckets: int = 0, item_embed: int = 8):
+                 item_buckets: int = 0, item_embed: int = 8, value_bins: int = 0,
+                 value_min: float = 0.0, value_max: float = 10.0):
         super().__init__()
         if item_buckets < 0 or item_embed < 0:
             raise ValueError(f"item_buckets and item_embed must be >= 0, got {item_buckets}, {item_embed}")
+        if value_bins == 1 or value_bins < 0 or (value_bins and not value_max > value_min):
+            raise ValueError(f"value_bins must be 0 or > 1 with value_max > value_min, got "
+                             f"{value_bins} bins on [{value_min}, {value_max}]")
         self.state_dim = state_dim
         self.hidden = hidden
         self.wide = bool(wide)
         self.item_buckets = int(item_buckets)
         self.item_embed = int(item_embed) if item_buckets else 0
+        self.value_bins = int(value_bins)
+        self.value_min, self.value_max = float(value_min), float(value_max)
+        out = self.value_bins or 1
         self.mlp = nn.Sequential(
             nn.Linear(5 * state_dim + 1 + self.item_embed, hidden), nn.ReLU(),
             nn.Linear(hidden, hidden), nn.ReLU(),
-            nn.Linear(hidden, 1),
+            nn.Linear(hidden, out),
         )
         if self.wide:
-            self.wide_linear = nn.Linear(2 * state_dim + 1, 1, bias=False)
+            self.wide_linear = nn.Linear(2 * state_dim + 1, out, bias=False)
             nn.init.zeros_(self.wide_linear.weight)
         if self.item_buckets:
-            self.item_table = nn.Embedding(self.item_buckets, self.item_embed + 1)
+            self.item_table = nn.Embedding(self.item_buckets, self.item_embed + out)
             with torch.no_grad():
                 self.item_table.weight.normal_(0.0, 0.1)
-                self.item_table.weight[:, -1] = 0.0
+                self.item_table.weight[:, self.item_embed:] = 0.0
 
     @property
     def case_dim(self) -> int:
         return case_feature_dim(self.state_dim)
 
-    def forward(self, state: torch.Tensor, cases: torch.Tensor) -> torch.Tensor:
-        """``state`` [B, D], ``cases`` [B, K, 2D+1] → Q values [B, K]."""
+    def support(self) -> np.ndarray:
+        """Centres of the histogram's bins (empty without ``value_bins``)."""
+        return histogram_support(self.value_min, self.value_max, self.value_bins)
+
+    def outputs(self, state: torch.Tensor, cases: torch.Tensor) -> torch.Tensor:
+        """``state`` [B, D], ``cases`` [B, K, 2D+1] → [B, K, max(1, value_bins)]: Q values, or
+        the histogram's logits."""
         d = self.state_dim
         s = state.unsqueeze(1).expand(-1, cases.shape[1], -1)
         parts = _pair_inputs(s, cases, d)
-        extra = 0.0
+        out = self.mlp(torch.cat(parts + self._item_inputs(cases), dim=-1))
         if self.item_buckets:
-            item = self.item_table(item_bucket(cases[..., d:2 * d], self.item_buckets))
-            parts.append(item[..., :-1])
-            extra = item[..., -1]
-        q = self.mlp(torch.cat(parts, dim=-1)).squeeze(-1) + extra
+            out = out + self.item_table(item_bucket(cases[..., d:2 * d], self.item_buckets))[..., self.item_embed:]
         if self.wide:
-            q = q + self.wide_linear(torch.cat(parts[3:6], dim=-1)).squeeze(-1)
-        return q
+            out = out + self.wide_linear(torch.cat(parts[3:6], dim=-1))
+        return out
+
+    def _item_inputs(self, cases: torch.Tensor) -> list:
+        if not self.item_buckets:
+            return []
+        d = self.state_dim
+        return [self.item_table(item_bucket(cases[..., d:2 * d], self.item_buckets))[..., :self.item_embed]]
+
+    def forward(self, state: torch.Tensor, cases: torch.Tensor) -> torch.Tensor:
+        """``state`` [B, D], ``cases`` [B, K, 2D+1] → Q values [B, K]."""
+        out = self.outputs(state, cases)
+        if not self.value_bins:
+            return out.squeeze(-1)
+        return histogram_mean(out, torch.as_tensor(self.support(), dtype=out.dtype))
 
     def config(self) -> dict:
         return {"state_dim": self.state_dim, "hidden": self.hidden, "wide": self.wide,
-                "item_buckets": self.item_buckets, "item_embed": self.item_embed}
+                "item_buckets": self.item_buckets, "item_embed": self.item_embed,
+                "value_bins": self.value_bins, "value_min": self.value_min, "value_max": self.value_max}
 
 
 class FrozenQ:
@@ -161,22 +192,22 @@ class FrozenQ:
                 self.layers.append(None)
             else:
                 raise TypeError(f"FrozenQ: unsupported layer {type(layer).__name__} in QNetwork.mlp")
-        self.wide = (net.wide_linear.weight.detach().numpy()[0].astype(np.float32, copy=True)
+        self.wide = (net.wide_linear.weight.detach().numpy().T.astype(np.float32, copy=True)
                      if net.wide else None)
-        self.item_buckets = net.item_buckets
+        self.item_buckets, self.item_embed = net.item_buckets, net.item_embed
         self.item_table = (net.item_table.weight.detach().numpy().astype(np.float32, copy=True)
                            if net.item_buckets else None)
+        self.support = net.support().astype(np.float32) if net.value_bins else None
 
     def __call__(self, states: np.ndarray, cases: np.ndarray) -> np.ndarray:
         """``states`` [B, D], ``cases`` [B, K, 2D+1] (float32) → Q values [B, K]."""
         d = self.state_dim
         s = np.broadcast_to(states[:, None, :], cases.shape[:-1] + (states.shape[-1],))
         parts = _pair_inputs(s, cases, d)
-        extra = np.float32(0.0)
+        item = None
         if self.item_table is not None:
             item = self.item_table[item_bucket(cases[..., d:2 * d], self.item_buckets)]
-            parts.append(item[..., :-1])
-            extra = item[..., -1]
+            parts.append(item[..., :self.item_embed])
         x = np.concatenate(parts, axis=-1)
         wide_in = x[..., 3 * d:5 * d + 1] if self.wide is not None else None
         for layer in self.layers:
@@ -184,7 +215,10 @@ class FrozenQ:
                 np.maximum(x, 0.0, out=x)
             else:
                 x = x @ layer[0] + layer[1]
-        q = x[..., 0] + extra
+        if item is not None:
+            x = x + item[..., self.item_embed:]
         if self.wide is not None:
-            q = q + wide_in @ self.wide
-        return q
+            x = x + wide_in @ self.wide
+        if self.support is None:
+            return x[..., 0]
+        return histogram_mean(x, self.support)

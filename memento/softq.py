@@ -18,7 +18,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["soft_value", "policy_probs", "td_target", "entropy", "policy_probs_numpy", "entropy_numpy"]
+__all__ = ["soft_value", "policy_probs", "td_target", "entropy", "policy_probs_numpy", "entropy_numpy",
+           "histogram_support", "histogram_mean", "histogram_target"]
 
 _NEG = -1e30
 
@@ -88,3 +89,43 @@ def td_target(reward: torch.Tensor, done: torch.Tensor, next_q_target: torch.Ten
     if next_mask is not None:
         value = torch.where(next_mask.any(-1), value, torch.zeros_like(value))
     return reward + gamma * (1.0 - done.to(reward.dtype)) * value
+
+
+def histogram_support(value_min: float, value_max: float, bins: int) -> np.ndarray:
+    """Centres of ``bins`` equal bins covering [value_min, value_max] (empty for 0 bins).
+
+    >>> histogram_support(0.0, 1.0, 4).tolist()
+    [0.125, 0.375, 0.625, 0.875]
+    """
+    if not bins:
+        return np.zeros(0)
+    width = (value_max - value_min) / bins
+    return value_min + width * (np.arange(bins) + 0.5)
+
+
+def histogram_mean(logits, support):
+    """Mean of the histogram softmax(logits) over ``support`` (the last axis); torch or numpy."""
+    if isinstance(logits, torch.Tensor):
+        return (torch.softmax(logits, dim=-1) * support).sum(-1)
+    e = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return (e * support).sum(-1) / e.sum(-1)
+
+
+@torch.no_grad()
+def histogram_target(y: torch.Tensor, value_min: float, value_max: float, bins: int,
+                     sigma_over_width: float = 0.75) -> torch.Tensor:
+    """HL-Gauss (Imani & White 2018; Farebrother et al. 2024, "Stop Regressing"): the target
+    histogram of each scalar target y [B] is the mass of N(y, σ²) in each bin, renormalised to
+    the support, with σ = ``sigma_over_width`` bin widths. Cross-entropy against it trains a
+    histogram whose mean tracks E[y] with classification's better-behaved gradients.
+
+    >>> p = histogram_target(torch.tensor([0.3, 9.0]), 0.0, 1.0, 4)
+    >>> [round(float(x), 3) for x in p.sum(-1)], int(p[0].argmax()), int(p[1].argmax())
+    ([1.0, 1.0], 1, 3)
+    """
+    width = (value_max - value_min) / bins
+    edges = value_min + width * torch.arange(bins + 1, dtype=y.dtype)
+    y = y.clamp(value_min, value_max).unsqueeze(-1)
+    cdf = torch.special.ndtr((edges - y) / (sigma_over_width * width))
+    mass = cdf[..., 1:] - cdf[..., :-1]
+    return mass / (cdf[..., -1:] - cdf[..., :1]).clamp(min=1e-12)

@@ -266,7 +266,9 @@ def make_policy(name: str, config: EvalConfig, bank, catalogue: Sequence[str], s
     if name == "cosine":
         return CosinePolicy()
     if name == "greedy-q":
-        return GreedyQPolicy(bank, config.item_dim, config.top_k, config.pacing, network=softq.network(),
+        # softq's network, with a one-number output: greedy-q's is the logit of its classifier
+        return GreedyQPolicy(bank, config.item_dim, config.top_k, config.pacing,
+                             network={**softq.network(), "value_bins": 0},
                              lr=softq.lr, batch_size=softq.batch_size, seed=seed + 1)
     if name == "linucb":
         return LinUCBPolicy(config.item_dim, alpha=config.linucb_alpha)
