@@ -8,7 +8,9 @@ the buffer holds ``learning_starts`` transitions, each new transition buys
 ``updates_per_transition`` gradient updates (at most ``max_updates_per_poll`` between two polls,
 at most ``max_update_backlog`` owed); every ``publish_every`` updates (and at most once per
 ``publish_min_interval_s``) the network is written with
-:func:`memento.checkpoint.save_checkpoint` and announced on the checkpoints topic. Version 0 (or, after a restart, the next version) is published at start-up
+:func:`memento.checkpoint.save_checkpoint`, with the μ it was trained for (the current α, the
+floor ``min_prob`` and ``top_k``: serving samples exactly that μ), and announced on the
+checkpoints topic. Version 0 (or, after a restart, the next version) is published at start-up
 so serving can become ready.
 Versions strictly increase across restarts; the replay buffer and the optimiser state are saved
 on shutdown (and every ``state_save_interval_s``) and restored at start-up. Offsets are
@@ -169,9 +171,9 @@ class LearnerService:
         self.options = service or LearnerServiceConfig()
         self.state_dim = settings.item_dim
         if self.config.top_k != settings.top_k:
-            log.warning("learner top_k=%d differs from serving's settings.top_k=%d: the TD target's "
-                        "soft value and serving's policy will range over different candidate sets",
-                        self.config.top_k, settings.top_k)
+            log.warning("learner top_k=%d differs from settings.top_k=%d: serving samples among the "
+                        "checkpoint's %d cases, but its bank's IVF probes are tuned for %d",
+                        self.config.top_k, settings.top_k, self.config.top_k, settings.top_k)
         self.metrics = LearnerMetrics()
         self.metrics_port = metrics_port
         self.learner = SoftQLearner(self.state_dim, self.config)

@@ -19,7 +19,9 @@ the learner process would consume.
 * ``softq`` — the product: :class:`serving.policy.RetrievalPolicy` (μ = softmax(Q/α) with the
   probability floor, sampled) trained by :class:`learner.trainer.SoftQLearner` in the learner
   process's training loop (:class:`learner.loop.TrainingLoop`: replay buffer, learning starts,
-  updates per transition, a new policy version every ``publish_every`` updates).
+  updates per transition, a new policy version every ``publish_every`` updates); a new
+  version samples the μ its checkpoint would carry (the learner's α, floor and K), as a
+  serving reload does.
 
 >>> import numpy as np
 >>> req = Request("u", 0.0, np.ones(2, np.float32), ["c1", "c2"], np.array([0.9, 0.5]),
@@ -309,8 +311,8 @@ class SoftQPolicy(_TrainedCasePolicy):
     def _publish(self) -> bool:
         if not self.learner.healthy:  # the learner refuses to write such a checkpoint
             return False
-        # serving's options follow the learner's tuned α, as a reload would carry it
-        options = PolicyOptions(self.options.top_k, self.learner.alpha, self.options.min_prob)
+        # serving's reload path: μ's α, floor and K are what the checkpoint carries
+        options = self.options.for_checkpoint(self.learner.policy_params())
         self.policy = RetrievalPolicy(copy.deepcopy(self.learner.q_net), self.versions + 1, self.bank, options)
         return True
 
