@@ -6,6 +6,7 @@
 """
 
 from learner.buffer import ReplayBuffer
+from learner.loop import TrainingLoop
 from learner.sampler import PrioritizedSampler, Sampler, UniformSampler
 from learner.storage import ArrayStorage, ReplayBatch, ReplayTransition, Storage
 from learner.trainer import SoftQConfig, SoftQLearner, UnhealthyLearnerError
@@ -14,5 +15,5 @@ from learner.writer import RingWriter, Writer
 __all__ = [
     "ReplayBuffer", "ReplayTransition", "ReplayBatch", "Storage", "ArrayStorage", "Sampler",
     "UniformSampler", "PrioritizedSampler", "Writer", "RingWriter", "SoftQConfig", "SoftQLearner",
-    "UnhealthyLearnerError",
+    "UnhealthyLearnerError", "TrainingLoop",
 ]

@@ -2,13 +2,16 @@
 
 It consumes two topics in one consumer group: *cases* go into a local replica of the case bank,
 *transitions* (s, c, μ(c|s), r, s′) get the top-K candidate cases of s and s′ from that replica
-and go into the replay buffer (a repeated transition id is ignored and counted). Once the
-buffer holds ``learning_starts`` transitions, each new transition buys ``updates_per_transition``
-gradient updates (at most ``max_updates_per_poll`` between two polls, at most
-``max_update_backlog`` owed); every ``publish_every`` updates (and
-at most once per ``publish_min_interval_s``) the network is written with
-:func:`memento.checkpoint.save_checkpoint` and announced on the checkpoints topic. Version 0 (or,
-after a restart, the next version) is published at start-up so serving can become ready.
+and go into the replay buffer (a repeated transition id is ignored and counted). Buffer and
+pacing are :class:`learner.loop.TrainingLoop`, the loop ``memento eval`` trains with too: once
+the buffer holds ``learning_starts`` transitions, each new transition buys
+``updates_per_transition`` gradient updates (at most ``max_updates_per_poll`` between two polls,
+at most ``max_update_backlog`` owed); every ``publish_every`` updates (and at most once per
+``publish_min_interval_s``) the network is written with
+:func:`memento.checkpoint.save_checkpoint`, with the μ it was trained for (the current α, the
+floor ``min_prob`` and ``top_k``: serving samples exactly that μ), and announced on the
+checkpoints topic. Version 0 (or, after a restart, the next version) is published at start-up
+so serving can become ready.
 Versions strictly increase across restarts; the replay buffer and the optimiser state are saved
 on shutdown (and every ``state_save_interval_s``) and restored at start-up. Offsets are
 committed after each poll's records are in the buffer.
@@ -38,6 +41,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, start
 
 from learner.buffer import ReplayBuffer
 from learner.candidates import with_candidates
+from learner.loop import TrainingLoop, replay_buffer
 from learner.trainer import SoftQConfig, SoftQLearner
 from memento.checkpoint import CheckpointError, load_checkpoint
 from memento.config import Settings
@@ -167,13 +171,13 @@ class LearnerService:
         self.options = service or LearnerServiceConfig()
         self.state_dim = settings.item_dim
         if self.config.top_k != settings.top_k:
-            log.warning("learner top_k=%d differs from serving's settings.top_k=%d: the TD target's "
-                        "soft value and serving's policy will range over different candidate sets",
-                        self.config.top_k, settings.top_k)
+            log.warning("learner top_k=%d differs from settings.top_k=%d: serving samples among the "
+                        "checkpoint's %d cases, but its bank's IVF probes are tuned for %d",
+                        self.config.top_k, settings.top_k, self.config.top_k, settings.top_k)
         self.metrics = LearnerMetrics()
         self.metrics_port = metrics_port
         self.learner = SoftQLearner(self.state_dim, self.config)
-        self.buffer = self._new_buffer()
+        self.loop = TrainingLoop(self._new_buffer(), self.options, clock=time.monotonic)
         self.state_dir = Path(settings.data_dir, "learner")
         self.checkpoint_dir = Path(settings.checkpoint_dir)
         self.version = -1                 # last published version
@@ -181,19 +185,18 @@ class LearnerService:
         self.transitions_consumed = 0
         self.duplicates = 0
         self.dead_letters = 0
-        self._update_credit = 0.0
-        self._last_publish_step = 0
-        self._last_publish_time = -math.inf
         self._last_metrics: dict[str, float] = {}
         self.bank = None
         self.producer = None
         self.ready = threading.Event()    # set once the start-up checkpoint is announced
 
     def _new_buffer(self) -> ReplayBuffer:
-        return ReplayBuffer.create(
-            self.options.buffer_capacity, self.state_dim, self.config.top_k,
-            prioritized=self.options.prioritized, priority_alpha=self.options.priority_alpha,
-            priority_beta=self.options.priority_beta, seed=self.config.seed)
+        return replay_buffer(self.options, self.state_dim, self.config.top_k, self.config.seed)
+
+    @property
+    def buffer(self) -> ReplayBuffer:
+        """The replay buffer (the training loop's)."""
+        return self.loop.buffer
 
     # -- state ---------------------------------------------------------------------------
     def restore(self) -> None:
@@ -227,8 +230,7 @@ class LearnerService:
             pass
         except (ValueError, KeyError) as exc:  # e.g. --buffer-capacity or --top-k changed since
             log.warning("starting with an empty replay buffer: the saved one does not fit (%s)", exc)
-            self.buffer = self._new_buffer()
-        self._last_publish_step = self.learner.steps
+            self.loop.buffer = self._new_buffer()
 
     def save_state(self) -> None:
         self.buffer.save(self.state_dir / "replay")
@@ -248,8 +250,6 @@ class LearnerService:
         self.producer.flush(timeout=10)
         self.version = version
         self.published.append(ann)
-        self._last_publish_step = self.learner.steps
-        self._last_publish_time = time.monotonic()
         self.metrics.checkpoints.inc()
         self.metrics.version.set(version)
         log.info("published policy v%d (step %d) %s", version, ann.step, ann.path)
@@ -312,50 +312,38 @@ class LearnerService:
 
     def _ingest(self, transitions: list[Transition]) -> int:
         n = len(transitions)
-        added = 0
-        for replay in with_candidates(transitions, self.bank, self.config.top_k):
-            if self.buffer.add(replay):
-                added += 1
-            else:
-                self.duplicates += 1
-                self.metrics.duplicates.inc()
+        dropped = self.loop.dropped
+        added = self.loop.add(with_candidates(transitions, self.bank, self.config.top_k))
+        self.duplicates += n - added
+        self.metrics.duplicates.inc(n - added)
+        self.metrics.dropped.inc(self.loop.dropped - dropped)
         self.transitions_consumed += n
         self.metrics.transitions.inc(n)
         self.metrics.buffer_size.set(len(self.buffer))
-        if len(self.buffer) >= self.options.learning_starts:
-            owed = self._update_credit + added * self.options.updates_per_transition
-            self._update_credit = min(owed, float(self.options.max_update_backlog))
-            if owed > self._update_credit:
-                self.metrics.dropped.inc(int(owed - self._update_credit))
         return added
 
     # -- training -------------------------------------------------------------------------
     def train(self, stop: threading.Event) -> int:
         """Spend the update credit, at most ``max_updates_per_poll``; returns the updates run."""
-        done = 0
-        while self._update_credit >= 1.0 and done < self.options.max_updates_per_poll and not stop.is_set():
-            self._update_credit -= 1.0
-            batch = self.buffer.sample(self.config.batch_size)
-            m = self.learner.update(batch)
-            done += 1
-            if m["skipped"]:
-                self.metrics.skipped.inc()
-                log.warning("skipped a non-finite update (loss=%s, q_mean=%s)", m["loss"], m["q_mean"])
-            else:
-                self.metrics.updates.inc()
-                self._last_metrics = {k: m[k] for k in ("loss", "q_mean", "target_mean", "alpha", "entropy")}
-                if self.options.prioritized:
-                    self.buffer.update_priorities(batch.indices, self.learner.last_td_errors)
-                self.metrics.loss.set(m["loss"])
-                self.metrics.q_mean.set(m["q_mean"])
-                self.metrics.target_mean.set(m["target_mean"])
-                self.metrics.alpha.set(m["alpha"])
-                self.metrics.entropy.set(m["entropy"])
-            self.metrics.healthy.set(1.0 if self.learner.healthy else 0.0)
-            if (self.learner.steps - self._last_publish_step >= self.options.publish_every
-                    and time.monotonic() - self._last_publish_time >= self.options.publish_min_interval_s):
-                self.publish()
-        return done
+        return self.loop.step(self._update, self.publish, batch_size=self.config.batch_size,
+                              max_updates=self.options.max_updates_per_poll, stop=stop)
+
+    def _update(self, batch) -> np.ndarray | None:
+        """One soft-Q update, with its metrics; the TD errors, or None when it was skipped."""
+        m = self.learner.update(batch)
+        self.metrics.healthy.set(1.0 if self.learner.healthy else 0.0)
+        if m["skipped"]:
+            self.metrics.skipped.inc()
+            log.warning("skipped a non-finite update (loss=%s, q_mean=%s)", m["loss"], m["q_mean"])
+            return None
+        self.metrics.updates.inc()
+        self._last_metrics = {k: m[k] for k in ("loss", "q_mean", "target_mean", "alpha", "entropy")}
+        self.metrics.loss.set(m["loss"])
+        self.metrics.q_mean.set(m["q_mean"])
+        self.metrics.target_mean.set(m["target_mean"])
+        self.metrics.alpha.set(m["alpha"])
+        self.metrics.entropy.set(m["entropy"])
+        return self.learner.last_td_errors
 
     # -- the loop -------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -377,6 +365,7 @@ class LearnerService:
             self.dead_letter = DeadLetterWriter(self.settings, self.producer)
             if self.publish() is None:
                 raise RuntimeError("the restored learner holds non-finite weights; refusing to start")
+            self.loop.mark_published()
             self.ready.set()
             topics = self.settings.topics
             consumer = make_consumer(self.settings, [topics.transitions, topics.cases],
@@ -385,8 +374,8 @@ class LearnerService:
             last_log = last_save = time.monotonic()
             steps_at_log = self.learner.steps
             while not stop.is_set():
-                owed = self._update_credit >= 1.0  # do not idle in poll while updates are owed
-                polled = poll(consumer, self.settings, 0 if owed else self.options.poll_timeout_ms)
+                # do not idle in poll while updates are owed
+                polled = poll(consumer, self.settings, 0 if self.loop.owed else self.options.poll_timeout_ms)
                 records = [rec for recs in polled.values() for rec in recs]
                 if records:
                     self.handle(records)

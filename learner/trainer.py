@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from learner.storage import ReplayBatch
-from memento.checkpoint import save_checkpoint
+from memento.checkpoint import PolicyParams, save_checkpoint
 from memento.qnet import QNetwork
 from memento.schemas import CheckpointAnnouncement
 from memento.softq import entropy, histogram_mean, histogram_target, policy_probs, td_target
@@ -161,6 +161,11 @@ class SoftQLearner:
     def alpha(self) -> float:
         return float(self.log_alpha.detach().exp())
 
+    def policy_params(self) -> PolicyParams:
+        """The μ this learner assumes (its current α, the floor, K): what a checkpoint carries
+        and what serving samples after loading it."""
+        return PolicyParams(alpha=self.alpha, min_prob=self.config.min_prob, top_k=self.config.top_k)
+
     @property
     def healthy(self) -> bool:
         """True when the last update was finite and every weight is finite: safe to publish."""
@@ -271,13 +276,15 @@ class SoftQLearner:
 
     def save_checkpoint(self, directory: str | Path, *, version: int,
                         metrics: dict[str, float] | None = None) -> CheckpointAnnouncement:
-        """Write the online network as policy version ``version``; refuses when not :attr:`healthy`."""
+        """Write the online network as policy version ``version``, with :meth:`policy_params`;
+        refuses when not :attr:`healthy`."""
         if not self.healthy:
             raise UnhealthyLearnerError(
                 f"refusing to publish policy v{version}: the last update was skipped as non-finite "
                 f"({self.skipped_updates} skipped so far) or the network holds non-finite weights")
         clean = {k: float(v) for k, v in (metrics or {}).items() if math.isfinite(float(v))}
-        return save_checkpoint(self.q_net, directory, version=version, step=self.steps, metrics=clean)
+        return save_checkpoint(self.q_net, directory, version=version, step=self.steps, metrics=clean,
+                               policy=self.policy_params())
 
     def state_dict(self) -> dict:
         """Everything needed to resume training (tensors, numbers and strings only)."""

@@ -1,12 +1,26 @@
 """Versioned policy checkpoints: safetensors files with a sha256, never pickle.
 
+A checkpoint holds the Q network's tensors and, in the safetensors header's ``__metadata__``
+(string to string), ``version``, ``step``, ``config`` (the network's options, JSON) and
+``policy``: the μ the network was trained for, as JSON ``{"alpha": α, "min_prob": floor,
+"top_k": K}`` (:class:`PolicyParams`): the learner's current temperature (tuned when
+``target_entropy`` is set), the probability floor and the number of candidates. Serving samples
+exactly that μ. A checkpoint written before ``policy`` existed loads with ``policy`` None, and
+serving keeps its own flags.
+
+Reading verifies before it parses: the file's size is bounded, its sha256 must match the
+announced one, then the header (bounded too) is parsed as safetensors only.
+
 >>> import tempfile, os
 >>> from memento.qnet import QNetwork
 >>> d = tempfile.mkdtemp()
->>> ann = save_checkpoint(QNetwork(4, 8), d, version=3, step=10)
+>>> ann = save_checkpoint(QNetwork(4, 8), d, version=3, step=10,
+...                       policy=PolicyParams(alpha=0.25, min_prob=0.01, top_k=8))
 >>> net = load_checkpoint(ann.path, ann.sha256, expect_state_dim=4)
 >>> net.state_dim, ann.version
 (4, 3)
+>>> read_checkpoint(ann.path, ann.sha256, expect_state_dim=4).policy
+PolicyParams(alpha=0.25, min_prob=0.01, top_k=8)
 """
 
 from __future__ import annotations
@@ -14,7 +28,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import math
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -24,11 +40,74 @@ from safetensors.torch import save as st_save
 from memento.qnet import QNetwork
 from memento.schemas import CheckpointAnnouncement
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "sha256_bytes"]
+__all__ = ["CheckpointError", "PolicyParams", "Checkpoint", "save_checkpoint", "read_checkpoint",
+           "load_checkpoint", "sha256_bytes", "MAX_CHECKPOINT_BYTES", "MAX_TOP_K"]
+
+MAX_CHECKPOINT_BYTES = 1 << 30     # a policy network is a few MB; refuse to read a larger file
+MAX_HEADER_BYTES = 1 << 20         # the safetensors header (tensor index and metadata)
+MAX_POLICY_JSON = 1024             # the "policy" metadata entry
+MAX_TOP_K = 1024                   # candidates per request a checkpoint may ask serving for
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that must not be served: wrong hash, not safetensors, or wrong shapes."""
+
+
+@dataclass(frozen=True)
+class PolicyParams:
+    """The retrieval policy a network was trained for: μ(c|s) = softmax(Q(s, c)/alpha) over the
+    ``top_k`` nearest cases, each floored at ``min_prob`` (:func:`memento.softq.policy_probs`).
+
+    >>> p = PolicyParams(alpha=0.1, min_prob=0.01, top_k=16)
+    >>> PolicyParams.from_json(p.to_json()) == p
+    True
+    >>> PolicyParams.from_json('{"alpha": 0, "min_prob": 0.01, "top_k": 16}')
+    Traceback (most recent call last):
+    ...
+    ValueError: policy alpha must be a finite number > 0, got 0
+    """
+
+    alpha: float
+    min_prob: float
+    top_k: int
+
+    def __post_init__(self):
+        a, m, k = self.alpha, self.min_prob, self.top_k
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not (math.isfinite(a) and a > 0):
+            raise ValueError(f"policy alpha must be a finite number > 0, got {a!r}")
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0.0 <= m < 1.0:
+            raise ValueError(f"policy min_prob must be a number in [0, 1), got {m!r}")
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_TOP_K:
+            raise ValueError(f"policy top_k must be an integer in 1..{MAX_TOP_K}, got {k!r}")
+        object.__setattr__(self, "alpha", float(a))
+        object.__setattr__(self, "min_prob", float(m))
+
+    def to_json(self) -> str:
+        """The ``policy`` metadata entry (floats written exactly: they read back equal)."""
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "PolicyParams":
+        """Parse a ``policy`` entry; ValueError when it is too long, not an object, or lacks or
+        mistypes ``alpha``, ``min_prob`` or ``top_k`` (other keys are ignored)."""
+        if len(text) > MAX_POLICY_JSON:
+            raise ValueError(f"policy metadata is {len(text)} characters, more than {MAX_POLICY_JSON}")
+        value = json.loads(text)
+        if not isinstance(value, dict):
+            raise ValueError(f"policy metadata must be a JSON object, got {type(value).__name__}")
+        missing = [k for k in ("alpha", "min_prob", "top_k") if k not in value]
+        if missing:
+            raise ValueError(f"policy metadata lacks {', '.join(missing)}")
+        return cls(alpha=value["alpha"], min_prob=value["min_prob"], top_k=value["top_k"])
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A verified checkpoint: the network, and the μ it was trained for (None: an older
+    checkpoint that does not say)."""
+
+    net: QNetwork
+    policy: PolicyParams | None
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -36,12 +115,16 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def save_checkpoint(net: QNetwork, directory: str | Path, *, version: int, step: int,
-                    metrics: dict[str, float] | None = None) -> CheckpointAnnouncement:
-    """Write ``policy-v{version}.safetensors`` atomically and return its announcement."""
+                    metrics: dict[str, float] | None = None,
+                    policy: PolicyParams | None = None) -> CheckpointAnnouncement:
+    """Write ``policy-v{version}.safetensors`` atomically and return its announcement;
+    ``policy`` (the μ the network was trained for) goes into the metadata when given."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     meta = {"version": str(version), "step": str(step), "config": json.dumps(net.config())}
+    if policy is not None:
+        meta["policy"] = policy.to_json()
     data = st_save(tensors, metadata=meta)
     path = directory / f"policy-v{version:06d}.safetensors"
     tmp = path.with_suffix(".tmp")
@@ -58,8 +141,18 @@ def save_checkpoint(net: QNetwork, directory: str | Path, *, version: int, step:
 
 def load_checkpoint(path: str | Path, sha256: str, *, expect_state_dim: int) -> QNetwork:
     """Read, verify and build the network; raises :class:`CheckpointError` on any mismatch."""
+    return read_checkpoint(path, sha256, expect_state_dim=expect_state_dim).net
+
+
+def read_checkpoint(path: str | Path, sha256: str, *, expect_state_dim: int) -> Checkpoint:
+    """Read, verify and build the network and the μ it was trained for; raises
+    :class:`CheckpointError` on any mismatch (a malformed ``policy`` entry included)."""
     try:
-        data = Path(path).read_bytes()
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size > MAX_CHECKPOINT_BYTES:
+                raise CheckpointError(f"checkpoint {path} is {size} bytes, more than {MAX_CHECKPOINT_BYTES}")
+            data = fh.read(MAX_CHECKPOINT_BYTES + 1)
     except OSError as exc:
         raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from None
     digest = sha256_bytes(data)
@@ -67,10 +160,13 @@ def load_checkpoint(path: str | Path, sha256: str, *, expect_state_dim: int) -> 
         raise CheckpointError(f"checkpoint {path}: sha256 {digest[:12]}… does not match the "
                               f"announced {sha256[:12]}…")
     try:
-        tensors = st_load(data)
         header_len = int.from_bytes(data[:8], "little")
+        if header_len > MAX_HEADER_BYTES:
+            raise ValueError(f"header of {header_len} bytes, more than {MAX_HEADER_BYTES}")
+        tensors = st_load(data)
         meta = json.loads(data[8:8 + header_len]).get("__metadata__", {})
         config = json.loads(meta["config"])
+        policy = PolicyParams.from_json(meta["policy"]) if "policy" in meta else None
     except Exception as exc:  # safetensors raises several error types for bad files
         raise CheckpointError(f"checkpoint {path} is not a valid safetensors policy: {exc}") from None
     if config.get("state_dim") != expect_state_dim:
@@ -84,4 +180,4 @@ def load_checkpoint(path: str | Path, sha256: str, *, expect_state_dim: int) -> 
         raise CheckpointError(f"checkpoint {path}: non-finite weights")
     net.load_state_dict(tensors)
     net.eval()
-    return net
+    return Checkpoint(net, policy)

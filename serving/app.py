@@ -6,8 +6,11 @@ it in an :class:`aiohttp.web.Application` implementing the HTTP contract (docs i
 ``serving/openapi.py``). The policy is swapped by replacing one attribute: a request reads the
 reference once per micro-batch (:mod:`serving.batching`), so every request is answered whole by
 one policy version and a swap never fails or blocks a request; loading and verifying happen on
-the checkpoint follower's thread. Concurrent recommend requests share one bank search and one
-Q-network forward pass.
+the checkpoint follower's thread. A checkpoint carries the μ its network was trained for (α,
+probability floor, K); the swapped-in policy samples that μ, so serving's own ``alpha``,
+``min_prob`` and ``top_k`` are only the defaults until such a checkpoint arrives (an override
+is logged and counted in ``memento_serving_policy_overrides_total{option}``). Concurrent
+recommend requests share one bank search and one Q-network forward pass.
 
 >>> cfg = ServingConfig(api_token="secret")
 >>> cfg.options.alpha, cfg.generator
@@ -28,11 +31,11 @@ import numpy as np
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from memento.checkpoint import Checkpoint
 from memento.config import Settings
 from memento.encoder import ItemEncoder, StateEncoder, load_products
 from memento.history import UserHistories
 from memento.kafka_io import DeadLetterWriter, make_producer
-from memento.qnet import QNetwork
 from memento.schemas import CheckpointAnnouncement, Recommendation, to_dict
 from serving.batching import MicroBatcher
 from serving.followers import ActionFollower, CaseFollower, CheckpointFollower
@@ -59,7 +62,8 @@ class ServingConfig:
     Parameters
     ----------
     options
-        Policy options (top K, α, probability floor, seed).
+        Policy options (top K, α, probability floor, seed). K, α and the floor are defaults:
+        a checkpoint that carries them replaces them when it is swapped in.
     api_token
         Bearer token required on write endpoints (``/v1/feedback``); empty = no auth.
     max_body_bytes
@@ -146,6 +150,7 @@ class ServingService:
         self.config = config or ServingConfig(options=PolicyOptions(top_k=settings.top_k))
         self.options = self.config.options
         self.metrics = ServingMetrics()
+        self._policy_gauges(self.options)
         catalogue = load_products(settings.products) if settings.products else None
         self.items = ItemEncoder(settings.item_dim, catalogue)
         self.states = StateEncoder(self.items, max_len=settings.history_len)
@@ -236,9 +241,32 @@ class ServingService:
         policy = self.policy
         return None if policy is None else policy.version
 
-    def _swap_in(self, net: QNetwork, announcement: CheckpointAnnouncement) -> None:
+    def _policy_gauges(self, options: PolicyOptions) -> None:
+        self.metrics.policy_alpha.set(options.alpha)
+        self.metrics.policy_min_prob.set(options.min_prob)
+        self.metrics.policy_top_k.set(options.top_k)
+
+    def _swap_in(self, checkpoint: Checkpoint, announcement: CheckpointAnnouncement) -> None:
+        """Serve ``checkpoint`` with the μ it carries (serving's flags when it carries none)."""
         previous = self._current_version()
-        self.policy = RetrievalPolicy(net, announcement.version, self.bank, self.options)
+        options = self.options.for_checkpoint(checkpoint.policy)
+        overrides = self.options.overridden_by(checkpoint.policy)
+        for name in overrides:
+            self.metrics.policy_overrides.labels(name).inc()
+        if checkpoint.policy is None:
+            log.info("policy version %d carries no alpha/min_prob/top_k: sampling with serving's "
+                     "alpha=%g min_prob=%g top_k=%d", announcement.version, options.alpha,
+                     options.min_prob, options.top_k)
+        elif overrides:
+            log.info("policy version %d sets %s (serving's flags: %s)", announcement.version,
+                     ", ".join(f"{k}={v[1]:g}" for k, v in overrides.items()),
+                     ", ".join(f"{k}={v[0]:g}" for k, v in overrides.items()))
+            if "top_k" in overrides and (self.policy is None or self.policy.options.top_k != options.top_k):
+                log.warning("policy version %d samples among top_k=%d cases; the bank's IVF probes "
+                            "were tuned for serving's top_k=%d", announcement.version, options.top_k,
+                            self.options.top_k)
+        self.policy = RetrievalPolicy(checkpoint.net, announcement.version, self.bank, options)
+        self._policy_gauges(options)
         self.version_seen_at[announcement.version] = time.time()
         self.metrics.reloads.inc()
         self.metrics.policy_version.set(announcement.version)

@@ -44,9 +44,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--products", default=None, help="product CSV for item features (env MEMENTO_PRODUCTS)")
     parser.add_argument("--embedded-broker", choices=["noida", "tansu"], default=None,
                         help="the embedded test broker in use, if any (env MEMENTO_EMBEDDED_BROKER)")
-    parser.add_argument("--top-k", type=int, default=None, help="nearest cases mu chooses among (default settings.top_k)")
-    parser.add_argument("--alpha", type=float, default=0.1, help="temperature of mu = softmax(Q/alpha) (default 0.1)")
-    parser.add_argument("--min-prob", type=float, default=0.01, help="floor on each candidate's probability (default 0.01)")
+    # K, alpha and the floor define mu; a checkpoint that carries them (the learner's) replaces these.
+    parser.add_argument("--top-k", type=int, default=None, help="nearest cases mu chooses among until a "
+                        "checkpoint sets it; also the K the bank's IVF probes are tuned for (default settings.top_k)")
+    parser.add_argument("--alpha", type=float, default=0.1, help="temperature of mu = softmax(Q/alpha) until a "
+                        "checkpoint sets it (default 0.1)")
+    parser.add_argument("--min-prob", type=float, default=0.01, help="floor on each candidate's probability until "
+                        "a checkpoint sets it (default 0.01)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling generator (worker i uses seed+i)")
     parser.add_argument("--api-token", default=None, help="bearer token for write endpoints (env MEMENTO_API_TOKEN)")
     parser.add_argument("--max-body-bytes", type=int, default=64 * 1024, help="largest request body (default 65536)")

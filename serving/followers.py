@@ -7,7 +7,8 @@ feed is idempotent (the case bank by case id, the policy by version) or bounded 
 * :class:`ActionFollower` folds actions into per-user histories (the state encoder's input);
 * :class:`CaseFollower` appends new cases to the serving case bank, in batches;
 * :class:`CheckpointFollower` loads each newer announced checkpoint off the event loop and hands
-  it over for an atomic swap; a checkpoint failing verification is rejected and counted.
+  it over (the network and the μ it was trained for) for an atomic swap; a checkpoint failing
+  verification is rejected and counted.
 
 Each runs one :class:`kafka.KafkaConsumer` in its own thread; :meth:`TopicFollower.stop` ends it.
 """
@@ -23,12 +24,11 @@ from typing import Callable
 
 from kafka.errors import KafkaError
 
-from memento.checkpoint import CheckpointError, load_checkpoint
+from memento.checkpoint import Checkpoint, CheckpointError, read_checkpoint
 from memento.config import Settings
 from memento.encoder import HistoryEntry
 from memento.history import UserHistories
 from memento.kafka_io import DeadLetterWriter, make_consumer, poll
-from memento.qnet import QNetwork
 from memento.schemas import Action, Case, CheckpointAnnouncement, SchemaError, decode
 from serving.metrics import ServingMetrics
 
@@ -180,7 +180,8 @@ class CheckpointFollower(TopicFollower):
     current_version
         Returns the version now serving (None before the first).
     on_policy
-        Called with ``(net, announcement)`` from this thread after a successful load.
+        Called with ``(checkpoint, announcement)`` from this thread after a successful load
+        (:class:`memento.checkpoint.Checkpoint`: the network and the μ it was trained for).
     checkpoint_dir
         Where to look for the file when the announced path does not exist here (a shared
         volume mounted at another path): ``checkpoint_dir / basename(path)``.
@@ -188,7 +189,7 @@ class CheckpointFollower(TopicFollower):
 
     def __init__(self, settings: Settings, metrics: ServingMetrics,
                  current_version: Callable[[], int | None],
-                 on_policy: Callable[[QNetwork, CheckpointAnnouncement], None],
+                 on_policy: Callable[[Checkpoint, CheckpointAnnouncement], None],
                  checkpoint_dir: str | None = None, **kwargs):
         super().__init__(settings, settings.topics.checkpoints, metrics, **kwargs)
         self.current_version = current_version
@@ -221,8 +222,8 @@ class CheckpointFollower(TopicFollower):
                 if ann.state_dim != self.settings.state_dim:
                     raise CheckpointError(f"announced state_dim {ann.state_dim} != serving's "
                                           f"{self.settings.state_dim}")
-                net = load_checkpoint(self._resolve(ann.path), ann.sha256,
-                                      expect_state_dim=self.settings.state_dim)
+                checkpoint = read_checkpoint(self._resolve(ann.path), ann.sha256,
+                                             expect_state_dim=self.settings.state_dim)
             except CheckpointError as exc:
                 self.rejected[ann.version] = str(exc)
                 self.metrics.reload_failures.inc()
@@ -230,5 +231,5 @@ class CheckpointFollower(TopicFollower):
                           ann.version, exc, current)
                 continue
             self.metrics.reload_seconds.observe(time.perf_counter() - started)
-            self.on_policy(net, ann)
+            self.on_policy(checkpoint, ann)
             return

@@ -26,10 +26,12 @@ True
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from memento.checkpoint import PolicyParams
 from memento.qnet import FrozenQ, QNetwork
 from memento.softq import entropy_numpy, policy_probs_numpy
 
@@ -43,6 +45,11 @@ class NoCandidatesError(LookupError):
 @dataclass(frozen=True)
 class PolicyOptions:
     """How serving turns Q values into a choice.
+
+    ``top_k``, ``alpha`` and ``min_prob`` define μ, which the learner assumed when it trained the
+    network; a checkpoint carries them (:class:`memento.checkpoint.PolicyParams`) and
+    :meth:`for_checkpoint` adopts them, so serving's own values only count until a checkpoint
+    that carries them is loaded.
 
     Parameters
     ----------
@@ -70,6 +77,31 @@ class PolicyOptions:
             raise ValueError(f"alpha must be > 0, got {self.alpha}")
         if not 0.0 <= self.min_prob < 1.0:
             raise ValueError(f"min_prob must be in [0, 1), got {self.min_prob}")
+
+    def for_checkpoint(self, params: PolicyParams | None) -> "PolicyOptions":
+        """These options with μ's α, floor and K taken from a checkpoint's ``params`` (the seed
+        stays); unchanged when the checkpoint does not carry them (None).
+
+        >>> flags = PolicyOptions(top_k=16, alpha=0.1, min_prob=0.01, seed=3)
+        >>> flags.for_checkpoint(PolicyParams(alpha=0.37, min_prob=0.0, top_k=8))
+        PolicyOptions(top_k=8, alpha=0.37, min_prob=0.0, seed=3)
+        >>> flags.for_checkpoint(None) is flags
+        True
+        """
+        if params is None:
+            return self
+        return dataclasses.replace(self, top_k=params.top_k, alpha=params.alpha, min_prob=params.min_prob)
+
+    def overridden_by(self, params: PolicyParams | None) -> dict[str, tuple]:
+        """The options a checkpoint's ``params`` set to another value: name → (this, checkpoint's).
+
+        >>> PolicyOptions(top_k=16, alpha=0.1).overridden_by(PolicyParams(0.37, 0.01, 16))
+        {'alpha': (0.1, 0.37)}
+        """
+        if params is None:
+            return {}
+        return {name: (getattr(self, name), getattr(params, name)) for name in ("top_k", "alpha", "min_prob")
+                if getattr(self, name) != getattr(params, name)}
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,11 @@ the learner process would consume.
   arm set; here the arms are the retrieved cases and change with every request, so the shared
   (Li et al. 2010, eq. 6 without the disjoint part) form is written here.
 * ``softq`` — the product: :class:`serving.policy.RetrievalPolicy` (μ = softmax(Q/α) with the
-  probability floor, sampled) trained by :class:`learner.trainer.SoftQLearner` from a
-  :class:`learner.buffer.ReplayBuffer`, with the learner process's pacing
-  (:class:`learner.service.LearnerServiceConfig`: learning starts, updates per transition,
-  a new policy version every ``publish_every`` updates).
+  probability floor, sampled) trained by :class:`learner.trainer.SoftQLearner` in the learner
+  process's training loop (:class:`learner.loop.TrainingLoop`: replay buffer, learning starts,
+  updates per transition, a new policy version every ``publish_every`` updates); a new
+  version samples the μ its checkpoint would carry (the learner's α, floor and K), as a
+  serving reload does.
 
 >>> import numpy as np
 >>> req = Request("u", 0.0, np.ones(2, np.float32), ["c1", "c2"], np.array([0.9, 0.5]),
@@ -43,8 +44,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from learner.buffer import ReplayBuffer
 from learner.candidates import with_candidates
+from learner.loop import TrainingLoop, replay_buffer
 from learner.service import LearnerServiceConfig
 from learner.trainer import SoftQConfig, SoftQLearner
 from memento.qnet import QNetwork
@@ -237,7 +238,10 @@ class CosinePolicy(EvalPolicy):
 
 
 class _TrainedCasePolicy(EvalPolicy):
-    """A case policy trained from replayed transitions with the learner process's pacing.
+    """A case policy trained from replayed transitions in the learner process's training loop
+    (:class:`learner.loop.TrainingLoop`). The evaluation has no wall clock: a version is
+    published exactly every ``publish_every`` successful updates (``publish_min_interval_s``
+    does not apply).
 
     Parameters
     ----------
@@ -255,37 +259,16 @@ class _TrainedCasePolicy(EvalPolicy):
 
     def __init__(self, bank, state_dim: int, top_k: int, pacing: LearnerServiceConfig, seed: int):
         self.bank, self.state_dim, self.top_k, self.pacing = bank, state_dim, top_k, pacing
-        self.buffer = ReplayBuffer.create(pacing.buffer_capacity, state_dim, top_k,
-                                          prioritized=pacing.prioritized,
-                                          priority_alpha=pacing.priority_alpha,
-                                          priority_beta=pacing.priority_beta, seed=seed)
-        self.updates = 0
-        self.skipped = 0
-        self.versions = 0
-        self._credit = 0.0
-        self._since_publish = 0
+        self.loop = TrainingLoop(replay_buffer(pacing, state_dim, top_k, seed), pacing)  # no clock
+
+    @property
+    def versions(self) -> int:
+        """Policy versions published so far."""
+        return self.loop.published
 
     def learn(self, transitions: Sequence[Transition]) -> None:
-        added = sum(self.buffer.add(row) for row in with_candidates(transitions, self.bank, self.top_k))
-        if len(self.buffer) < self.pacing.learning_starts:
-            return
-        self._credit = min(self._credit + added * self.pacing.updates_per_transition,
-                           float(self.pacing.max_update_backlog))
-        while self._credit >= 1.0:
-            self._credit -= 1.0
-            batch = self.buffer.sample(self._batch_size())
-            td_errors = self._update(batch)
-            if td_errors is None:
-                self.skipped += 1
-                continue
-            self.updates += 1
-            if self.pacing.prioritized:
-                self.buffer.update_priorities(batch.indices, td_errors)
-            self._since_publish += 1
-            if self._since_publish >= self.pacing.publish_every:
-                self._since_publish = 0
-                self.versions += 1
-                self._publish()
+        self.loop.add(with_candidates(transitions, self.bank, self.top_k))
+        self.loop.step(self._update, self._publish, batch_size=self._batch_size())
 
     @abc.abstractmethod
     def _batch_size(self) -> int: ...
@@ -295,11 +278,12 @@ class _TrainedCasePolicy(EvalPolicy):
         """One gradient step; the absolute errors per row, or None when it was skipped."""
 
     @abc.abstractmethod
-    def _publish(self) -> None:
-        """Make the trained network the one that serves."""
+    def _publish(self) -> bool:
+        """Make the trained network the one that serves, as version ``self.versions + 1``;
+        False when it refuses (retried after the next update)."""
 
     def stats(self) -> dict[str, float]:
-        return {"updates": float(self.updates), "skipped_updates": float(self.skipped),
+        return {"updates": float(self.loop.updates), "skipped_updates": float(self.loop.skipped),
                 "policy_versions": float(self.versions)}
 
 
@@ -324,11 +308,13 @@ class SoftQPolicy(_TrainedCasePolicy):
             return None
         return self.learner.last_td_errors
 
-    def _publish(self) -> None:
-        if self.learner.healthy:
-            # serving's options follow the learner's tuned α, as a reload would carry it
-            options = PolicyOptions(self.options.top_k, self.learner.alpha, self.options.min_prob)
-            self.policy = RetrievalPolicy(copy.deepcopy(self.learner.q_net), self.versions, self.bank, options)
+    def _publish(self) -> bool:
+        if not self.learner.healthy:  # the learner refuses to write such a checkpoint
+            return False
+        # serving's reload path: μ's α, floor and K are what the checkpoint carries
+        options = self.options.for_checkpoint(self.learner.policy_params())
+        self.policy = RetrievalPolicy(copy.deepcopy(self.learner.q_net), self.versions + 1, self.bank, options)
+        return True
 
     def _choose(self, request: Request, rng: np.random.Generator, list_size: int) -> Choice:
         decision = self.policy.decide(request.state, request.case_ids, request.similarities,
@@ -384,8 +370,9 @@ class GreedyQPolicy(_TrainedCasePolicy):
         self.optimizer.step()
         return (torch.sigmoid(logits.detach()) - label).abs().numpy()
 
-    def _publish(self) -> None:
+    def _publish(self) -> bool:
         self.serving_net = copy.deepcopy(self.net).eval()
+        return True
 
     def _choose(self, request: Request, rng: np.random.Generator, list_size: int) -> Choice:
         with torch.no_grad():
