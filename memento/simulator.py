@@ -258,23 +258,26 @@ class SyntheticWorld:
     def _match(self, u: int) -> np.ndarray:
         return self.item_vectors @ self.tastes[u]
 
+    def _model_of(self, m: np.ndarray, appeal: np.ndarray) -> dict[str, np.ndarray]:
+        """Click logit and the four probabilities of :meth:`action_probabilities`, element-wise
+        from the matches ``m`` and appeals of some items (all of them, or a slice)."""
+        c = self.config
+        click_logit = c.affinity * m + appeal + c.click_bias
+        return {
+            "click_logit": click_logit,
+            "click": _sigmoid(click_logit),
+            "collect": _sigmoid(c.collect_affinity * m + c.collect_bias),
+            "cart": _sigmoid(c.cart_affinity * m + c.cart_bias),
+            "purchase": _sigmoid(c.purchase_affinity * m + c.purchase_appeal * appeal + c.purchase_bias),
+        }
+
     def _response_model(self, u: int) -> dict[str, np.ndarray]:
-        """Per item, for user index ``u`` at their current taste: the click logit and the four
-        probabilities of :meth:`action_probabilities` (the arrays are shared: do not modify).
-        Recomputed only when the user or their taste changed since the last call."""
+        """:meth:`_model_of` every item for user index ``u`` at their current taste (the arrays are
+        shared: do not modify). Recomputed only when the user or their taste changed since the
+        last call."""
         key = (u, self.tastes[u].tobytes())
         if key != self._model_key:
-            c = self.config
-            m = self._match(u)
-            click_logit = c.affinity * m + self.item_appeal + c.click_bias
-            self._model = {
-                "click_logit": click_logit,
-                "click": _sigmoid(click_logit),
-                "collect": _sigmoid(c.collect_affinity * m + c.collect_bias),
-                "cart": _sigmoid(c.cart_affinity * m + c.cart_bias),
-                "purchase": _sigmoid(c.purchase_affinity * m + c.purchase_appeal * self.item_appeal
-                                     + c.purchase_bias),
-            }
+            self._model = self._model_of(self._match(u), self.item_appeal)
             self._model_key = key
         return self._model
 
@@ -333,7 +336,14 @@ class SyntheticWorld:
         return self._after_click(u, i, p, rng, drift)
 
     def _probabilities_of(self, u: int, i: int) -> dict[str, float]:
-        model = self._response_model(u)
+        """The four probabilities of item ``i`` for user index ``u``: from the cached model when
+        the taste is the one it was computed for, else (a browse after a click) from this item's
+        elements only, which the element-wise model maps to the same values."""
+        if (u, self.tastes[u].tobytes()) == self._model_key:
+            model = self._model
+        else:
+            model = self._model_of(self._match(u)[i:i + 1], self.item_appeal[i:i + 1])
+            i = 0
         return {name: float(model[name][i]) for name in ("click", "collect", "cart", "purchase")}
 
     def _after_click(self, u: int, i: int, p: dict[str, float], rng: np.random.Generator,

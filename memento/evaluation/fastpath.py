@@ -73,26 +73,28 @@ class ExactStateEncoder(StateEncoder):
             self._row_of[item_id] = row
         return row
 
-    def _combine(self, item_ids: Sequence[str], actions: Sequence[str]) -> np.ndarray:
-        """The normalised weighted sum of the items' vectors, newest (rank 0) first."""
-        if not item_ids:
+    def _combine(self, entries: Sequence, item: int, action: int) -> np.ndarray:
+        """The normalised weighted sum of the vectors of ``entries`` (newest first), whose item
+        and action are at positions ``item`` and ``action`` (fields or indexes)."""
+        if not entries:
             return np.zeros(self.dim, dtype=np.float32)
-        row_of, weights_of = self._row_of, self._weights_of
-        rows = [row_of.get(i) for i in item_ids]
-        if None in rows:
-            rows = [self._row(i) for i in item_ids]
-        weights = np.array([weights_of(a)[r] for r, a in enumerate(actions)], np.float32)
+        row_of, weights = self._row_of, self._weights
+        try:
+            rows = [row_of[e[item]] for e in entries]
+            w = [weights[e[action]][r] for r, e in enumerate(entries)]
+        except KeyError:  # an item or an action seen for the first time
+            rows = [self._row(e[item]) for e in entries]
+            w = [self._weights_of(e[action])[r] for r, e in enumerate(entries)]
         terms = self._vectors[rows]
-        terms *= weights[:, None]
+        terms *= np.array(w, np.float32)[:, None]
         state = np.add.reduce(terms, axis=0, initial=np.float32(0.0))
         norm = float(np.linalg.norm(state))
         return state / norm if norm > 0 else state
 
     def encode(self, history: Sequence[HistoryEntry], until: float | None = None) -> np.ndarray:
-        entries = [h for h in history if until is None or h.ts <= until]
-        entries.sort(key=lambda h: h.ts, reverse=True)
-        entries = entries[: self.max_len]
-        return self._combine([h.item_id for h in entries], [h.action for h in entries])
+        entries = [(h.item_id, h.action, h.ts) for h in history if until is None or h.ts <= until]
+        entries.sort(key=_TS, reverse=True)
+        return self._combine(entries[: self.max_len], 0, 1)
 
     def state_before(self, rows: Sequence[Sequence], ts: float) -> np.ndarray:
         """The state from the history rows ``[item_id, action, ts, ...]`` strictly before ``ts``
@@ -100,8 +102,7 @@ class ExactStateEncoder(StateEncoder):
         ``state["history"]``)."""
         entries = [h for h in rows if h[2] < ts]
         entries.sort(key=_TS, reverse=True)
-        entries = entries[: self.max_len]
-        return self._combine([h[0] for h in entries], [h[1] for h in entries])
+        return self._combine(entries[: self.max_len], 0, 1)
 
 
 class BufferedCaseBank:
