@@ -116,3 +116,12 @@ def test_world_response_model_cache_follows_the_taste():
     fresh.reset_tastes()
     fresh._model_key = None
     assert np.array_equal(world.expected_rewards(user), fresh.expected_rewards(user))
+
+
+def test_buffered_bank_hands_every_other_use_to_the_bank_after_a_flush():
+    buffered = BufferedCaseBank(CaseBank(None, dim=2))
+    buffered.add_case("c1", np.ones(2, np.float32), "i1", np.zeros(2, np.float32), 1.0, 0.0, "action")
+    assert buffered.get("c1").item_id == "i1" and "c1" in buffered.bank
+    with pytest.raises(AttributeError):
+        buffered.no_such_method
+    buffered.close()

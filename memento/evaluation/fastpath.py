@@ -114,8 +114,9 @@ class BufferedCaseBank:
     counted or closed): shards, slots and insertion order come out as with one ``add`` per case,
     so searches return the same cases in the same order. It also remembers each case's item
     (a known id keeps its first item, as the bank does), so :meth:`items_of` replaces a ``get``
-    per search hit. It offers what the evaluation's readers use: ``search_with_features``
-    (:mod:`learner.candidates`, :class:`serving.policy.RetrievalPolicy`), ``len`` and ``close``.
+    per search hit. Every other attribute is the bank's, read after the queued cases are added
+    (the evaluation's readers use ``search_with_features``: :mod:`learner.candidates`,
+    :class:`serving.policy.RetrievalPolicy`).
 
     Parameters
     ----------
@@ -162,6 +163,13 @@ class BufferedCaseBank:
     def __len__(self) -> int:
         self.flush()
         return len(self.bank)
+
+    def __getattr__(self, name: str):
+        # Any other use of the bank (get, search, features, stats, ...) sees every queued case.
+        if name.startswith("_") or name == "bank":  # not set yet (e.g. while unpickling)
+            raise AttributeError(name)
+        self.flush()
+        return getattr(self.bank, name)
 
     def close(self) -> None:
         try:
