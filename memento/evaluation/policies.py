@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from learner.candidates import with_candidates
 from learner.loop import TrainingLoop, replay_buffer
 from learner.service import LearnerServiceConfig
+from learner.storage import ReplayTransition
 from learner.trainer import SoftQConfig, SoftQLearner
 from memento.qnet import QNetwork
 from memento.schemas import Transition
@@ -257,17 +258,31 @@ class _TrainedCasePolicy(EvalPolicy):
         Seeds the buffer's sampler.
     """
 
+    #: Whether training reads the candidates of s and s′ (the soft value does); without, replay
+    #: rows hold none and no bank search is made for them.
+    needs_candidates = True
+
     def __init__(self, bank, state_dim: int, top_k: int, pacing: LearnerServiceConfig, seed: int):
         self.bank, self.state_dim, self.top_k, self.pacing = bank, state_dim, top_k, pacing
-        self.loop = TrainingLoop(replay_buffer(pacing, state_dim, top_k, seed), pacing)  # no clock
+        self.loop = TrainingLoop(replay_buffer(pacing, state_dim, top_k if self.needs_candidates else 0, seed), pacing)  # no clock
 
     @property
     def versions(self) -> int:
         """Policy versions published so far."""
         return self.loop.published
 
+    def _replay_rows(self, transitions: Sequence[Transition]) -> list[ReplayTransition]:
+        if self.needs_candidates:
+            return with_candidates(transitions, self.bank, self.top_k)
+        f = 2 * self.state_dim + 1
+        none, no_mask = np.zeros((0, f), np.float32), np.zeros(0, bool)
+        return [ReplayTransition(t.transition_id, np.asarray(t.state, np.float32),
+                                 np.asarray(t.case_features, np.float32), t.reward, t.done, t.propensity,
+                                 np.asarray(t.next_state, np.float32), none, no_mask, none, no_mask)
+                for t in transitions]
+
     def learn(self, transitions: Sequence[Transition]) -> None:
-        self.loop.add(with_candidates(transitions, self.bank, self.top_k))
+        self.loop.add(self._replay_rows(transitions))
         self.loop.step(self._update, self._publish, batch_size=self._batch_size())
 
     @abc.abstractmethod
@@ -342,13 +357,15 @@ class GreedyQPolicy(_TrainedCasePolicy):
     """
 
     name = "greedy-q"
+    needs_candidates = False  # γ = 0: no soft value over the candidates of s′
 
     def __init__(self, bank, state_dim: int, top_k: int, pacing: LearnerServiceConfig, *,
                  network: dict | None = None, lr: float = 1e-3, batch_size: int = 64, seed: int = 1):
         super().__init__(bank, state_dim, top_k, pacing, seed)
         torch.manual_seed(seed)
         self.net = QNetwork(state_dim, **(network or {}))
-        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=lr)
+        # foreach: the same arithmetic as the default per-parameter loop, in fewer calls
+        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=lr, foreach=True)
         self.batch_size = batch_size
         self.serving_net = copy.deepcopy(self.net).eval()
 
@@ -375,7 +392,7 @@ class GreedyQPolicy(_TrainedCasePolicy):
         return True
 
     def _choose(self, request: Request, rng: np.random.Generator, list_size: int) -> Choice:
-        with torch.no_grad():
+        with torch.inference_mode():
             scores = self.serving_net(torch.as_tensor(request.state)[None],
                                       torch.as_tensor(request.features)[None])[0].numpy()
         order = np.argsort(-scores, kind="stable")
