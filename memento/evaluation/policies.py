@@ -23,6 +23,9 @@ the learner process would consume.
   version samples the μ its checkpoint would carry (the learner's α, floor and K), as a
   serving reload does.
 
+The industry baselines ``recent``, ``itemknn`` and ``vw`` (Vowpal Wabbit's ``--cb_explore_adf``)
+live in :mod:`memento.evaluation.baselines`.
+
 >>> import numpy as np
 >>> req = Request("u", 0.0, np.ones(2, np.float32), ["c1", "c2"], np.array([0.9, 0.5]),
 ...               np.zeros((2, 5), np.float32), ["7", "8"], ["9"])
@@ -128,7 +131,7 @@ class Choice:
         """π(item | s): the probability that the policy recommends ``item``."""
         if self.distribution is None:
             return 1.0 / self.catalogue_size
-        return self.distribution.get(item, 0.0)
+        return min(1.0, self.distribution.get(item, 0.0))  # a per-item sum may round above 1
 
     def expectation(self, value: Callable[[str], float], catalogue: Sequence[str]) -> float:
         """Σ_a π(a | s)·value(a)."""

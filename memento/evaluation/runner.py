@@ -165,7 +165,9 @@ class _Stream:
         self.attribution = RewardAttribution(self.encoder, rewards, window_s=config.window_s,
                                              allowed_lateness_s=config.allowed_lateness_s,
                                              session_gap_s=config.session_gap_s)
-        self.bank = BufferedCaseBank(CaseBank(None, dim=config.item_dim))
+        # exact search forever: an approximate index is built on a background thread, which
+        # would make long runs depend on timing
+        self.bank = BufferedCaseBank(CaseBank(None, dim=config.item_dim, approx_index="flat"))
         self.policy: EvalPolicy | None = None  # set once built: it needs this stream's bank
         self.on_closed = on_closed
         self.context_states = context_states
