@@ -96,7 +96,7 @@ class PolicyOptions:
     def overridden_by(self, params: PolicyParams | None) -> dict[str, tuple]:
         """The options a checkpoint's ``params`` set to another value: name → (this, checkpoint's).
 
-        >>> PolicyOptions(top_k=16, alpha=0.1).overridden_by(PolicyParams(0.37, 0.01, 16))
+        >>> PolicyOptions(top_k=16, alpha=0.1, min_prob=0.01).overridden_by(PolicyParams(0.37, 0.01, 16))
         {'alpha': (0.1, 0.37)}
         """
         if params is None:
