@@ -15,6 +15,9 @@ Both the Kafka learner (:class:`learner.service.LearnerService`) and the offline
    ``clock`` (the learner process: :func:`time.monotonic`), two publications are also at least
    ``publish_min_interval_s`` apart. Without one (the evaluation, which has no wall clock), a
    version goes out exactly every ``publish_every`` successful updates.
+4. With a ``drift`` detector (:class:`learner.drift.RewardDrift`), the reward of every new row
+   goes to it; the owner publishes ``drift.apply(...)`` of its μ (see
+   :meth:`learner.trainer.SoftQLearner.policy_params`).
 
 The pacing options are the fields of :class:`learner.service.LearnerServiceConfig` (any object
 with those attributes will do).
@@ -50,6 +53,7 @@ from learner.buffer import ReplayBuffer
 from learner.storage import ReplayBatch, ReplayTransition
 
 if TYPE_CHECKING:  # learner.service imports this module
+    from learner.drift import RewardDrift
     from learner.service import LearnerServiceConfig
 
 __all__ = ["TrainingLoop", "replay_buffer"]
@@ -75,6 +79,8 @@ class TrainingLoop:
     clock
         Seconds, for ``publish_min_interval_s`` (the learner process passes
         :func:`time.monotonic`); None publishes by update count only.
+    drift
+        Gets the reward of every new row (:class:`learner.drift.RewardDrift`); None: no detector.
 
     Attributes
     ----------
@@ -89,10 +95,11 @@ class TrainingLoop:
     """
 
     def __init__(self, buffer: ReplayBuffer, pacing: LearnerServiceConfig, *,
-                 clock: Callable[[], float] | None = None):
+                 clock: Callable[[], float] | None = None, drift: RewardDrift | None = None):
         self.buffer = buffer
         self.pacing = pacing
         self.clock = clock
+        self.drift = drift
         self.credit = 0.0
         self.updates = 0
         self.skipped = 0
@@ -108,8 +115,13 @@ class TrainingLoop:
 
     def add(self, rows: Iterable[ReplayTransition]) -> int:
         """Store ``rows`` (a known transition id is ignored) and accrue the credit they buy;
-        returns how many were new."""
-        added = sum(1 for row in rows if self.buffer.add(row))
+        returns how many were new. Each new row's reward goes to the drift detector."""
+        added = 0
+        for row in rows:
+            if self.buffer.add(row):
+                added += 1
+                if self.drift is not None:
+                    self.drift.update(float(row.reward))
         if len(self.buffer) >= self.pacing.learning_starts:
             owed = self.credit + added * self.pacing.updates_per_transition
             self.credit = min(owed, float(self.pacing.max_update_backlog))
