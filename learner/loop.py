@@ -17,7 +17,9 @@ Both the Kafka learner (:class:`learner.service.LearnerService`) and the offline
    version goes out exactly every ``publish_every`` successful updates.
 4. With a ``drift`` detector (:class:`learner.drift.RewardDrift`), the reward of every new row
    goes to it; the owner publishes ``drift.apply(...)`` of its μ (see
-   :meth:`learner.trainer.SoftQLearner.policy_params`).
+   :meth:`learner.trainer.SoftQLearner.policy_params`). A detected drop makes a publication due
+   after the next successful update (not ``publish_every`` updates later), so that the boosted
+   μ reaches serving at once.
 
 The pacing options are the fields of :class:`learner.service.LearnerServiceConfig` (any object
 with those attributes will do).
@@ -106,6 +108,7 @@ class TrainingLoop:
         self.dropped = 0
         self.published = 0
         self.since_publish = 0
+        self.drift_pending = False     # a drop was detected since the last publication
         self._last_publish_time = -math.inf
 
     @property
@@ -120,8 +123,8 @@ class TrainingLoop:
         for row in rows:
             if self.buffer.add(row):
                 added += 1
-                if self.drift is not None:
-                    self.drift.update(float(row.reward))
+                if self.drift is not None and self.drift.update(float(row.reward)):
+                    self.drift_pending = True
         if len(self.buffer) >= self.pacing.learning_starts:
             owed = self.credit + added * self.pacing.updates_per_transition
             self.credit = min(owed, float(self.pacing.max_update_backlog))
@@ -130,15 +133,17 @@ class TrainingLoop:
 
     @property
     def publish_due(self) -> bool:
-        """``publish_every`` successful updates since the last version (and, with a clock,
-        ``publish_min_interval_s`` seconds)."""
-        return self.since_publish >= self.pacing.publish_every and (
+        """``publish_every`` successful updates since the last version, or one after a detected
+        reward drop (and, with a clock, ``publish_min_interval_s`` seconds)."""
+        due = self.since_publish >= self.pacing.publish_every or (self.drift_pending and self.since_publish > 0)
+        return due and (
             self.clock is None
             or self.clock() - self._last_publish_time >= self.pacing.publish_min_interval_s)
 
     def mark_published(self) -> None:
         """Record a publication made outside :meth:`step` (the learner's start-up version)."""
         self.since_publish = 0
+        self.drift_pending = False
         if self.clock is not None:
             self._last_publish_time = self.clock()
 

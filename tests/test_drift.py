@@ -124,6 +124,22 @@ def test_the_training_loop_feeds_new_rows_to_the_detector_and_not_duplicates():
     assert drift.seen == 3600 and drift.detections == 1 and drift.boost > 0.3
 
 
+def test_a_detected_drop_publishes_after_the_next_update_not_publish_every_later():
+    from learner.loop import replay_buffer
+
+    options = LearnerServiceConfig(buffer_capacity=8000, learning_starts=1, publish_every=1_000_000,
+                                   updates_per_transition=0.01)
+    loop = TrainingLoop(replay_buffer(options, D, K, seed=0), options, drift=RewardDrift(DriftConfig()))
+    published, updates_at_detection = [], None
+    rows = _drop_rows()
+    for i in range(0, len(rows), 100):
+        loop.add(rows[i:i + 100])
+        if loop.drift.detections and updates_at_detection is None:
+            updates_at_detection = loop.updates
+        loop.step(lambda batch: np.zeros(len(batch)), lambda: published.append(loop.updates) or True, batch_size=4)
+    assert loop.drift.detections == 1 and published == [updates_at_detection + 1] and not loop.drift_pending
+
+
 class _Producer:
     def __init__(self):
         self.sent = []
@@ -205,6 +221,11 @@ def test_the_evaluations_softq_samples_the_boosted_mu_after_a_publication():
     assert policy.policy.options.alpha > 0.1 and policy.stats()["drift_detections"] == 1.0
     plain = SoftQPolicy(None, D, SoftQConfig(top_k=K, hidden=8), pacing, DriftConfig(drift_detector="off"))
     assert plain.loop.drift is None and plain.learner.drift is None and "drift_detections" not in plain.stats()
+    from memento.evaluation.runner import EvalConfig, make_policy   # memento eval's softq gets EvalConfig.drift
+
+    half = make_policy("softq", EvalConfig(top_k=K, drift=DriftConfig(drift_half_life=7.0)), None, [], seed=0)
+    assert half.loop.drift.config.drift_half_life == 7.0 and half.learner.drift is half.loop.drift
+    assert make_policy("softq", EvalConfig(drift=DriftConfig(drift_detector="off")), None, [], seed=0).loop.drift is None
 
 
 def test_learner_and_eval_flags_build_the_drift_options():
