@@ -92,9 +92,12 @@ class DriftConfig:
     drift_grace: int = _opt(100, "rewards seen before ADWIN may detect anything")
     drift_reward_max: float = _opt(5.0, "rewards are divided by this (the largest reward weight) and "
                                         "clipped to [0, 1], the range ADWIN's bound assumes")
-    drift_boost_alpha: float = _opt(3.0, "α multiplier at full boost (α·this^boost; 1 = α untouched)")
+    # Off by default: on the simulator's taste shift the boost slowed recovery (docs/evaluation.md),
+    # so a detected drop is an alert (metrics) until a scenario shows the boost paying.
+    drift_boost_alpha: float = _opt(1.0, "α multiplier at full boost (α·this^boost; 1 = α untouched; "
+                                         "3 is a moderate boost)")
     drift_max_alpha: float = _opt(1.0, "upper bound on the boosted α")
-    drift_boost_min_prob: float = _opt(0.02, "μ's per-candidate floor at full boost (never above 0.5/top_k; "
+    drift_boost_min_prob: float = _opt(0.0, "μ's per-candidate floor at full boost (e.g. 0.02) (never above 0.5/top_k; "
                                              "at or below the learner's min_prob = floor untouched)")
     drift_half_life: float = _opt(500.0, "transitions over which the boost halves")
     drift_cooldown: int = _opt(1500, "transitions after a boosted drop during which further drops "

@@ -80,7 +80,7 @@ class LearnerServiceConfig:
     updates_per_transition: float = _opt(1.0, "gradient updates per new transition (may be < 1)")
     max_updates_per_poll: int = _opt(256, "cap on updates between two polls (the rest waits)")
     max_update_backlog: int = _opt(4096, "cap on updates owed; beyond it they are dropped and counted")
-    publish_every: int = _opt(200, "successful updates between two published checkpoints")
+    publish_every: int = _opt(20, "successful updates between two published checkpoints (publish_min_interval_s bounds the rate in the learner process)")
     publish_min_interval_s: float = _opt(2.0, "minimum seconds between two published checkpoints")
     keep_checkpoints: int = _opt(50, "checkpoint files kept in the checkpoint dir (older ones deleted)")
     state_save_interval_s: float = _opt(60.0, "seconds between saves of the replay buffer and optimiser")

@@ -40,6 +40,7 @@ from learner.storage import ReplayBatch
 from memento.checkpoint import PolicyParams, save_checkpoint
 from memento.qnet import QNetwork
 from memento.schemas import CheckpointAnnouncement
+from memento.config import DEFAULT_ALPHA, DEFAULT_MIN_PROB
 from memento.softq import entropy, histogram_mean, histogram_target, policy_probs, td_target
 
 __all__ = ["SoftQConfig", "SoftQLearner", "UnhealthyLearnerError"]
@@ -54,7 +55,7 @@ class SoftQConfig:
     """Every soft-Q hyperparameter, named and documented (``help`` doubles as the CLI help)."""
 
     gamma: float = _opt(0.5, "discount γ of the TD target")
-    alpha: float = _opt(0.1, "temperature α of μ = softmax(Q/α) and of the soft value "
+    alpha: float = _opt(DEFAULT_ALPHA, "temperature α of μ = softmax(Q/α) and of the soft value "
                              "(initial value when target_entropy is set)")
     target_entropy: float | None = _opt(None, "None keeps α fixed; a number (nats) tunes log α so "
                                               "that the entropy of μ(·|s) tracks it")
@@ -64,7 +65,7 @@ class SoftQConfig:
     batch_size: int = _opt(64, "transitions per gradient update")
     loss: str = _opt("mse", "regression loss on the TD error: 'mse' or 'huber'")
     grad_clip: float | None = _opt(10.0, "max global gradient norm (None = no clipping)")
-    min_prob: float = _opt(0.01, "floor of μ(c|s) per candidate (uniform mixing, as in "
+    min_prob: float = _opt(DEFAULT_MIN_PROB, "floor of μ(c|s) per candidate (uniform mixing, as in "
                                  "memento.softq.policy_probs)")
     importance_weight_clip: float | None = _opt(None, "None = no off-policy correction; else each "
                                                       "sample's loss is weighted by "
@@ -74,6 +75,8 @@ class SoftQConfig:
     wide: bool = _opt(True, "add a linear (wide) term over [s*c_state, s*c_item, outcome] to the MLP")
     item_buckets: int = _opt(4096, "hash buckets of the learned per-item embedding and bias (0 = none)")
     item_embed: int = _opt(8, "width of the per-item embedding fed to the MLP")
+    unit_scale: bool = _opt(False, "scale the Q network's inputs to components of order 1 (vectors by √D, "
+                                  "their element-wise products by D)")
     value_bins: int = _opt(0, "0: Q is a number regressed with `loss`; N > 1: Q is the mean of a "
                               "histogram over N bins trained by cross-entropy on the TD target "
                               "(HL-Gauss; `loss` is then unused)")
@@ -116,7 +119,7 @@ class SoftQConfig:
     def network(self) -> dict:
         """The Q network's options (:class:`memento.qnet.QNetwork` keyword arguments)."""
         return {"hidden": self.hidden, "wide": self.wide, "item_buckets": self.item_buckets,
-                "item_embed": self.item_embed, "value_bins": self.value_bins,
+                "item_embed": self.item_embed, "unit_scale": self.unit_scale, "value_bins": self.value_bins,
                 "value_min": self.value_min, "value_max": self.value_max}
 
     @classmethod
@@ -154,7 +157,8 @@ class SoftQLearner:
         torch.manual_seed(config.seed)
         self.q_net = QNetwork(state_dim, **config.network())
         self.target_net = copy.deepcopy(self.q_net).requires_grad_(False)
-        self.optimizer = torch.optim.Adam(self.q_net.parameters(), lr=config.lr)
+        # foreach: the default per-parameter update's arithmetic in fewer calls (CPU defaults to the loop)
+        self.optimizer = torch.optim.Adam(self.q_net.parameters(), lr=config.lr, foreach=True)
         self.log_alpha = torch.tensor(math.log(config.alpha), requires_grad=config.target_entropy is not None)
         self.alpha_optimizer = (torch.optim.Adam([self.log_alpha], lr=config.lr)
                                 if config.target_entropy is not None else None)

@@ -15,8 +15,15 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 __all__ = ["Settings", "TopicNames", "RewardWeights", "parse_reward_mapping", "TOPIC_PARTITIONS",
+           "DEFAULT_ALPHA", "DEFAULT_MIN_PROB",
            "add_settings_arguments", "settings_from_args"]
 
+
+# μ's defaults, for the learner (SoftQConfig), serving's flags and PolicyOptions alike: the
+# temperature, and a floor whose total over K = 16 candidates (3.2%) stays below Vowpal Wabbit's
+# default ε = 0.05 while keeping every propensity, hence every off-policy weight 1/μ ≤ 500, bounded.
+DEFAULT_ALPHA = 0.1
+DEFAULT_MIN_PROB = 0.002
 
 @dataclass(frozen=True)
 class TopicNames:

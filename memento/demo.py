@@ -3,7 +3,9 @@
 Starts an embedded Kafka-protocol broker, the stream worker, the learner and serving as child
 processes, replays users through serving with a progress bar, prints the mean reward per window
 with the policy version that served it, writes a PNG of the reward curve, and stops everything
-(also on Ctrl-C or SIGTERM), leaving no process behind.
+(also on Ctrl-C or SIGTERM), leaving no process behind. On the simulator it then plays the same
+users in-process with plain cosine retrieval and with the learned policy (``memento eval``'s
+protocol) and prints both side by side, so the gain, or its absence, shows in the first command.
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--summary-window", type=int, default=500, help="requests per row of the reward table")
     parser.add_argument("--workdir", default=".memento/demo", help="broker, data, checkpoints and logs (wiped first)")
     parser.add_argument("--plot", default=None, help="PNG of the reward curve (default WORKDIR/reward.png)")
+    parser.add_argument("--no-compare", dest="compare", action="store_false",
+                        help="synthetic: skip the in-process comparison of plain cosine retrieval and "
+                             "the learned policy on the same simulated users")
 
 
 def plot_rewards(summary, path: str | Path) -> None:
@@ -68,6 +73,30 @@ def plot_rewards(summary, path: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def compare_with_cosine(events: int, seed: int, plot_path: str | Path, *, progress: bool = True,
+                        world=None) -> str:
+    """Plain cosine retrieval beside the learned policy on the same simulated users, in-process
+    (``memento eval``'s protocol: the same seed gives both the same users, in the same order, with
+    the same reactions to the same items); writes their cumulative reward to ``plot_path`` and
+    returns the table.
+
+    >>> import tempfile, os
+    >>> from memento.simulator import WorldConfig
+    >>> table = compare_with_cosine(40, 0, os.path.join(tempfile.mkdtemp(), "c.png"), progress=False,
+    ...                             world=WorldConfig(n_items=30, n_users=8))
+    >>> [line.split()[0] for line in table.splitlines()]
+    ['policy', 'cosine', 'softq']
+    """
+    from memento.evaluation.cli import run_eval
+    from memento.evaluation.report import format_table, plot_cumulative_reward, summarise
+    from memento.evaluation.runner import EvalConfig
+
+    config = EvalConfig(events=events, **({"world": world} if world is not None else {}))
+    runs = run_eval(config, ["cosine", "softq"], [seed], progress=progress)
+    plot_cumulative_reward(plot_path, runs, f"cosine retrieval vs the learned policy, {events} requests")
+    return format_table(summarise(runs))
 
 
 def _raise_interrupt(signum, frame):
@@ -123,6 +152,12 @@ def run_from_args(args: argparse.Namespace) -> int:
         print(summary.table())
         plot_rewards(summary, plot_path)
         print(f"reward curve: {plot_path}")
+        if args.source == "synthetic" and args.compare:
+            print("\nthe same simulated users, in-process: plain cosine retrieval beside the learned policy ...",
+                  flush=True)
+            compared = workdir / "vs_cosine.png"
+            print(compare_with_cosine(args.events, args.seed, compared))
+            print(f"cumulative reward, both policies: {compared}")
     except KeyboardInterrupt:
         print("\ninterrupted: shutting down", flush=True)
     finally:

@@ -54,10 +54,19 @@ def item_bucket(item_vec, buckets: int):
     return np.remainder(h ^ (h >> 31), buckets)
 
 
-def _pair_inputs(s, cases, d: int) -> list:
+def _pair_inputs(s, cases, d: int, unit_scale: bool = False) -> list:
     """The parts of the MLP input per (s, c) pair, in order; ``s`` is broadcast to the cases'
-    shape. Works on torch tensors and numpy arrays alike."""
+    shape. Works on torch tensors and numpy arrays alike.
+
+    With ``unit_scale``, each part is scaled to components of order 1: a unit vector's
+    components are about 1/√D and an element-wise product of two about 1/D, so they are
+    multiplied by √D and D. Gradient steps of a fixed size (Adam) then move every weight at
+    the same pace instead of leaving the similarity features 30× slower to learn.
+    """
     c_state, c_item, outcome = cases[..., :d], cases[..., d:2 * d], cases[..., 2 * d:]
+    if unit_scale:
+        r = float(np.sqrt(d))
+        s, c_state, c_item = s * r, c_state * r, c_item * r
     return [s, c_state, c_item, s * c_state, s * c_item, outcome]
 
 
@@ -95,11 +104,13 @@ class QNetwork(nn.Module):
         (:func:`memento.softq.histogram_target`). The wide term and item bias add to the logits.
     value_min, value_max
         The histogram's support (used only with ``value_bins``).
+    unit_scale
+        Scale the input parts to components of order 1 (see :func:`_pair_inputs`).
     """
 
     def __init__(self, state_dim: int = 32, hidden: int = 128, wide: bool = False,
                  item_buckets: int = 0, item_embed: int = 8, value_bins: int = 0,
-                 value_min: float = 0.0, value_max: float = 10.0):
+                 value_min: float = 0.0, value_max: float = 10.0, unit_scale: bool = False):
         super().__init__()
         if item_buckets < 0 or item_embed < 0:
             raise ValueError(f"item_buckets and item_embed must be >= 0, got {item_buckets}, {item_embed}")
@@ -113,6 +124,7 @@ class QNetwork(nn.Module):
         self.item_embed = int(item_embed) if item_buckets else 0
         self.value_bins = int(value_bins)
         self.value_min, self.value_max = float(value_min), float(value_max)
+        self.unit_scale = bool(unit_scale)
         out = self.value_bins or 1
         self.mlp = nn.Sequential(
             nn.Linear(5 * state_dim + 1 + self.item_embed, hidden), nn.ReLU(),
@@ -141,7 +153,7 @@ class QNetwork(nn.Module):
         the histogram's logits."""
         d = self.state_dim
         s = state.unsqueeze(1).expand(-1, cases.shape[1], -1)
-        parts = _pair_inputs(s, cases, d)
+        parts = _pair_inputs(s, cases, d, self.unit_scale)
         out = self.mlp(torch.cat(parts + self._item_inputs(cases), dim=-1))
         if self.item_buckets:
             out = out + self.item_table(item_bucket(cases[..., d:2 * d], self.item_buckets))[..., self.item_embed:]
@@ -165,7 +177,8 @@ class QNetwork(nn.Module):
     def config(self) -> dict:
         return {"state_dim": self.state_dim, "hidden": self.hidden, "wide": self.wide,
                 "item_buckets": self.item_buckets, "item_embed": self.item_embed,
-                "value_bins": self.value_bins, "value_min": self.value_min, "value_max": self.value_max}
+                "value_bins": self.value_bins, "value_min": self.value_min, "value_max": self.value_max,
+                "unit_scale": self.unit_scale}
 
 
 class FrozenQ:
@@ -183,6 +196,7 @@ class FrozenQ:
 
     def __init__(self, net: QNetwork):
         self.state_dim = net.state_dim
+        self.unit_scale = net.unit_scale
         self.layers: list[tuple[np.ndarray, np.ndarray] | None] = []
         for layer in net.mlp:
             if isinstance(layer, nn.Linear):
@@ -203,7 +217,7 @@ class FrozenQ:
         """``states`` [B, D], ``cases`` [B, K, 2D+1] (float32) → Q values [B, K]."""
         d = self.state_dim
         s = np.broadcast_to(states[:, None, :], cases.shape[:-1] + (states.shape[-1],))
-        parts = _pair_inputs(s, cases, d)
+        parts = _pair_inputs(s, cases, d, self.unit_scale)
         item = None
         if self.item_table is not None:
             item = self.item_table[item_bucket(cases[..., d:2 * d], self.item_buckets)]

@@ -235,6 +235,11 @@ class SyntheticWorld:
         self.initial_tastes = self.tastes.copy()
         activity = rng.lognormal(0.0, config.activity_sigma, config.n_users)
         self.user_activity = activity / activity.sum()
+        # The response model of the last user asked about, with the taste it was computed for:
+        # one moment asks for it several times (browse, oracle, expected reward, response), and
+        # it only changes when that user's taste does.
+        self._model_key: tuple[int, bytes] | None = None
+        self._model: dict[str, np.ndarray] = {}
 
     def _draw_tastes(self, rng: np.random.Generator) -> np.ndarray:
         """One unit taste per user: a Dirichlet mix of ``user_categories`` top categories, half
@@ -298,46 +303,68 @@ class SyntheticWorld:
     def _match(self, u: int) -> np.ndarray:
         return self.item_vectors @ self.tastes[u]
 
-    def _click_logits(self, u: int) -> np.ndarray:
+    def _model_of(self, m: np.ndarray, appeal: np.ndarray) -> dict[str, np.ndarray]:
+        """Click logit and the four probabilities of :meth:`action_probabilities`, element-wise
+        from the matches ``m`` and appeals of some items (all of them, or a slice)."""
         c = self.config
-        return c.affinity * self._match(u) + self.item_appeal + c.click_bias
+        click_logit = c.affinity * m + appeal + c.click_bias
+        return {
+            "click_logit": click_logit,
+            "click": _sigmoid(click_logit),
+            "collect": _sigmoid(c.collect_affinity * m + c.collect_bias),
+            "cart": _sigmoid(c.cart_affinity * m + c.cart_bias),
+            "purchase": _sigmoid(c.purchase_affinity * m + c.purchase_appeal * appeal + c.purchase_bias),
+        }
+
+    def _response_model(self, u: int) -> dict[str, np.ndarray]:
+        """:meth:`_model_of` every item for user index ``u`` at their current taste (the arrays are
+        shared: do not modify). Recomputed only when the user or their taste changed since the
+        last call."""
+        key = (u, self.tastes[u].tobytes())
+        if key != self._model_key:
+            self._model = self._model_of(self._match(u), self.item_appeal)
+            self._model_key = key
+        return self._model
+
+    def _click_logits(self, u: int) -> np.ndarray:
+        return self._response_model(u)["click_logit"]
 
     def action_probabilities(self, user: str | int) -> dict[str, np.ndarray]:
         """Per item: P(click), and P(collect|click), P(cart|click), P(purchase|cart)."""
-        c, u = self.config, self.user_index(user)
-        m = self._match(u)
-        return {
-            "click": _sigmoid(c.affinity * m + self.item_appeal + c.click_bias),
-            "collect": _sigmoid(c.collect_affinity * m + c.collect_bias),
-            "cart": _sigmoid(c.cart_affinity * m + c.cart_bias),
-            "purchase": _sigmoid(c.purchase_affinity * m + c.purchase_appeal * self.item_appeal
-                                 + c.purchase_bias),
-        }
+        model = self._response_model(self.user_index(user))
+        return {name: model[name].copy() for name in ("click", "collect", "cart", "purchase")}
+
+    def _expected(self, u: int) -> np.ndarray:
+        """:meth:`expected_rewards` of user index ``u``, shared with the cache (do not modify)."""
+        p = self._response_model(u)
+        expected = p.get("expected")
+        if expected is None:
+            w = self.config.rewards
+            given_click = np.zeros_like(p["click"])
+            for collect, cart, purchase in _OUTCOMES:
+                prob = (p["collect"] if collect else 1 - p["collect"])
+                prob = prob * (p["cart"] if cart else 1 - p["cart"])
+                if cart:
+                    prob = prob * (p["purchase"] if purchase else 1 - p["purchase"])
+                taken = [w.click] + [w.collect] * collect + [w.cart] * cart + [w.purchase] * purchase
+                reward = max(taken)
+                given_click += prob * reward
+            expected = p["expected"] = p["click"] * given_click
+        return expected
 
     def expected_rewards(self, user: str | int) -> np.ndarray:
         """Exact expected reward of every item for ``user`` at their current taste."""
-        w = self.config.rewards
-        p = self.action_probabilities(user)
-        given_click = np.zeros_like(p["click"])
-        for collect, cart, purchase in _OUTCOMES:
-            prob = (p["collect"] if collect else 1 - p["collect"])
-            prob = prob * (p["cart"] if cart else 1 - p["cart"])
-            if cart:
-                prob = prob * (p["purchase"] if purchase else 1 - p["purchase"])
-            taken = [w.click] + [w.collect] * collect + [w.cart] * cart + [w.purchase] * purchase
-            reward = max(taken)
-            given_click += prob * reward
-        return p["click"] * given_click
+        return self._expected(self.user_index(user)).copy()
 
     def expected_reward(self, user: str | int, item: str | int) -> float:
-        return float(self.expected_rewards(user)[self.item_index(item)])
+        return float(self._expected(self.user_index(user))[self.item_index(item)])
 
     def oracle_item(self, user: str | int) -> str:
         """The item with the highest expected reward for ``user`` now (the best policy's pick)."""
-        return self.item_ids[int(np.argmax(self.expected_rewards(user)))]
+        return self.item_ids[int(np.argmax(self._expected(self.user_index(user))))]
 
     def oracle_reward(self, user: str | int) -> float:
-        return float(np.max(self.expected_rewards(user)))
+        return float(np.max(self._expected(self.user_index(user))))
 
     def reward_of(self, actions: Sequence[str]) -> float:
         """Realised reward of a set of actions on one item."""
@@ -348,10 +375,21 @@ class SyntheticWorld:
         """The user's actions on a shown item (empty when they ignore it); drifts their taste
         toward the item when they click, unless ``drift`` is False."""
         u, i = self.user_index(user), self.item_index(item)
-        p = {name: float(v[i]) for name, v in self.action_probabilities(u).items()}
+        p = self._probabilities_of(u, i)
         if rng.random() >= p["click"]:
             return []
         return self._after_click(u, i, p, rng, drift)
+
+    def _probabilities_of(self, u: int, i: int) -> dict[str, float]:
+        """The four probabilities of item ``i`` for user index ``u``: from the cached model when
+        the taste is the one it was computed for, else (a browse after a click) from this item's
+        elements only, which the element-wise model maps to the same values."""
+        if (u, self.tastes[u].tobytes()) == self._model_key:
+            model = self._model
+        else:
+            model = self._model_of(self._match(u)[i:i + 1], self.item_appeal[i:i + 1])
+            i = 0
+        return {name: float(model[name][i]) for name in ("click", "collect", "cart", "purchase")}
 
     def _after_click(self, u: int, i: int, p: dict[str, float], rng: np.random.Generator,
                      drift: bool) -> list[str]:
@@ -377,7 +415,7 @@ class SyntheticWorld:
         chosen = rng.choice(len(self.item_ids), size=n, p=weights / weights.sum())
         out: list[tuple[str, str]] = []
         for i in chosen:
-            p = {name: float(v[i]) for name, v in self.action_probabilities(u).items()}
+            p = self._probabilities_of(u, int(i))
             out.extend((self.item_ids[int(i)], a) for a in self._after_click(u, int(i), p, rng, drift))
         return out
 

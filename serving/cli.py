@@ -23,7 +23,7 @@ import signal
 import sys
 from typing import Callable
 
-from memento.config import Settings
+from memento.config import DEFAULT_ALPHA, DEFAULT_MIN_PROB, Settings
 
 __all__ = ["add_arguments", "run_from_args", "settings_from_args", "config_from_args", "serve_app",
            "run_workers", "new_event_loop"]
@@ -47,9 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # K, alpha and the floor define mu; a checkpoint that carries them (the learner's) replaces these.
     parser.add_argument("--top-k", type=int, default=None, help="nearest cases mu chooses among until a "
                         "checkpoint sets it; also the K the bank's IVF probes are tuned for (default settings.top_k)")
-    parser.add_argument("--alpha", type=float, default=0.1, help="temperature of mu = softmax(Q/alpha) until a "
+    parser.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="temperature of mu = softmax(Q/alpha) until a "
                         "checkpoint sets it (default 0.1)")
-    parser.add_argument("--min-prob", type=float, default=0.01, help="floor on each candidate's probability until "
+    parser.add_argument("--min-prob", type=float, default=DEFAULT_MIN_PROB, help="floor on each candidate's probability until "
                         "a checkpoint sets it (default 0.01)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling generator (worker i uses seed+i)")
     parser.add_argument("--api-token", default=None, help="bearer token for write endpoints (env MEMENTO_API_TOKEN)")

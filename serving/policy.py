@@ -33,6 +33,7 @@ import numpy as np
 
 from memento.checkpoint import PolicyParams
 from memento.qnet import FrozenQ, QNetwork
+from memento.config import DEFAULT_ALPHA, DEFAULT_MIN_PROB
 from memento.softq import entropy_numpy, policy_probs_numpy
 
 __all__ = ["PolicyOptions", "Decision", "RetrievalPolicy", "NoCandidatesError"]
@@ -66,8 +67,8 @@ class PolicyOptions:
     """
 
     top_k: int = 16
-    alpha: float = 0.1
-    min_prob: float = 0.01
+    alpha: float = DEFAULT_ALPHA
+    min_prob: float = DEFAULT_MIN_PROB
     seed: int = 0
 
     def __post_init__(self):

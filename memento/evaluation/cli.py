@@ -58,6 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--list-size", type=int, default=d.list_size, help="length of each ranked list")
     parser.add_argument("--window", dest="window_s", type=float, default=d.window_s,
                         help="reward attribution window, event seconds")
+    parser.add_argument("--session-gap", dest="session_gap_s", type=float, default=d.session_gap_s,
+                        help="inactivity after a window that ends the user's session (done), event "
+                             "seconds; 0 = sessions never end")
     parser.add_argument("--allowed-lateness", dest="allowed_lateness_s", type=float,
                         default=d.allowed_lateness_s, help="extra event seconds a window stays open")
     parser.add_argument("--warmup-moments", type=int, default=d.warmup_moments,
@@ -101,7 +104,8 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
     rewards = RewardWeights.parse(args.reward) if args.reward and args.source != "interactions" else RewardWeights()
     return EvalConfig(source=args.source, events=args.events, item_dim=args.item_dim, top_k=softq.top_k,
                       list_size=args.list_size, window_s=args.window_s,
-                      allowed_lateness_s=args.allowed_lateness_s, warmup_moments=args.warmup_moments,
+                      allowed_lateness_s=args.allowed_lateness_s,
+                      session_gap_s=args.session_gap_s, warmup_moments=args.warmup_moments,
                       warmup_events=args.warmup_events, softq=softq, pacing=pacing, drift=drift,
                       linucb_alpha=args.linucb_alpha, vw_args=args.vw_args, text_encoder=args.text_encoder,
                       rewards=rewards, world=world)

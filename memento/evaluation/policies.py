@@ -23,6 +23,9 @@ the learner process would consume.
   version samples the μ its checkpoint would carry (the learner's α, floor and K, raised by
   the reward-drift detector's exploration boost, :mod:`learner.drift`), as a serving reload does.
 
+The industry baselines ``recent``, ``itemknn`` and ``vw`` (Vowpal Wabbit's ``--cb_explore_adf``)
+live in :mod:`memento.evaluation.baselines`.
+
 >>> import numpy as np
 >>> req = Request("u", 0.0, np.ones(2, np.float32), ["c1", "c2"], np.array([0.9, 0.5]),
 ...               np.zeros((2, 5), np.float32), ["7", "8"], ["9"])
@@ -48,6 +51,7 @@ from learner.candidates import with_candidates
 from learner.drift import DriftConfig, RewardDrift
 from learner.loop import TrainingLoop, replay_buffer
 from learner.service import LearnerServiceConfig
+from learner.storage import ReplayTransition
 from learner.trainer import SoftQConfig, SoftQLearner
 from memento.qnet import QNetwork
 from memento.schemas import Transition
@@ -128,7 +132,7 @@ class Choice:
         """π(item | s): the probability that the policy recommends ``item``."""
         if self.distribution is None:
             return 1.0 / self.catalogue_size
-        return self.distribution.get(item, 0.0)
+        return min(1.0, self.distribution.get(item, 0.0))  # a per-item sum may round above 1
 
     def expectation(self, value: Callable[[str], float], catalogue: Sequence[str]) -> float:
         """Σ_a π(a | s)·value(a)."""
@@ -258,17 +262,31 @@ class _TrainedCasePolicy(EvalPolicy):
         Seeds the buffer's sampler.
     """
 
+    #: Whether training reads the candidates of s and s′ (the soft value does); without, replay
+    #: rows hold none and no bank search is made for them.
+    needs_candidates = True
+
     def __init__(self, bank, state_dim: int, top_k: int, pacing: LearnerServiceConfig, seed: int):
         self.bank, self.state_dim, self.top_k, self.pacing = bank, state_dim, top_k, pacing
-        self.loop = TrainingLoop(replay_buffer(pacing, state_dim, top_k, seed), pacing)  # no clock
+        self.loop = TrainingLoop(replay_buffer(pacing, state_dim, top_k if self.needs_candidates else 0, seed), pacing)  # no clock
 
     @property
     def versions(self) -> int:
         """Policy versions published so far."""
         return self.loop.published
 
+    def _replay_rows(self, transitions: Sequence[Transition]) -> list[ReplayTransition]:
+        if self.needs_candidates:
+            return with_candidates(transitions, self.bank, self.top_k)
+        f = 2 * self.state_dim + 1
+        none, no_mask = np.zeros((0, f), np.float32), np.zeros(0, bool)
+        return [ReplayTransition(t.transition_id, np.asarray(t.state, np.float32),
+                                 np.asarray(t.case_features, np.float32), t.reward, t.done, t.propensity,
+                                 np.asarray(t.next_state, np.float32), none, no_mask, none, no_mask)
+                for t in transitions]
+
     def learn(self, transitions: Sequence[Transition]) -> None:
-        self.loop.add(with_candidates(transitions, self.bank, self.top_k))
+        self.loop.add(self._replay_rows(transitions))
         self.loop.step(self._update, self._publish, batch_size=self._batch_size())
 
     @abc.abstractmethod
@@ -353,13 +371,15 @@ class GreedyQPolicy(_TrainedCasePolicy):
     """
 
     name = "greedy-q"
+    needs_candidates = False  # γ = 0: no soft value over the candidates of s′
 
     def __init__(self, bank, state_dim: int, top_k: int, pacing: LearnerServiceConfig, *,
                  network: dict | None = None, lr: float = 1e-3, batch_size: int = 64, seed: int = 1):
         super().__init__(bank, state_dim, top_k, pacing, seed)
         torch.manual_seed(seed)
         self.net = QNetwork(state_dim, **(network or {}))
-        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=lr)
+        # foreach: the same arithmetic as the default per-parameter loop, in fewer calls
+        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=lr, foreach=True)
         self.batch_size = batch_size
         self.serving_net = copy.deepcopy(self.net).eval()
 
@@ -386,7 +406,7 @@ class GreedyQPolicy(_TrainedCasePolicy):
         return True
 
     def _choose(self, request: Request, rng: np.random.Generator, list_size: int) -> Choice:
-        with torch.no_grad():
+        with torch.inference_mode():
             scores = self.serving_net(torch.as_tensor(request.state)[None],
                                       torch.as_tensor(request.features)[None])[0].numpy()
         order = np.argsort(-scores, kind="stable")

@@ -36,8 +36,9 @@ from learner.drift import DriftConfig
 from learner.service import LearnerServiceConfig
 from learner.trainer import SoftQConfig
 from memento.config import RewardWeights, Settings
-from memento.encoder import ItemEncoder, StateEncoder, case_feature_vector, text_encoder_from_path
+from memento.encoder import ItemEncoder, case_feature_vector, text_encoder_from_path
 from memento.evaluation.baselines import DEFAULT_VW_ARGS, ItemKNNPolicy, RecentPolicy, VWPolicy
+from memento.evaluation.fastpath import BufferedCaseBank, ExactStateEncoder
 from memento.evaluation.logs import LoggedData, LoggedEvent
 from memento.evaluation.metrics import RunMetrics
 from memento.evaluation.offpolicy import OffPolicyAccumulator
@@ -164,11 +165,13 @@ class _Stream:
 
         self.config = config
         self.items = items
-        self.encoder = StateEncoder(items)
+        self.encoder = ExactStateEncoder(items)  # StateEncoder's results, faster
         self.attribution = RewardAttribution(self.encoder, rewards, window_s=config.window_s,
                                              allowed_lateness_s=config.allowed_lateness_s,
                                              session_gap_s=config.session_gap_s)
-        self.bank = CaseBank(None, dim=config.item_dim)
+        # exact search forever: an approximate index is built on a background thread, which
+        # would make long runs depend on timing
+        self.bank = BufferedCaseBank(CaseBank(None, dim=config.item_dim, approx_index="flat"))
         self.policy: EvalPolicy | None = None  # set once built: it needs this stream's bank
         self.on_closed = on_closed
         self.context_states = context_states
@@ -188,25 +191,22 @@ class _Stream:
             return
         weight = self.attribution.rewards.weight(action)
         self.policy.observe(user_id, item_id, weight)
-        if organic:
-            if context_state is not None:
-                case = Case(case_id=f"act:{event_id}", state=[float(x) for x in context_state],
-                            item_id=item_id, item_vec=[float(x) for x in self.items.encode(item_id)],
-                            outcome=weight, ts=ts, source="action")
-            else:
-                case = self.attribution.organic_case(state, event_id, item_id, action, ts)
-            self.bank.add([case])
+        if organic:  # the case of RewardAttribution.organic_case (or of the logged context)
+            case_state = self.encoder.state_before(state["history"], ts) if context_state is None else \
+                np.asarray(context_state, np.float32)
+            self.bank.add_case(f"act:{event_id}", case_state, item_id, self.items.encode(item_id),
+                               weight, ts, "action")
 
     def state(self, user_id: str, ts: float) -> np.ndarray:
-        return self.attribution.state_before(self._user(user_id), ts)
+        """RewardAttribution.state_before: the state from the user's actions strictly before ``ts``."""
+        return self.encoder.state_before(self._user(user_id)["history"], ts)
 
     def request(self, user_id: str, ts: float, state: np.ndarray) -> Request:
         k = self.config.top_k
         fill = k + 4 * self.config.list_size
         ids, scores, features, mask = self.bank.search_with_features(state[None], fill)
         n = int(mask[0].sum())
-        cases = [self.bank.get(c) for c in ids[0][:n]]
-        items = [c.item_id if c is not None else "" for c in cases]
+        items = self.bank.items_of(ids[0][:n])
         m = min(n, k)
         return Request(user_id, ts, state, list(ids[0][:m]), scores[0, :m].astype(np.float64),
                        np.ascontiguousarray(features[0, :m], np.float32), items[:m], items[m:])
@@ -220,10 +220,10 @@ class _Stream:
         else:
             case_id = f"item:{item}"
             features = case_feature_vector(state, self.items.encode(item), 0.0)
+        # recommendation_dict packs the vectors as float32: arrays need no list of floats
         rec = Recommendation(request_id=request_id, user_id=user_id, item_id=item, case_id=case_id,
                              propensity=float(min(1.0, max(choice.propensity, 1e-9))),
-                             policy_version=0, ts=ts, state=[float(x) for x in state],
-                             case_features=[float(x) for x in features])
+                             policy_version=0, ts=ts, state=state, case_features=features)
         self.attribution.add_recommendation(self._user(user_id), RewardAttribution.recommendation_dict(rec))
         heapq.heappush(self._due, (self.attribution.close_time(ts), user_id))
 
