@@ -25,6 +25,10 @@ from memento.encoder import case_feature_vector
 from memento.schemas import Case, Transition
 from memento.simulator import WorldConfig
 
+replace = dataclasses.replace
+# The boost is off by default (detect and alert only); these tests exercise it switched on.
+BOOSTED = DriftConfig(drift_boost_alpha=3.0, drift_boost_min_prob=0.02)
+
 torch.set_num_threads(1)
 
 D, K = 4, 2
@@ -41,7 +45,7 @@ def _detected(drift: RewardDrift, rewards) -> list[int]:
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_a_drop_is_flagged_once_soon_after_it_happens(seed):
-    drift = RewardDrift(DriftConfig())
+    drift = RewardDrift(BOOSTED)
     flagged = _detected(drift, np.concatenate([_rewards(3000, HIGH, seed), _rewards(3000, LOW, seed + 10)]))
     assert len(flagged) == 1 and 3000 < flagged[0] < 3600, flagged
     assert drift.detections == 1 and drift.reference > drift.window_mean
@@ -49,16 +53,16 @@ def test_a_drop_is_flagged_once_soon_after_it_happens(seed):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_a_stationary_stream_and_a_rising_one_raise_nothing(seed):
-    drift = RewardDrift(DriftConfig())
+    drift = RewardDrift(BOOSTED)
     assert _detected(drift, _rewards(20_000, HIGH, seed)) == []
     assert _detected(drift, _rewards(3000, HIGH, seed + 10)) == []   # the reward rises: no boost
-    rising = RewardDrift(DriftConfig())
+    rising = RewardDrift(BOOSTED)
     assert _detected(rising, np.concatenate([_rewards(3000, LOW, seed), _rewards(3000, HIGH, seed + 10)])) == []
     assert rising.rises >= 1 and rising.boost == 0.0
 
 
 def test_the_boost_halves_every_half_life_and_ends_at_zero():
-    drift = RewardDrift(DriftConfig(drift_half_life=200))
+    drift = RewardDrift(replace(BOOSTED, drift_half_life=200))
     at = _detected(drift, np.concatenate([_rewards(3000, HIGH, 0), _rewards(600, LOW, 1)]))[0]
     assert drift.boost == pytest.approx(0.5 ** ((3600 - 1 - at) / 200))
     boosts = [drift.boost]
@@ -70,7 +74,7 @@ def test_the_boost_halves_every_half_life_and_ends_at_zero():
 
 def test_the_boosted_policy_is_bounded_and_never_below_the_learners():
     base = PolicyParams(alpha=0.1, min_prob=0.01, top_k=16)
-    drift = RewardDrift(DriftConfig(drift_boost_alpha=50.0, drift_max_alpha=0.4, drift_boost_min_prob=0.9))
+    drift = RewardDrift(replace(BOOSTED, drift_boost_alpha=50.0, drift_max_alpha=0.4, drift_boost_min_prob=0.9))
     assert drift.apply(base) == base                                   # no boost: exactly the learner's μ
     drift.boost = 1.0
     p = drift.apply(base)
@@ -86,7 +90,7 @@ def test_the_boosted_policy_is_bounded_and_never_below_the_learners():
 
 
 def test_drops_inside_the_cooldown_are_counted_but_do_not_re_arm_the_boost():
-    drift = RewardDrift(DriftConfig(drift_half_life=100, drift_cooldown=10_000))
+    drift = RewardDrift(replace(BOOSTED, drift_half_life=100, drift_cooldown=10_000))
     rewards = [_rewards(3000, HIGH, 0), _rewards(3000, LOW, 1), _rewards(3000, [0.97, 0.03, 0.0], 2)]
     _detected(drift, np.concatenate(rewards))
     assert (drift.detections, drift.suppressed) == (1, 1) and drift.boost == 0.0
@@ -116,7 +120,7 @@ def test_the_training_loop_feeds_new_rows_to_the_detector_and_not_duplicates():
     from learner.loop import replay_buffer
 
     options = LearnerServiceConfig(buffer_capacity=8000, learning_starts=10_000)
-    drift = RewardDrift(DriftConfig())
+    drift = RewardDrift(BOOSTED)
     loop = TrainingLoop(replay_buffer(options, D, K, seed=0), options, drift=drift)
     rows = _drop_rows()
     loop.add(rows)
@@ -129,7 +133,7 @@ def test_a_detected_drop_publishes_after_the_next_update_not_publish_every_later
 
     options = LearnerServiceConfig(buffer_capacity=8000, learning_starts=1, publish_every=1_000_000,
                                    updates_per_transition=0.01)
-    loop = TrainingLoop(replay_buffer(options, D, K, seed=0), options, drift=RewardDrift(DriftConfig()))
+    loop = TrainingLoop(replay_buffer(options, D, K, seed=0), options, drift=RewardDrift(BOOSTED))
     published, updates_at_detection = [], None
     rows = _drop_rows()
     for i in range(0, len(rows), 100):
@@ -155,7 +159,8 @@ def _service(tmp_path, drift: DriftConfig | None = None) -> LearnerService:
     settings = Settings(data_dir=str(tmp_path / "data"), checkpoint_dir=str(tmp_path / "ckpt"), item_dim=D,
                         top_k=K)
     service = LearnerService(settings, SoftQConfig(top_k=K, hidden=8, alpha=0.1, min_prob=0.01, seed=0),
-                             LearnerServiceConfig(buffer_capacity=8000, learning_starts=10_000), drift)
+                             LearnerServiceConfig(buffer_capacity=8000, learning_starts=10_000),
+                             BOOSTED if drift is None else drift)
     service.producer = _Producer()
     return service
 
@@ -175,6 +180,11 @@ def test_the_published_checkpoint_carries_the_boosted_alpha_and_floor(tmp_path):
     off.loop.add(_drop_rows())
     ann = off.publish()
     assert off.drift is None and read_checkpoint(ann.path, ann.sha256, expect_state_dim=D).policy == base
+    # the default detects and counts the drop but leaves μ as the learner has it
+    alert = _service(tmp_path / "alert", DriftConfig())
+    alert.loop.add(_drop_rows())
+    ann = alert.publish()
+    assert alert.drift.detections >= 1 and read_checkpoint(ann.path, ann.sha256, expect_state_dim=D).policy == base
 
 
 def test_the_learner_metrics_move_with_a_detected_drop(tmp_path):
@@ -212,7 +222,7 @@ def test_the_evaluations_softq_samples_the_boosted_mu_after_a_publication():
     from memento.evaluation.policies import SoftQPolicy
 
     pacing = LearnerServiceConfig(buffer_capacity=8000, learning_starts=10_000)
-    policy = SoftQPolicy(None, D, SoftQConfig(top_k=K, hidden=8, alpha=0.1, min_prob=0.01), pacing, DriftConfig())
+    policy = SoftQPolicy(None, D, SoftQConfig(top_k=K, hidden=8, alpha=0.1, min_prob=0.01), pacing, BOOSTED)
     assert policy.learner.drift is policy.loop.drift is not None
     policy.loop.add(_drop_rows())
     assert policy._publish()
@@ -223,7 +233,7 @@ def test_the_evaluations_softq_samples_the_boosted_mu_after_a_publication():
     assert plain.loop.drift is None and plain.learner.drift is None and "drift_detections" not in plain.stats()
     from memento.evaluation.runner import EvalConfig, make_policy   # memento eval's softq gets EvalConfig.drift
 
-    half = make_policy("softq", EvalConfig(top_k=K, drift=DriftConfig(drift_half_life=7.0)), None, [], seed=0)
+    half = make_policy("softq", EvalConfig(top_k=K, drift=replace(BOOSTED, drift_half_life=7.0)), None, [], seed=0)
     assert half.loop.drift.config.drift_half_life == 7.0 and half.learner.drift is half.loop.drift
     assert make_policy("softq", EvalConfig(drift=DriftConfig(drift_detector="off")), None, [], seed=0).loop.drift is None
 
