@@ -15,6 +15,11 @@ Both the Kafka learner (:class:`learner.service.LearnerService`) and the offline
    ``clock`` (the learner process: :func:`time.monotonic`), two publications are also at least
    ``publish_min_interval_s`` apart. Without one (the evaluation, which has no wall clock), a
    version goes out exactly every ``publish_every`` successful updates.
+4. With a ``drift`` detector (:class:`learner.drift.RewardDrift`), the reward of every new row
+   goes to it; the owner publishes ``drift.apply(...)`` of its μ (see
+   :meth:`learner.trainer.SoftQLearner.policy_params`). A detected drop makes a publication due
+   after the next successful update (not ``publish_every`` updates later), so that the boosted
+   μ reaches serving at once.
 
 The pacing options are the fields of :class:`learner.service.LearnerServiceConfig` (any object
 with those attributes will do).
@@ -50,6 +55,7 @@ from learner.buffer import ReplayBuffer
 from learner.storage import ReplayBatch, ReplayTransition
 
 if TYPE_CHECKING:  # learner.service imports this module
+    from learner.drift import RewardDrift
     from learner.service import LearnerServiceConfig
 
 __all__ = ["TrainingLoop", "replay_buffer"]
@@ -75,6 +81,8 @@ class TrainingLoop:
     clock
         Seconds, for ``publish_min_interval_s`` (the learner process passes
         :func:`time.monotonic`); None publishes by update count only.
+    drift
+        Gets the reward of every new row (:class:`learner.drift.RewardDrift`); None: no detector.
 
     Attributes
     ----------
@@ -89,16 +97,18 @@ class TrainingLoop:
     """
 
     def __init__(self, buffer: ReplayBuffer, pacing: LearnerServiceConfig, *,
-                 clock: Callable[[], float] | None = None):
+                 clock: Callable[[], float] | None = None, drift: RewardDrift | None = None):
         self.buffer = buffer
         self.pacing = pacing
         self.clock = clock
+        self.drift = drift
         self.credit = 0.0
         self.updates = 0
         self.skipped = 0
         self.dropped = 0
         self.published = 0
         self.since_publish = 0
+        self.drift_pending = False     # a drop was detected since the last publication
         self._last_publish_time = -math.inf
 
     @property
@@ -108,8 +118,13 @@ class TrainingLoop:
 
     def add(self, rows: Iterable[ReplayTransition]) -> int:
         """Store ``rows`` (a known transition id is ignored) and accrue the credit they buy;
-        returns how many were new."""
-        added = sum(1 for row in rows if self.buffer.add(row))
+        returns how many were new. Each new row's reward goes to the drift detector."""
+        added = 0
+        for row in rows:
+            if self.buffer.add(row):
+                added += 1
+                if self.drift is not None and self.drift.update(float(row.reward)):
+                    self.drift_pending = True
         if len(self.buffer) >= self.pacing.learning_starts:
             owed = self.credit + added * self.pacing.updates_per_transition
             self.credit = min(owed, float(self.pacing.max_update_backlog))
@@ -118,15 +133,17 @@ class TrainingLoop:
 
     @property
     def publish_due(self) -> bool:
-        """``publish_every`` successful updates since the last version (and, with a clock,
-        ``publish_min_interval_s`` seconds)."""
-        return self.since_publish >= self.pacing.publish_every and (
+        """``publish_every`` successful updates since the last version, or one after a detected
+        reward drop (and, with a clock, ``publish_min_interval_s`` seconds)."""
+        due = self.since_publish >= self.pacing.publish_every or (self.drift_pending and self.since_publish > 0)
+        return due and (
             self.clock is None
             or self.clock() - self._last_publish_time >= self.pacing.publish_min_interval_s)
 
     def mark_published(self) -> None:
         """Record a publication made outside :meth:`step` (the learner's start-up version)."""
         self.since_publish = 0
+        self.drift_pending = False
         if self.clock is not None:
             self._last_publish_time = self.clock()
 

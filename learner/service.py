@@ -12,6 +12,12 @@ at most ``max_update_backlog`` owed); every ``publish_every`` updates (and at mo
 floor ``min_prob`` and ``top_k``: serving samples exactly that μ), and announced on the
 checkpoints topic. Version 0 (or, after a restart, the next version) is published at start-up
 so serving can become ready.
+Every new transition's reward also goes to a drift detector (:mod:`learner.drift`, options
+:class:`learner.drift.DriftConfig`, ``--drift-detector off`` disables it): a detected drop of
+the mean reward raises an exploration boost that the published μ carries (a warmer α, a higher
+floor) and that decays back; ``memento_learner_drift_detections_total`` counts the drops and
+``memento_learner_exploration_boost`` shows the boost. The detector's window is not saved: after
+a restart it starts empty, with no boost.
 Versions strictly increase across restarts; the replay buffer and the optimiser state are saved
 on shutdown (and every ``state_save_interval_s``) and restored at start-up. Offsets are
 committed after each poll's records are in the buffer.
@@ -41,6 +47,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, start
 
 from learner.buffer import ReplayBuffer
 from learner.candidates import with_candidates
+from learner.drift import DriftConfig, RewardDrift
 from learner.loop import TrainingLoop, replay_buffer
 from learner.trainer import SoftQConfig, SoftQLearner
 from memento.checkpoint import CheckpointError, load_checkpoint
@@ -127,6 +134,18 @@ class LearnerMetrics:
         self.version = Gauge(p + "checkpoint_version", "last published policy version", registry=r)
         self.steps_per_s = Gauge(p + "steps_per_second", "gradient updates per second", registry=r)
         self.healthy = Gauge(p + "healthy", "1 when the learner may publish", registry=r)
+        self.drift_detections = Counter(p + "drift_detections", "drops of the mean reward detected "
+                                        "that raised the exploration boost", registry=r)
+        self.drift_suppressed = Counter(p + "drift_suppressed", "drops of the mean reward detected "
+                                        "inside the cooldown (no effect)", registry=r)
+        self.exploration_boost = Gauge(p + "exploration_boost", "exploration boost in [0, 1] "
+                                       "(1 at a detected drop, decaying)", registry=r)
+        self.drift_reward_mean = Gauge(p + "drift_reward_mean", "mean reward of the drift "
+                                       "detector's adaptive window", registry=r)
+        self.published_alpha = Gauge(p + "published_alpha", "α of the last published μ "
+                                     "(the boosted one while exploring)", registry=r)
+        self.published_min_prob = Gauge(p + "published_min_prob", "per-candidate floor of the "
+                                        "last published μ", registry=r)
 
 
 def latest_checkpoint(directory: str | Path) -> tuple[int, Path] | None:
@@ -160,12 +179,15 @@ class LearnerService:
         Soft-Q hyperparameters.
     service
         Buffer, pacing and publishing options.
+    drift
+        Drift detection and exploration boost (default :class:`learner.drift.DriftConfig`).
     metrics_port
         Port of the Prometheus endpoint (0 picks a free one, None serves none).
     """
 
     def __init__(self, settings: Settings, config: SoftQConfig | None = None,
-                 service: LearnerServiceConfig | None = None, *, metrics_port: int | None = None):
+                 service: LearnerServiceConfig | None = None, drift: DriftConfig | None = None, *,
+                 metrics_port: int | None = None):
         torch.set_num_threads(1)  # the demo machine's 2 cores are shared by every process
         self.settings, self.config = settings, config or SoftQConfig(top_k=settings.top_k)
         self.options = service or LearnerServiceConfig()
@@ -176,8 +198,9 @@ class LearnerService:
                         self.config.top_k, settings.top_k, self.config.top_k, settings.top_k)
         self.metrics = LearnerMetrics()
         self.metrics_port = metrics_port
-        self.learner = SoftQLearner(self.state_dim, self.config)
-        self.loop = TrainingLoop(self._new_buffer(), self.options, clock=time.monotonic)
+        self.drift = RewardDrift.from_config(drift or DriftConfig())   # None when off
+        self.learner = SoftQLearner(self.state_dim, self.config, drift=self.drift)
+        self.loop = TrainingLoop(self._new_buffer(), self.options, clock=time.monotonic, drift=self.drift)
         self.state_dir = Path(settings.data_dir, "learner")
         self.checkpoint_dir = Path(settings.checkpoint_dir)
         self.version = -1                 # last published version
@@ -186,6 +209,7 @@ class LearnerService:
         self.duplicates = 0
         self.dead_letters = 0
         self._last_metrics: dict[str, float] = {}
+        self._drift_counted = (0, 0)      # drift detections, suppressed drops already exported
         self.bank = None
         self.producer = None
         self.ready = threading.Event()    # set once the start-up checkpoint is announced
@@ -213,7 +237,7 @@ class LearnerService:
                 log.info("restored learner state (%d updates) from %s", self.learner.steps, learner_path)
             except (ValueError, KeyError, RuntimeError) as exc:  # e.g. --hidden changed since
                 log.warning("not restoring the learner state from %s: %s", learner_path, exc)
-                self.learner = SoftQLearner(self.state_dim, self.config)
+                self.learner = SoftQLearner(self.state_dim, self.config, drift=self.drift)
         if not restored and latest is not None:
             data = latest[1].read_bytes()
             try:
@@ -252,6 +276,9 @@ class LearnerService:
         self.published.append(ann)
         self.metrics.checkpoints.inc()
         self.metrics.version.set(version)
+        published = self.learner.policy_params()
+        self.metrics.published_alpha.set(published.alpha)
+        self.metrics.published_min_prob.set(published.min_prob)
         log.info("published policy v%d (step %d) %s", version, ann.step, ann.path)
         self._prune_checkpoints()
         return ann
@@ -314,6 +341,7 @@ class LearnerService:
         n = len(transitions)
         dropped = self.loop.dropped
         added = self.loop.add(with_candidates(transitions, self.bank, self.config.top_k))
+        self._drift_metrics()
         self.duplicates += n - added
         self.metrics.duplicates.inc(n - added)
         self.metrics.dropped.inc(self.loop.dropped - dropped)
@@ -321,6 +349,18 @@ class LearnerService:
         self.metrics.transitions.inc(n)
         self.metrics.buffer_size.set(len(self.buffer))
         return added
+
+    def _drift_metrics(self) -> None:
+        """Bring the drift counters and gauges up to the detector's state."""
+        d, m = self.drift, self.metrics
+        if d is None:
+            return
+        m.drift_detections.inc(d.detections - self._drift_counted[0])
+        m.drift_suppressed.inc(d.suppressed - self._drift_counted[1])
+        self._drift_counted = (d.detections, d.suppressed)
+        m.exploration_boost.set(d.boost)
+        if math.isfinite(d.window_mean):
+            m.drift_reward_mean.set(d.window_mean)
 
     # -- training -------------------------------------------------------------------------
     def train(self, stop: threading.Event) -> int:
@@ -394,6 +434,10 @@ class LearnerService:
                              self.learner.skipped_updates, rate, m.get("loss", math.nan),
                              m.get("q_mean", math.nan), m.get("target_mean", math.nan),
                              self.learner.alpha, m.get("entropy", math.nan), self.version)
+                    if self.drift is not None and (self.drift.boost or self.drift.detections):
+                        log.info("reward drift: %d drops detected, exploration boost %.2f, window "
+                                 "mean reward %.3f (before the last drop %.3f)", self.drift.detections,
+                                 self.drift.boost, self.drift.window_mean, self.drift.reference)
                     last_log, steps_at_log = now, self.learner.steps
                 if now - last_save >= self.options.state_save_interval_s:
                     self.save_state()
@@ -455,6 +499,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="Prometheus port (0 = any free port, -1 = none; default 9102)")
     add_dataclass_options(parser, SoftQConfig, "soft-Q hyperparameters")
     add_dataclass_options(parser, LearnerServiceConfig, "replay, pacing and publishing")
+    add_dataclass_options(parser, DriftConfig, "reward drift detection and exploration boost")
     return parser
 
 
@@ -472,13 +517,14 @@ def run_from_args(args: argparse.Namespace, stop: threading.Event | None = None)
                                  checkpoint_dir=args.checkpoint_dir)
     config = options_from_args(SoftQConfig, args, top_k=settings.top_k)
     options = options_from_args(LearnerServiceConfig, args)
+    drift = options_from_args(DriftConfig, args)
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
-    log.info("learner starting: %s | %s | %s", settings.bootstrap_servers, config, options)
+    log.info("learner starting: %s | %s | %s | %s", settings.bootstrap_servers, config, options, drift)
     port = None if args.metrics_port is not None and args.metrics_port < 0 else args.metrics_port
-    LearnerService(settings, config, options, metrics_port=port).run(stop)
+    LearnerService(settings, config, options, drift, metrics_port=port).run(stop)
     return 0
 
 

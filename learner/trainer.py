@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from learner.drift import RewardDrift
 from learner.storage import ReplayBatch
 from memento.checkpoint import PolicyParams, save_checkpoint
 from memento.qnet import QNetwork
@@ -143,11 +144,16 @@ class SoftQLearner:
         Dimension of states and item vectors (``Settings.item_dim``).
     config
         The hyperparameters.
+    drift
+        A reward-drift detector (:class:`learner.drift.RewardDrift`, fed by the training loop)
+        whose exploration boost :meth:`policy_params` applies; None: the learner's μ as is.
+        The boost changes only the published μ, never the TD target or the α tuning.
     """
 
-    def __init__(self, state_dim: int, config: SoftQConfig | None = None):
+    def __init__(self, state_dim: int, config: SoftQConfig | None = None, *, drift: RewardDrift | None = None):
         self.config = config = config or SoftQConfig()
         self.state_dim = state_dim
+        self.drift = drift          # the reward-drift detector whose boost the published μ carries
         torch.manual_seed(config.seed)
         self.q_net = QNetwork(state_dim, **config.network())
         self.target_net = copy.deepcopy(self.q_net).requires_grad_(False)
@@ -166,9 +172,11 @@ class SoftQLearner:
         return float(self.log_alpha.detach().exp())
 
     def policy_params(self) -> PolicyParams:
-        """The μ this learner assumes (its current α, the floor, K): what a checkpoint carries
-        and what serving samples after loading it."""
-        return PolicyParams(alpha=self.alpha, min_prob=self.config.min_prob, top_k=self.config.top_k)
+        """The μ this learner assumes (its current α, the floor, K), raised by the drift
+        detector's exploration boost when it has one (:meth:`learner.drift.RewardDrift.apply`):
+        what a checkpoint carries and what serving samples after loading it."""
+        params = PolicyParams(alpha=self.alpha, min_prob=self.config.min_prob, top_k=self.config.top_k)
+        return params if self.drift is None else self.drift.apply(params)
 
     @property
     def healthy(self) -> bool:

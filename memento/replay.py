@@ -241,6 +241,11 @@ class SyntheticSource(ReplaySource):
     item at the same moment: differences in reward come from the policies' choices (and the
     taste drift those choices cause), not from where a shared generator happened to be.
 
+    With ``world.shift_at_moment`` = N > 0, every user's taste shifts
+    (:meth:`~memento.simulator.SyntheticWorld.shift_tastes`) just before request moment N (its
+    organic browsing included), with new tastes drawn from a stream of their own
+    (``[seed, 4]``): the moments before are unaffected, and every policy meets the same shift.
+
     >>> cfg = ReplayConfig(world=WorldConfig(n_items=30, n_users=4), warmup_moments=1, seed=3)
     >>> source = SyntheticSource(cfg)
     >>> len({a.user_id for a in source.warmup()})
@@ -286,7 +291,12 @@ class SyntheticSource(ReplaySource):
 
     def moments(self, limit: int) -> Iterator[Moment]:
         step = self.config.moment_step_s
+        shift_at = self.world.config.shift_at_moment
         for index in range(limit):
+            if shift_at and index == shift_at:
+                self.world.shift_tastes(self._stream(4))
+                log.info("moment %d: every user's taste shifted (strength %g)", index,
+                         self.world.config.shift_strength)
             user = self.world.sample_user(self._user_rng)
             before = self._organic(user, self._clock)
             yield Moment(index=index, user_id=user, ts=self._clock + step / 2.0, before=before)
@@ -879,6 +889,10 @@ def add_arguments(parser) -> None:
                         help="synthetic: organic moments per user before the first request")
     parser.add_argument("--warmup-events", type=int, default=d.warmup_events,
                         help="tmall: leading logged actions published before the first request")
+    parser.add_argument("--shift-at-moment", type=int, default=d.world.shift_at_moment,
+                        help="synthetic: request moment before which every user's taste shifts (0 = none)")
+    parser.add_argument("--shift-strength", type=float, default=d.world.shift_strength,
+                        help="synthetic: how far tastes move at the shift (1 = new tastes)")
     parser.add_argument("--ready-timeout", dest="ready_timeout_s", type=float, default=d.ready_timeout_s,
                         help="seconds to wait for serving's /readyz")
     parser.add_argument("--send-context", action="store_true",
@@ -904,7 +918,9 @@ def config_from_args(args) -> ReplayConfig:
         reward_window_s=args.reward_window_s, summary_window=args.summary_window,
         moment_step_s=args.moment_step_s, warmup_moments=args.warmup_moments,
         warmup_events=args.warmup_events, ready_timeout_s=args.ready_timeout_s,
-        send_context=args.send_context)
+        send_context=args.send_context,
+        world=dataclasses.replace(ReplayConfig().world, shift_at_moment=getattr(args, "shift_at_moment", 0),
+                                  shift_strength=getattr(args, "shift_strength", 1.0)))
 
 
 def run_from_args(args) -> int:

@@ -18,6 +18,12 @@ their own (items drawn by a softmax over their click score), which is what build
 and their tastes drift toward what they consume:
 ``u <- normalise(u + drift_eta * v_i + drift_anchor * u_0)`` with ``u_0`` the initial taste.
 
+A *taste shift* (:meth:`SyntheticWorld.shift_tastes`, applied by
+:class:`memento.replay.SyntheticSource` before request moment ``shift_at_moment``) moves every
+user to a new taste drawn as initial tastes are, ``u <- normalise((1 − s)·u + s·u_new)`` with
+``s = shift_strength``, and makes it the taste drift is anchored to: the best items change
+mid-stream, and stay changed.
+
 >>> import numpy as np
 >>> world = SyntheticWorld(WorldConfig(n_items=40, n_users=5), seed=1)
 >>> rng = np.random.default_rng(0)
@@ -104,6 +110,12 @@ class WorldConfig:
         Users are picked with lognormal(0, activity_sigma) activity weights.
     rewards
         Reward weight per action, for expected and oracle rewards.
+    shift_at_moment
+        Request moment (0-based index) before which every user's taste shifts: moments
+        ``0 … shift_at_moment − 1`` see the old tastes, the rest the new ones; 0 = no shift.
+    shift_strength
+        How far tastes move at the shift: ``u <- normalise((1 − s)·u + s·u_new)``, ``u_new``
+        drawn as initial tastes are (from a random stream of its own); 1 = a new taste.
     """
 
     n_items: int = 400
@@ -136,6 +148,8 @@ class WorldConfig:
     drift_anchor: float = 0.1
     activity_sigma: float = 0.8
     rewards: RewardWeights = RewardWeights()
+    shift_at_moment: int = 0
+    shift_strength: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("n_items", "n_users", "n_top_categories", "n_sub_categories", "n_brands",
@@ -149,6 +163,10 @@ class WorldConfig:
                      "drift_eta", "drift_anchor", "activity_sigma"):
             if float(getattr(self, name)) < 0:
                 raise ValueError(f"WorldConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if int(self.shift_at_moment) < 0:
+            raise ValueError(f"WorldConfig.shift_at_moment must be >= 0 (0 = no shift), got {self.shift_at_moment}")
+        if not 0.0 <= self.shift_strength <= 1.0:
+            raise ValueError(f"WorldConfig.shift_strength must be in [0, 1], got {self.shift_strength}")
         if not 0.0 <= self.null_brand_share <= 1.0:
             raise ValueError(f"WorldConfig.null_brand_share must be in [0, 1], got {self.null_brand_share}")
 
@@ -212,14 +230,8 @@ class SyntheticWorld:
         self.item_vectors = _unit(vectors)
         self.item_appeal = rng.normal(0.0, config.appeal_std, config.n_items)
 
-        tastes = np.empty((config.n_users, d))
-        for u in range(config.n_users):
-            liked = rng.choice(n_top, size=config.user_categories, replace=False)
-            mix = rng.dirichlet(np.ones(config.user_categories))
-            taste = sum(m * top_dirs[t] for m, t in zip(mix, liked))
-            taste = taste + 0.5 * sub_dirs[liked[0], rng.integers(0, n_sub)]
-            tastes[u] = taste + config.user_noise * rng.standard_normal(d) / np.sqrt(d)
-        self.tastes = _unit(tastes)
+        self._top_dirs, self._sub_dirs = top_dirs, sub_dirs
+        self.tastes = self._draw_tastes(rng)
         self.initial_tastes = self.tastes.copy()
         activity = rng.lognormal(0.0, config.activity_sigma, config.n_users)
         self.user_activity = activity / activity.sum()
@@ -228,6 +240,39 @@ class SyntheticWorld:
         # it only changes when that user's taste does.
         self._model_key: tuple[int, bytes] | None = None
         self._model: dict[str, np.ndarray] = {}
+
+    def _draw_tastes(self, rng: np.random.Generator) -> np.ndarray:
+        """One unit taste per user: a Dirichlet mix of ``user_categories`` top categories, half
+        a sub category of the first, and idiosyncratic noise."""
+        config, top_dirs, sub_dirs = self.config, self._top_dirs, self._sub_dirs
+        d, n_top, n_sub = config.latent_dim, config.n_top_categories, config.n_sub_categories
+        tastes = np.empty((config.n_users, d))
+        for u in range(config.n_users):
+            liked = rng.choice(n_top, size=config.user_categories, replace=False)
+            mix = rng.dirichlet(np.ones(config.user_categories))
+            taste = sum(m * top_dirs[t] for m, t in zip(mix, liked))
+            taste = taste + 0.5 * sub_dirs[liked[0], rng.integers(0, n_sub)]
+            tastes[u] = taste + config.user_noise * rng.standard_normal(d) / np.sqrt(d)
+        return _unit(tastes)
+
+    def shift_tastes(self, rng: np.random.Generator, strength: float | None = None) -> None:
+        """Move every user toward a new taste drawn from ``rng`` as initial tastes are:
+        ``u <- normalise((1 − s)·u + s·u_new)`` (``s`` = ``strength``, default
+        ``config.shift_strength``); the result also becomes the taste drift is anchored to.
+
+        >>> world = SyntheticWorld(WorldConfig(n_items=40, n_users=5), seed=1)
+        >>> best = [world.oracle_item(u) for u in world.user_ids]
+        >>> world.shift_tastes(np.random.default_rng([1, 4]))
+        >>> sum(b != world.oracle_item(u) for b, u in zip(best, world.user_ids)) >= 3
+        True
+        >>> bool(np.allclose(world.tastes, world.initial_tastes))
+        True
+        """
+        s = self.config.shift_strength if strength is None else float(strength)
+        if not 0.0 <= s <= 1.0:
+            raise ValueError(f"shift strength must be in [0, 1], got {s}")
+        self.tastes = _unit((1.0 - s) * self.tastes + s * self._draw_tastes(rng))
+        self.initial_tastes = self.tastes.copy()
 
     # -- lookups --------------------------------------------------------------------------
     def item_index(self, item: str | int) -> int:

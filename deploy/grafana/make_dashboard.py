@@ -23,6 +23,10 @@ PANELS = [
     ("Skipped (non-finite) updates", "sum(increase(memento_learner_skipped_updates_total[5m]))", "short"),
     ("Replay buffer and case banks", ["memento_learner_buffer_size", "sum by (bank) (memento_casebank_cases)"], "short"),
     ("Case bank search latency p99", "histogram_quantile(0.99, sum by (le, bank) (rate(memento_casebank_search_seconds_bucket[1m])))", "s"),
+    ("Reward drift: exploration boost, published alpha and floor, drops detected (15m)", [
+        "memento_learner_exploration_boost", "memento_learner_published_alpha",
+        "memento_learner_published_min_prob", "sum(increase(memento_learner_drift_detections_total[15m]))"], "short"),
+    ("Learner reward (drift detector's window mean)", "memento_learner_drift_reward_mean", "short"),
 ]
 
 

@@ -20,6 +20,7 @@ import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
+from learner.drift import DriftConfig
 from learner.service import LearnerServiceConfig, add_dataclass_options, options_from_args
 from learner.trainer import SoftQConfig
 from memento.evaluation.policies import POLICY_NAMES
@@ -66,6 +67,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="synthetic: organic moments per user before the first request")
     parser.add_argument("--warmup-events", type=int, default=d.warmup_events,
                         help="logs: leading events only observed before the first request")
+    parser.add_argument("--shift-at-moment", type=int, default=d.world.shift_at_moment,
+                        help="synthetic: request moment before which every user's taste shifts "
+                             "(0 = no shift); the JSON then reports the reward recovery")
+    parser.add_argument("--shift-strength", type=float, default=d.world.shift_strength,
+                        help="synthetic: how far tastes move at the shift (1 = new tastes)")
     parser.add_argument("--linucb-alpha", type=float, default=d.linucb_alpha, help="LinUCB confidence width")
     parser.add_argument("--vw-args", default=d.vw_args,
                         help="Vowpal Wabbit arguments of the vw policy, one string (needs --cb_explore_adf; "
@@ -80,22 +86,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                           "batch size)", exclude=("seed",))
     add_dataclass_options(parser, LearnerServiceConfig, "replay and pacing (as the learner process)",
                           exclude=_SERVICE_ONLY)
+    add_dataclass_options(parser, DriftConfig, "reward drift detection and exploration boost (softq, "
+                          "as the learner process)")
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> EvalConfig:
+    import dataclasses
+
     from memento.config import RewardWeights
 
     softq = options_from_args(SoftQConfig, args, top_k=EvalConfig().top_k)
     pacing = options_from_args(LearnerServiceConfig, args)
+    drift = options_from_args(DriftConfig, args)
+    world = dataclasses.replace(EvalConfig().world, shift_at_moment=args.shift_at_moment,
+                                shift_strength=args.shift_strength)
     rewards = RewardWeights.parse(args.reward) if args.reward and args.source != "interactions" else RewardWeights()
     return EvalConfig(source=args.source, events=args.events, item_dim=args.item_dim, top_k=softq.top_k,
                       list_size=args.list_size, window_s=args.window_s,
                       allowed_lateness_s=args.allowed_lateness_s,
                       session_gap_s=args.session_gap_s, warmup_moments=args.warmup_moments,
-                      warmup_events=args.warmup_events, softq=softq, pacing=pacing,
+                      warmup_events=args.warmup_events, softq=softq, pacing=pacing, drift=drift,
                       linucb_alpha=args.linucb_alpha, vw_args=args.vw_args, text_encoder=args.text_encoder,
-                      rewards=rewards)
+                      rewards=rewards, world=world)
 
 
 def load_data(args: argparse.Namespace):

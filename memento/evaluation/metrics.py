@@ -23,7 +23,10 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["RunMetrics", "ndcg_at", "aggregate"]
+__all__ = ["RunMetrics", "ndcg_at", "aggregate", "shift_recovery", "RECOVERY_WINDOW", "RECOVERY_SHARE"]
+
+RECOVERY_WINDOW = 250     # requests per window of the expected-reward share around a taste shift
+RECOVERY_SHARE = 0.9      # recovered: a post-shift window's share is back to this part of the pre-shift one
 
 
 def ndcg_at(items: Sequence[str], target: str | None, k: int = 10) -> float:
@@ -52,6 +55,7 @@ class RunMetrics:
     oracle: list[float] = field(default_factory=list)
     ceiling: list[float] = field(default_factory=list)
     greedy: list[float] = field(default_factory=list)
+    index: list[int] = field(default_factory=list)
     hits1: int = 0
     hits10: int = 0
     ndcg: float = 0.0
@@ -59,12 +63,15 @@ class RunMetrics:
 
     def add(self, reward: float, items: Sequence[str], target: str | None,
             expected: float | None = None, oracle: float | None = None,
-            ceiling: float | None = None, greedy: float | None = None) -> None:
+            ceiling: float | None = None, greedy: float | None = None, index: int | None = None) -> None:
         """One closed request; ``ceiling`` is the best expected reward among the retrieved
         candidates' items (simulator), what any case policy could at most have earned;
         ``greedy`` the expected reward of the item the policy ranked best (simulator), which
-        differs from ``expected`` when the policy explores."""
+        differs from ``expected`` when the policy explores; ``index`` the request's position in
+        the stream (requests close out of order when windows are held for a session gap)."""
         self.rewards.append(float(reward))
+        if index is not None:
+            self.index.append(int(index))
         if greedy is not None:
             self.greedy.append(float(greedy))
         if ceiling is not None:
@@ -84,6 +91,15 @@ class RunMetrics:
     def cumulative_reward(self) -> np.ndarray:
         return np.cumsum(np.asarray(self.rewards, np.float64))
 
+    def shift_recovery(self, at: int, window: int = RECOVERY_WINDOW,
+                       share: float = RECOVERY_SHARE) -> dict[str, float]:
+        """:func:`shift_recovery` over the simulator's requests in request order (by ``index``
+        when every request has one, else in closing order)."""
+        if not (self.expected and len(self.expected) == len(self.oracle)):
+            return {}
+        order = np.argsort(self.index, kind="stable") if len(self.index) == len(self.expected) else slice(None)
+        return shift_recovery(np.asarray(self.expected)[order], np.asarray(self.oracle)[order], at, window, share)
+
     def summary(self) -> dict[str, float]:
         n = max(1, len(self.rewards))
         out = {"requests": float(len(self.rewards)), "reward_total": float(sum(self.rewards)),
@@ -102,6 +118,37 @@ class RunMetrics:
             orc = float(np.mean(self.oracle))
             out["greedy_share_of_oracle"] = float(np.mean(self.greedy)) / orc if orc > 0 else math.nan
         return out
+
+
+def shift_recovery(expected: Sequence[float], oracle: Sequence[float], at: int,
+                   window: int = RECOVERY_WINDOW, share: float = RECOVERY_SHARE) -> dict[str, float]:
+    """How a policy's windowed share of the oracle fares after a shift at request ``at``.
+
+    The share of a window is Σ expected / Σ oracle over its requests (request order).
+    ``shift_pre_share``: the window just before the shift. ``shift_min_share``: the lowest
+    window wholly after it. ``shift_post_share``: all requests after it.
+    ``shift_recovery_requests``: the requests after the shift until the first wholly post-shift
+    window whose share is back to ``share`` × the pre-shift one (at least ``window``; NaN when
+    that never happens in the run).
+
+    >>> exp = [0.5] * 500 + [0.0] * 300 + [0.5] * 700       # the shift at request 500
+    >>> r = shift_recovery(exp, [1.0] * 1500, at=500, window=100)
+    >>> round(r["shift_pre_share"], 3), round(r["shift_min_share"], 3)
+    (0.5, 0.0)
+    >>> r["shift_recovery_requests"]          # the window [390 − 100, 390) holds 90 good requests
+    390.0
+    """
+    e, o = np.asarray(expected, np.float64), np.asarray(oracle, np.float64)
+    if not 0 < window <= at or len(e) < at + window:
+        return {}
+    ce, co = np.concatenate([[0.0], np.cumsum(e)]), np.concatenate([[0.0], np.cumsum(o)])
+    pre = (ce[at] - ce[at - window]) / (co[at] - co[at - window])
+    ends = np.arange(at + window, len(e) + 1)
+    shares = (ce[ends] - ce[ends - window]) / np.maximum(co[ends] - co[ends - window], 1e-12)
+    back = np.flatnonzero(shares >= share * pre)
+    return {"shift_pre_share": float(pre), "shift_min_share": float(shares.min()),
+            "shift_post_share": float((ce[-1] - ce[at]) / max(co[-1] - co[at], 1e-12)),
+            "shift_recovery_requests": float(ends[back[0]] - at) if len(back) else math.nan}
 
 
 def aggregate(per_seed: Sequence[dict[str, float]]) -> dict[str, float]:

@@ -20,8 +20,8 @@ the learner process would consume.
   probability floor, sampled) trained by :class:`learner.trainer.SoftQLearner` in the learner
   process's training loop (:class:`learner.loop.TrainingLoop`: replay buffer, learning starts,
   updates per transition, a new policy version every ``publish_every`` updates); a new
-  version samples the μ its checkpoint would carry (the learner's α, floor and K), as a
-  serving reload does.
+  version samples the μ its checkpoint would carry (the learner's α, floor and K, raised by
+  the reward-drift detector's exploration boost, :mod:`learner.drift`), as a serving reload does.
 
 The industry baselines ``recent``, ``itemknn`` and ``vw`` (Vowpal Wabbit's ``--cb_explore_adf``)
 live in :mod:`memento.evaluation.baselines`.
@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from learner.candidates import with_candidates
+from learner.drift import DriftConfig, RewardDrift
 from learner.loop import TrainingLoop, replay_buffer
 from learner.service import LearnerServiceConfig
 from learner.storage import ReplayTransition
@@ -308,13 +309,17 @@ class _TrainedCasePolicy(EvalPolicy):
 class SoftQPolicy(_TrainedCasePolicy):
     """μ = softmax(Q/α) over the candidates, sampled, as serving does; Q trained by soft
     Q-learning as the learner process does. See :class:`_TrainedCasePolicy` for the parameters;
-    ``config`` holds the soft-Q hyperparameters and ``min_prob``/``alpha`` of μ."""
+    ``config`` holds the soft-Q hyperparameters and ``min_prob``/``alpha`` of μ; ``drift`` the
+    reward-drift detector's options (None or ``drift_detector="off"``: no detector), wired as in
+    the learner process."""
 
     name = "softq"
 
-    def __init__(self, bank, state_dim: int, config: SoftQConfig, pacing: LearnerServiceConfig):
+    def __init__(self, bank, state_dim: int, config: SoftQConfig, pacing: LearnerServiceConfig,
+                 drift: DriftConfig | None = None):
         super().__init__(bank, state_dim, config.top_k, pacing, config.seed)
-        self.learner = SoftQLearner(state_dim, config)
+        self.loop.drift = RewardDrift.from_config(drift)
+        self.learner = SoftQLearner(state_dim, config, drift=self.loop.drift)
         self.options = PolicyOptions(top_k=config.top_k, alpha=config.alpha, min_prob=config.min_prob)
         self.policy = RetrievalPolicy(copy.deepcopy(self.learner.q_net), 0, bank, self.options)
 
@@ -343,6 +348,12 @@ class SoftQPolicy(_TrainedCasePolicy):
             by_item[item] = by_item.get(item, 0.0) + float(p)
         return Choice(items, decision.chosen, decision.propensity, by_item,
                       greedy_item=request.case_items[int(np.argmax(decision.q))])
+
+    def stats(self) -> dict[str, float]:
+        drift = self.loop.drift
+        return super().stats() if drift is None else {
+            **super().stats(), "drift_detections": float(drift.detections),
+            "drift_suppressed": float(drift.suppressed)}
 
 
 class GreedyQPolicy(_TrainedCasePolicy):

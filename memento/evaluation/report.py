@@ -55,6 +55,8 @@ def format_table(summary: dict[str, dict[str, float]]) -> str:
         columns.append(("%oracle argmax", "greedy_share_of_oracle"))
     columns += [("regret/req", "regret_mean"), ("hit@1", "hit@1"), ("hit@10", "hit@10"),
                ("ndcg@10", "ndcg@10"), ("coverage", "coverage")]
+    if any("shift_pre_share" in s for s in summary.values()):
+        columns += [("recovery (req)", "shift_recovery_requests"), ("post-shift %oracle", "shift_post_share")]
     if any("ips" in s for s in summary.values()):
         columns += [(f"{n} [95% CI]", n) for n in _OFF_POLICY]
     rows = [["policy"] + [c[0] for c in columns]]
@@ -67,8 +69,10 @@ def format_table(summary: dict[str, dict[str, float]]) -> str:
             elif key in _OFF_POLICY:
                 row.append(f"{stats[key]:.3f} [{stats[key + '_ci_low']:.3f}, {stats[key + '_ci_high']:.3f}]"
                            if key in stats else "-")
-            elif key in ("share_of_oracle", "greedy_share_of_oracle") and key in stats:
+            elif key in ("share_of_oracle", "greedy_share_of_oracle", "shift_post_share") and key in stats:
                 row.append(f"{100 * stats[key]:.1f}±{100 * stats.get(key + '_std', 0.0):.1f}%")
+            elif key == "shift_recovery_requests":
+                row.append(_cell(stats, key, 0))
             else:
                 row.append(_cell(stats, key))
         rows.append(row)

@@ -32,6 +32,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from learner.drift import DriftConfig
 from learner.service import LearnerServiceConfig
 from learner.trainer import SoftQConfig
 from memento.config import RewardWeights, Settings
@@ -85,6 +86,8 @@ class EvalConfig:
         Soft-Q hyperparameters (``top_k`` is overridden by ``top_k`` above).
     pacing
         The learner process's buffer, learning-start, update and publish options.
+    drift
+        The learner process's reward-drift detection and exploration boost (softq).
     linucb_alpha
         Confidence width of LinUCB.
     vw_args
@@ -110,6 +113,7 @@ class EvalConfig:
     moment_step_s: float = 60.0
     softq: SoftQConfig = field(default_factory=SoftQConfig)
     pacing: LearnerServiceConfig = field(default_factory=LearnerServiceConfig)
+    drift: DriftConfig = field(default_factory=DriftConfig)
     linucb_alpha: float = 1.0
     vw_args: str = DEFAULT_VW_ARGS
     text_encoder: str = ""
@@ -273,7 +277,7 @@ def make_policy(name: str, config: EvalConfig, bank, catalogue: Sequence[str], s
     if name == "linucb":
         return LinUCBPolicy(config.item_dim, alpha=config.linucb_alpha)
     if name == "softq":
-        return SoftQPolicy(bank, config.item_dim, softq, config.pacing)
+        return SoftQPolicy(bank, config.item_dim, softq, config.pacing, config.drift)
     if name == "recent":
         return RecentPolicy(catalogue)
     if name == "itemknn":
@@ -298,7 +302,8 @@ class _Run:
 
     def closed(self, transition: Transition) -> None:
         items, target, expected, oracle, ceiling, *greedy = self.open.pop(transition.transition_id)
-        self.metrics.add(transition.reward, items, target, expected, oracle, ceiling, *greedy)
+        index = int(transition.transition_id.rsplit("-", 1)[1]) - 1   # next_id's request number
+        self.metrics.add(transition.reward, items, target, expected, oracle, ceiling, *greedy, index=index)
 
 
 def _items_for(config: EvalConfig, catalogue: dict) -> ItemEncoder:
@@ -343,7 +348,8 @@ def _run_synthetic(config: EvalConfig, policy_name: str, seed: int, tick: Callab
             stream.action(a.event_id, a.user_id, a.item_id, a.action, a.ts, organic=False)
         tick()
     stream.close()
-    return RunResult(policy_name, seed, {**run.metrics.summary(), **policy.stats()},
+    shift = run.metrics.shift_recovery(config.world.shift_at_moment) if config.world.shift_at_moment else {}
+    return RunResult(policy_name, seed, {**run.metrics.summary(), **policy.stats(), **shift},
                      run.metrics.cumulative_reward())
 
 
