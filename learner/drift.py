@@ -40,7 +40,7 @@ in :attr:`RewardDrift.suppressed` and do nothing.
 >>> rng = np.random.default_rng(0)
 >>> before = rng.choice([0.0, 1.0, 5.0], size=3000, p=[0.6, 0.3, 0.1])   # mean 0.8
 >>> after = rng.choice([0.0, 1.0, 5.0], size=3000, p=[0.85, 0.13, 0.02])  # mean 0.23
->>> drift = RewardDrift(DriftConfig(drift_half_life=100))
+>>> drift = RewardDrift(DriftConfig(drift_half_life=100, drift_boost_alpha=3.0, drift_boost_min_prob=0.02))
 >>> [i for i, r in enumerate(before) if drift.update(r)]                  # stationary: nothing
 []
 >>> [i for i, r in enumerate(after[:400], start=3000) if drift.update(r)]  # the drop, 103 rewards in
