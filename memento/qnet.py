@@ -154,18 +154,16 @@ class QNetwork(nn.Module):
         d = self.state_dim
         s = state.unsqueeze(1).expand(-1, cases.shape[1], -1)
         parts = _pair_inputs(s, cases, d, self.unit_scale)
-        out = self.mlp(torch.cat(parts + self._item_inputs(cases), dim=-1))
-        if self.item_buckets:
-            out = out + self.item_table(item_bucket(cases[..., d:2 * d], self.item_buckets))[..., self.item_embed:]
+        item = None
+        if self.item_buckets:  # one lookup: the embedding feeds the MLP, the rest adds to its output
+            item = self.item_table(item_bucket(cases[..., d:2 * d], self.item_buckets))
+            parts.append(item[..., :self.item_embed])
+        out = self.mlp(torch.cat(parts, dim=-1))
+        if item is not None:
+            out = out + item[..., self.item_embed:]
         if self.wide:
             out = out + self.wide_linear(torch.cat(parts[3:6], dim=-1))
         return out
-
-    def _item_inputs(self, cases: torch.Tensor) -> list:
-        if not self.item_buckets:
-            return []
-        d = self.state_dim
-        return [self.item_table(item_bucket(cases[..., d:2 * d], self.item_buckets))[..., :self.item_embed]]
 
     def forward(self, state: torch.Tensor, cases: torch.Tensor) -> torch.Tensor:
         """``state`` [B, D], ``cases`` [B, K, 2D+1] → Q values [B, K]."""
