@@ -301,9 +301,9 @@ class _Run:
         return f"{self.policy_name}-{self.seed}-{self.requests}"
 
     def closed(self, transition: Transition) -> None:
-        items, target, expected, oracle, ceiling, *greedy = self.open.pop(transition.transition_id)
+        items, target, expected, oracle, ceiling, greedy = self.open.pop(transition.transition_id)
         index = int(transition.transition_id.rsplit("-", 1)[1]) - 1   # next_id's request number
-        self.metrics.add(transition.reward, items, target, expected, oracle, ceiling, *greedy, index=index)
+        self.metrics.add(transition.reward, items, target, expected, oracle, ceiling, greedy, index=index)
 
 
 def _items_for(config: EvalConfig, catalogue: dict) -> ItemEncoder:
@@ -449,7 +449,7 @@ def _run_logged(config: EvalConfig, data: LoggedData, policy_name: str, seed: in
             choice = policy.choose(request, rng, config.list_size)
             request_id = run.next_id()
             stream.open(request_id, user, e.ts, state, choice, request)
-            run.open[request_id] = (choice.items, e.item_id, None, None, None)
+            run.open[request_id] = (choice.items, e.item_id, None, None, None, None)
             if off_policy is not None:
                 off_policy.add(e.reward, e.propensity, choice.prob_of(e.item_id), reward_hat(e.item_id),
                                choice.expectation(reward_hat, catalogue))
