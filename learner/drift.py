@@ -61,6 +61,8 @@ True
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from dataclasses import dataclass, field, fields
 
@@ -221,4 +223,4 @@ class RewardDrift:
         alpha = max(params.alpha, min(alpha, c.drift_max_alpha))
         floor = params.min_prob + b * max(0.0, c.drift_boost_min_prob - params.min_prob)
         floor = max(params.min_prob, min(floor, 0.5 / params.top_k))
-        return PolicyParams(alpha=alpha, min_prob=floor, top_k=params.top_k)
+        return dataclasses.replace(params, alpha=alpha, min_prob=floor)

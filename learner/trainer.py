@@ -40,8 +40,8 @@ from learner.storage import ReplayBatch
 from memento.checkpoint import PolicyParams, save_checkpoint
 from memento.qnet import QNetwork
 from memento.schemas import CheckpointAnnouncement
-from memento.config import DEFAULT_ALPHA, DEFAULT_MIN_PROB
-from memento.softq import entropy, histogram_mean, histogram_target, policy_probs, td_target
+from memento.config import DEFAULT_ALPHA, DEFAULT_MIN_PROB, DEFAULT_SIMILARITY_PRIOR
+from memento.softq import entropy, histogram_mean, histogram_target, policy_probs, similarity_prior, td_target
 
 __all__ = ["SoftQConfig", "SoftQLearner", "UnhealthyLearnerError"]
 
@@ -67,6 +67,9 @@ class SoftQConfig:
     grad_clip: float | None = _opt(10.0, "max global gradient norm (None = no clipping)")
     min_prob: float = _opt(DEFAULT_MIN_PROB, "floor of μ(c|s) per candidate (uniform mixing, as in "
                                  "memento.softq.policy_probs)")
+    similarity_prior: float = _opt(DEFAULT_SIMILARITY_PRIOR, "weight β of the retrieval prior: μ ∝ "
+                                   "softmax(β·cos(s, c_state))·exp(Q/α), and the soft value is taken "
+                                   "under it (memento.softq.similarity_prior; 0 = no prior)")
     importance_weight_clip: float | None = _opt(None, "None = no off-policy correction; else each "
                                                       "sample's loss is weighted by "
                                                       "min(μ(c|s)/propensity, this)")
@@ -104,6 +107,8 @@ class SoftQConfig:
             problems.append(f"grad_clip must be > 0 or None, got {self.grad_clip}")
         if not 0.0 <= self.min_prob < 1.0:
             problems.append(f"min_prob must be in [0, 1), got {self.min_prob}")
+        if not (math.isfinite(self.similarity_prior) and self.similarity_prior >= 0):
+            problems.append(f"similarity_prior must be a finite number >= 0, got {self.similarity_prior}")
         if self.importance_weight_clip is not None and not self.importance_weight_clip > 0:
             problems.append(f"importance_weight_clip must be > 0 or None, got {self.importance_weight_clip}")
         if self.hidden < 1:
@@ -172,10 +177,11 @@ class SoftQLearner:
         return float(self.log_alpha.detach().exp())
 
     def policy_params(self) -> PolicyParams:
-        """The μ this learner assumes (its current α, the floor, K), raised by the drift
+        """The μ this learner assumes (its current α, the floor, K, the prior's weight), raised by the drift
         detector's exploration boost when it has one (:meth:`learner.drift.RewardDrift.apply`):
         what a checkpoint carries and what serving samples after loading it."""
-        params = PolicyParams(alpha=self.alpha, min_prob=self.config.min_prob, top_k=self.config.top_k)
+        params = PolicyParams(alpha=self.alpha, min_prob=self.config.min_prob, top_k=self.config.top_k,
+                              similarity_prior=self.config.similarity_prior)
         return params if self.drift is None else self.drift.apply(params)
 
     @property
@@ -200,11 +206,14 @@ class SoftQLearner:
         with at least one candidate; NaN when there are none)."""
         next_q = self.target_net(t["next_state"], t["next_candidate_features"])
         next_mask = t["next_candidate_mask"].bool()
+        next_prior = similarity_prior(t["next_state"], t["next_candidate_features"], self.config.similarity_prior,
+                                      next_mask)
         y = td_target(t["reward"].float(), t["done"], next_q, gamma=self.config.gamma,
-                      alpha=alpha, next_mask=next_mask)
+                      alpha=alpha, next_mask=next_mask, next_prior=next_prior)
         has_candidates = next_mask.any(-1)
         if has_candidates.any():
-            probs = policy_probs(next_q[has_candidates], alpha, self.config.min_prob, next_mask[has_candidates])
+            probs = policy_probs(next_q[has_candidates], alpha, self.config.min_prob, next_mask[has_candidates],
+                                 None if next_prior is None else next_prior[has_candidates])
             next_entropy = entropy(probs).mean()
         else:
             next_entropy = torch.tensor(float("nan"))
@@ -221,7 +230,9 @@ class SoftQLearner:
         mask = mask & ~same
         q = torch.cat([q_cand, q_chosen.unsqueeze(1)], dim=1)
         full_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        return policy_probs(q, alpha, self.config.min_prob, full_mask)[:, -1]
+        prior = similarity_prior(t["state"], torch.cat([cand, t["case_features"].unsqueeze(1)], dim=1),
+                                 self.config.similarity_prior, full_mask)
+        return policy_probs(q, alpha, self.config.min_prob, full_mask, prior)[:, -1]
 
     def update(self, batch: ReplayBatch) -> dict[str, float]:
         """One gradient step on ``batch``; returns loss, mean Q, mean target, α, policy entropy,

@@ -3,9 +3,9 @@
 A checkpoint holds the Q network's tensors and, in the safetensors header's ``__metadata__``
 (string to string), ``version``, ``step``, ``config`` (the network's options, JSON) and
 ``policy``: the μ the network was trained for, as JSON ``{"alpha": α, "min_prob": floor,
-"top_k": K}`` (:class:`PolicyParams`): the learner's current temperature (tuned when
-``target_entropy`` is set), the probability floor and the number of candidates. Serving samples
-exactly that μ. A checkpoint written before ``policy`` existed loads with ``policy`` None, and
+"top_k": K, "similarity_prior": β}`` (:class:`PolicyParams`): the learner's current temperature
+(tuned when ``target_entropy`` is set), the probability floor, the number of candidates and the
+weight of the retrieval prior. Serving samples exactly that μ. A checkpoint written before ``policy`` existed loads with ``policy`` None, and
 serving keeps its own flags.
 
 Reading verifies before it parses: the file's size is bounded, its sha256 must match the
@@ -20,7 +20,7 @@ announced one, then the header (bounded too) is parsed as safetensors only.
 >>> net.state_dim, ann.version
 (4, 3)
 >>> read_checkpoint(ann.path, ann.sha256, expect_state_dim=4).policy
-PolicyParams(alpha=0.25, min_prob=0.01, top_k=8)
+PolicyParams(alpha=0.25, min_prob=0.01, top_k=8, similarity_prior=0.0)
 """
 
 from __future__ import annotations
@@ -55,12 +55,17 @@ class CheckpointError(RuntimeError):
 
 @dataclass(frozen=True)
 class PolicyParams:
-    """The retrieval policy a network was trained for: μ(c|s) = softmax(Q(s, c)/alpha) over the
-    ``top_k`` nearest cases, each floored at ``min_prob`` (:func:`memento.softq.policy_probs`).
+    """The retrieval policy a network was trained for: μ(c|s) ∝ exp(Q(s, c)/alpha +
+    prior(s, c)) over the ``top_k`` nearest cases, each floored at ``min_prob``
+    (:func:`memento.softq.policy_probs`); the prior is plain retrieval's soft choice with weight
+    ``similarity_prior`` (:func:`memento.softq.similarity_prior`; 0 = none, and what a
+    checkpoint that does not say it means).
 
     >>> p = PolicyParams(alpha=0.1, min_prob=0.01, top_k=16)
     >>> PolicyParams.from_json(p.to_json()) == p
     True
+    >>> PolicyParams.from_json('{"alpha": 0.1, "min_prob": 0.01, "top_k": 16}').similarity_prior  # older
+    0.0
     >>> PolicyParams.from_json('{"alpha": 0, "min_prob": 0.01, "top_k": 16}')
     Traceback (most recent call last):
     ...
@@ -70,17 +75,21 @@ class PolicyParams:
     alpha: float
     min_prob: float
     top_k: int
+    similarity_prior: float = 0.0
 
     def __post_init__(self):
-        a, m, k = self.alpha, self.min_prob, self.top_k
+        a, m, k, b = self.alpha, self.min_prob, self.top_k, self.similarity_prior
         if isinstance(a, bool) or not isinstance(a, (int, float)) or not (math.isfinite(a) and a > 0):
             raise ValueError(f"policy alpha must be a finite number > 0, got {a!r}")
         if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0.0 <= m < 1.0:
             raise ValueError(f"policy min_prob must be a number in [0, 1), got {m!r}")
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_TOP_K:
             raise ValueError(f"policy top_k must be an integer in 1..{MAX_TOP_K}, got {k!r}")
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not (math.isfinite(b) and b >= 0):
+            raise ValueError(f"policy similarity_prior must be a finite number >= 0, got {b!r}")
         object.__setattr__(self, "alpha", float(a))
         object.__setattr__(self, "min_prob", float(m))
+        object.__setattr__(self, "similarity_prior", float(b))
 
     def to_json(self) -> str:
         """The ``policy`` metadata entry (floats written exactly: they read back equal)."""
@@ -89,7 +98,8 @@ class PolicyParams:
     @classmethod
     def from_json(cls, text: str) -> "PolicyParams":
         """Parse a ``policy`` entry; ValueError when it is too long, not an object, or lacks or
-        mistypes ``alpha``, ``min_prob`` or ``top_k`` (other keys are ignored)."""
+        mistypes ``alpha``, ``min_prob`` or ``top_k`` (``similarity_prior`` is optional, 0 when
+        absent; other keys are ignored)."""
         if len(text) > MAX_POLICY_JSON:
             raise ValueError(f"policy metadata is {len(text)} characters, more than {MAX_POLICY_JSON}")
         value = json.loads(text)
@@ -98,7 +108,8 @@ class PolicyParams:
         missing = [k for k in ("alpha", "min_prob", "top_k") if k not in value]
         if missing:
             raise ValueError(f"policy metadata lacks {', '.join(missing)}")
-        return cls(alpha=value["alpha"], min_prob=value["min_prob"], top_k=value["top_k"])
+        return cls(alpha=value["alpha"], min_prob=value["min_prob"], top_k=value["top_k"],
+                   similarity_prior=value.get("similarity_prior", 0.0))
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 __all__ = ["Settings", "TopicNames", "RewardWeights", "parse_reward_mapping", "TOPIC_PARTITIONS",
-           "DEFAULT_ALPHA", "DEFAULT_MIN_PROB",
+           "DEFAULT_ALPHA", "DEFAULT_MIN_PROB", "DEFAULT_SIMILARITY_PRIOR",
            "add_settings_arguments", "settings_from_args"]
 
 
@@ -24,6 +24,8 @@ __all__ = ["Settings", "TopicNames", "RewardWeights", "parse_reward_mapping", "T
 # default ε = 0.05 while keeping every propensity, hence every off-policy weight 1/μ ≤ 500, bounded.
 DEFAULT_ALPHA = 0.1
 DEFAULT_MIN_PROB = 0.002
+# Weight β of the retrieval prior softmax(β·cos(s, c_state)) in μ (memento.softq.similarity_prior).
+DEFAULT_SIMILARITY_PRIOR = 0.0
 
 @dataclass(frozen=True)
 class TopicNames:

@@ -4,6 +4,14 @@
 candidate keeps at least ``min_prob`` (as Vowpal Wabbit's softmax explorer does); the soft
 value is V(s) = α·logsumexp(Q(s, ·)/α), and the TD target is y = r + γ(1 − done)·V_target(s′).
 
+With a retrieval prior (:func:`similarity_prior`, weight β > 0) μ is the KL-regularised
+soft-Q policy towards plain RAG's soft choice π0(c|s) = softmax(β·cos(s, c_state)) (Fox et
+al. 2016, "G-learning"; Todorov 2009): μ ∝ π0·exp(Q/α), and V(s) = α·log Σ_c n·π0(c)·exp(Q/α)
+(n valid candidates, so that β = 0 gives exactly the plain soft value). An untrained Q (equal
+values) then samples what cosine retrieval would rank first, and Q moves μ away from it only as
+far as the rewards it has learned justify: a prior that dominates where rewards are rare and
+fades where they are plenty.
+
 >>> import torch
 >>> q = torch.tensor([[1.0, 0.0]])
 >>> round(float(soft_value(q, alpha=1e-3)), 3)   # tends to max Q as α → 0
@@ -19,6 +27,7 @@ import numpy as np
 import torch
 
 __all__ = ["soft_value", "policy_probs", "td_target", "entropy", "policy_probs_numpy", "entropy_numpy",
+           "similarity_prior", "similarity_prior_numpy",
            "histogram_support", "histogram_mean", "histogram_target"]
 
 _NEG = -1e30
@@ -28,15 +37,75 @@ def _masked(q: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return q if mask is None else q.masked_fill(~mask, _NEG)
 
 
-def soft_value(q: torch.Tensor, alpha: float, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """α·logsumexp(Q/α) over the last axis, ignoring candidates where ``mask`` is False."""
-    return alpha * torch.logsumexp(_masked(q, mask) / alpha, dim=-1)
+def _cosine_to_case_states(states, cases, xp_sum, xp_norm):
+    d = states.shape[-1]
+    c_state = cases[..., :d]
+    dots = xp_sum(states[..., None, :] * c_state, -1)
+    return dots / (xp_norm(states)[..., None] * xp_norm(c_state) + 1e-12)
+
+
+def similarity_prior(states: torch.Tensor, cases: torch.Tensor, weight: float,
+                     mask: torch.Tensor | None = None) -> torch.Tensor | None:
+    """log(n·π0(c|s)) of the retrieval prior π0 = softmax(``weight``·cos(s, c_state)) over each
+    row's n valid candidates (0 where ``mask`` is False); None when ``weight`` is 0 (no prior).
+
+    ``states`` [B, D], ``cases`` [B, K, 2D+1] (memento.encoder's case feature layout) → [B, K].
+
+    >>> s = torch.tensor([[1.0, 0.0]])
+    >>> c = torch.tensor([[[1.0, 0.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0, 0.0]]])
+    >>> [round(float(x), 3) for x in similarity_prior(s, c, 2.0)[0].exp() / 2]   # π0
+    [0.881, 0.119]
+    >>> similarity_prior(s, c, 0.0) is None
+    True
+    """
+    if not weight:
+        return None
+    cos = _cosine_to_case_states(states, cases, torch.sum, lambda x: torch.linalg.vector_norm(x, dim=-1))
+    logits = _masked(weight * cos, mask)
+    n = logits.new_full(logits.shape[:-1] + (1,), logits.shape[-1]) if mask is None else \
+        mask.sum(-1, keepdim=True).to(logits.dtype).clamp(min=1)
+    prior = torch.log_softmax(logits, dim=-1) + torch.log(n)
+    return prior if mask is None else prior.masked_fill(~mask, 0.0)
+
+
+def similarity_prior_numpy(states: np.ndarray, cases: np.ndarray, weight: float,
+                           mask: np.ndarray | None = None) -> np.ndarray | None:
+    """:func:`similarity_prior` on numpy arrays (the same arithmetic; serving's side).
+
+    >>> s = np.array([[0.6, 0.8]], np.float32); c = np.random.default_rng(0).random((1, 3, 5), np.float32)
+    >>> m = np.array([[True, True, False]])
+    >>> t = similarity_prior(torch.from_numpy(s), torch.from_numpy(c), 3.0, torch.from_numpy(m)).numpy()
+    >>> bool(np.allclose(similarity_prior_numpy(s, c, 3.0, m), t, atol=1e-6))
+    True
+    """
+    if not weight:
+        return None
+    cos = _cosine_to_case_states(states, cases, np.sum, lambda x: np.linalg.norm(x, axis=-1))
+    logits = np.float32(weight) * cos
+    if mask is not None:
+        logits = np.where(mask, logits, np.float32(_NEG))
+    z = logits - logits.max(axis=-1, keepdims=True)
+    n = np.full(z.shape[:-1] + (1,), z.shape[-1], np.float32) if mask is None else \
+        np.maximum(mask.sum(axis=-1, keepdims=True), 1).astype(np.float32)
+    prior = (z - np.log(np.exp(z).sum(axis=-1, keepdims=True)) + np.log(n)).astype(np.float32)
+    return prior if mask is None else np.where(mask, prior, np.float32(0.0))
+
+
+def _logits(q, alpha: float, prior):
+    return q / alpha if prior is None else q / alpha + prior
+
+
+def soft_value(q: torch.Tensor, alpha: float, mask: torch.Tensor | None = None,
+               prior: torch.Tensor | None = None) -> torch.Tensor:
+    """α·logsumexp(Q/α + prior) over the last axis, ignoring candidates where ``mask`` is False
+    (``prior``: :func:`similarity_prior`, None for none)."""
+    return alpha * torch.logsumexp(_masked(_logits(q, alpha, prior), mask), dim=-1)
 
 
 def policy_probs(q: torch.Tensor, alpha: float, min_prob: float = 0.0,
-                 mask: torch.Tensor | None = None) -> torch.Tensor:
-    """μ(c|s) with each valid candidate's probability at least ``min_prob``."""
-    probs = torch.softmax(_masked(q, mask) / alpha, dim=-1)
+                 mask: torch.Tensor | None = None, prior: torch.Tensor | None = None) -> torch.Tensor:
+    """μ(c|s) ∝ exp(Q/α + prior), with each valid candidate's probability at least ``min_prob``."""
+    probs = torch.softmax(_masked(_logits(q, alpha, prior), mask), dim=-1)
     if min_prob > 0:
         n = q.new_full(q.shape[:-1] + (1,), q.shape[-1]) if mask is None else mask.sum(-1, keepdim=True).to(q.dtype)
         floor = torch.clamp(min_prob * n, max=1.0)
@@ -52,7 +121,7 @@ def entropy(probs: torch.Tensor) -> torch.Tensor:
 
 
 def policy_probs_numpy(q: np.ndarray, alpha: float, min_prob: float = 0.0,
-                       mask: np.ndarray | None = None) -> np.ndarray:
+                       mask: np.ndarray | None = None, prior: np.ndarray | None = None) -> np.ndarray:
     """:func:`policy_probs` on numpy arrays, for serving's small batches (the same arithmetic;
     tests check the two agree).
 
@@ -61,7 +130,9 @@ def policy_probs_numpy(q: np.ndarray, alpha: float, min_prob: float = 0.0,
     >>> bool(np.allclose(policy_probs_numpy(q, 0.5, 0.1, m), t, atol=1e-7))
     True
     """
-    z = (q if mask is None else np.where(mask, q, np.float32(_NEG))) / np.float32(alpha)
+    z = q / np.float32(alpha) if prior is None else q / np.float32(alpha) + prior
+    if mask is not None:
+        z = np.where(mask, z, np.float32(_NEG))
     e = np.exp(z - z.max(axis=-1, keepdims=True))
     probs = e / e.sum(axis=-1, keepdims=True)
     if min_prob > 0:
@@ -82,10 +153,11 @@ def entropy_numpy(probs: np.ndarray) -> np.ndarray:
 
 @torch.no_grad()
 def td_target(reward: torch.Tensor, done: torch.Tensor, next_q_target: torch.Tensor, *,
-              gamma: float, alpha: float, next_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """y = r + γ(1 − done)·α·logsumexp(Q_target(s′, ·)/α); a state with no valid candidate has
-    value 0."""
-    value = soft_value(next_q_target, alpha, next_mask)
+              gamma: float, alpha: float, next_mask: torch.Tensor | None = None,
+              next_prior: torch.Tensor | None = None) -> torch.Tensor:
+    """y = r + γ(1 − done)·α·logsumexp(Q_target(s′, ·)/α + prior(s′, ·)); a state with no valid
+    candidate has value 0."""
+    value = soft_value(next_q_target, alpha, next_mask, next_prior)
     if next_mask is not None:
         value = torch.where(next_mask.any(-1), value, torch.zeros_like(value))
     return reward + gamma * (1.0 - done.to(reward.dtype)) * value

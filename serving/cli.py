@@ -23,7 +23,7 @@ import signal
 import sys
 from typing import Callable
 
-from memento.config import DEFAULT_ALPHA, DEFAULT_MIN_PROB, Settings
+from memento.config import DEFAULT_ALPHA, DEFAULT_MIN_PROB, DEFAULT_SIMILARITY_PRIOR, Settings
 
 __all__ = ["add_arguments", "run_from_args", "settings_from_args", "config_from_args", "serve_app",
            "run_workers", "new_event_loop"]
@@ -44,13 +44,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--products", default=None, help="product CSV for item features (env MEMENTO_PRODUCTS)")
     parser.add_argument("--embedded-broker", choices=["noida", "tansu"], default=None,
                         help="the embedded test broker in use, if any (env MEMENTO_EMBEDDED_BROKER)")
-    # K, alpha and the floor define mu; a checkpoint that carries them (the learner's) replaces these.
+    # K, alpha, the floor and the prior define mu; a checkpoint that carries them (the learner's) replaces these.
     parser.add_argument("--top-k", type=int, default=None, help="nearest cases mu chooses among until a "
                         "checkpoint sets it; also the K the bank's IVF probes are tuned for (default settings.top_k)")
     parser.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="temperature of mu = softmax(Q/alpha) until a "
-                        "checkpoint sets it (default 0.1)")
+                        f"checkpoint sets it (default {DEFAULT_ALPHA})")
     parser.add_argument("--min-prob", type=float, default=DEFAULT_MIN_PROB, help="floor on each candidate's probability until "
-                        "a checkpoint sets it (default 0.01)")
+                        f"a checkpoint sets it (default {DEFAULT_MIN_PROB})")
+    parser.add_argument("--similarity-prior", type=float, default=DEFAULT_SIMILARITY_PRIOR,
+                        help="weight beta of the retrieval prior softmax(beta*cos(s, c_state)) in mu until a "
+                        f"checkpoint sets it (default {DEFAULT_SIMILARITY_PRIOR}; 0 = none)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling generator (worker i uses seed+i)")
     parser.add_argument("--api-token", default=None, help="bearer token for write endpoints (env MEMENTO_API_TOKEN)")
     parser.add_argument("--max-body-bytes", type=int, default=64 * 1024, help="largest request body (default 65536)")
@@ -83,7 +86,8 @@ def config_from_args(args: argparse.Namespace, settings: Settings, worker_index:
     from serving.policy import PolicyOptions
 
     return ServingConfig(
-        options=PolicyOptions(top_k=settings.top_k, alpha=args.alpha, min_prob=args.min_prob, seed=args.seed),
+        options=PolicyOptions(top_k=settings.top_k, alpha=args.alpha, min_prob=args.min_prob,
+                              similarity_prior=args.similarity_prior, seed=args.seed),
         api_token=args.api_token if args.api_token is not None else os.environ.get("MEMENTO_API_TOKEN", ""),
         max_body_bytes=args.max_body_bytes, generator=args.generator, chat_url=args.chat_url,
         chat_model=args.chat_model, chat_api_key=os.environ.get("MEMENTO_CHAT_API_KEY", ""),

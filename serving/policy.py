@@ -1,7 +1,8 @@
 """The retrieval policy μ(c|s): nearest cases, scored by Q, sampled from softmax(Q/α).
 
 For a state s, the policy takes the ``top_k`` nearest cases of the bank (cosine of states),
-scores them with the soft-Q network, forms μ(c|s) = softmax(Q(s, c)/α) with a probability floor
+scores them with the soft-Q network, forms μ(c|s) = softmax(Q(s, c)/α), times the retrieval
+prior when it has one (:func:`memento.softq.similarity_prior`), with a probability floor
 (:func:`memento.softq.policy_probs`), and samples one case from μ with a seeded generator. The
 propensity μ(c|s) of the chosen case is what the stream worker and the learner need for
 off-policy correction, so it is returned with the decision.
@@ -33,8 +34,8 @@ import numpy as np
 
 from memento.checkpoint import PolicyParams
 from memento.qnet import FrozenQ, QNetwork
-from memento.config import DEFAULT_ALPHA, DEFAULT_MIN_PROB
-from memento.softq import entropy_numpy, policy_probs_numpy
+from memento.config import DEFAULT_ALPHA, DEFAULT_MIN_PROB, DEFAULT_SIMILARITY_PRIOR
+from memento.softq import entropy_numpy, policy_probs_numpy, similarity_prior_numpy
 
 __all__ = ["PolicyOptions", "Decision", "RetrievalPolicy", "NoCandidatesError"]
 
@@ -62,6 +63,9 @@ class PolicyOptions:
     min_prob
         Floor on each candidate's probability (keeps every propensity away from 0 so that
         off-policy weights 1/μ stay bounded).
+    similarity_prior
+        Weight β of the retrieval prior: μ ∝ softmax(β·cos(s, c_state))·exp(Q/α)
+        (:func:`memento.softq.similarity_prior`; 0 = none).
     seed
         Seed of the sampling generator (one per serving process; worker i uses seed + i).
     """
@@ -69,6 +73,7 @@ class PolicyOptions:
     top_k: int = 16
     alpha: float = DEFAULT_ALPHA
     min_prob: float = DEFAULT_MIN_PROB
+    similarity_prior: float = DEFAULT_SIMILARITY_PRIOR
     seed: int = 0
 
     def __post_init__(self):
@@ -78,20 +83,23 @@ class PolicyOptions:
             raise ValueError(f"alpha must be > 0, got {self.alpha}")
         if not 0.0 <= self.min_prob < 1.0:
             raise ValueError(f"min_prob must be in [0, 1), got {self.min_prob}")
+        if not (np.isfinite(self.similarity_prior) and self.similarity_prior >= 0):
+            raise ValueError(f"similarity_prior must be a finite number >= 0, got {self.similarity_prior}")
 
     def for_checkpoint(self, params: PolicyParams | None) -> "PolicyOptions":
-        """These options with μ's α, floor and K taken from a checkpoint's ``params`` (the seed
-        stays); unchanged when the checkpoint does not carry them (None).
+        """These options with μ's α, floor, K and prior weight taken from a checkpoint's
+        ``params`` (the seed stays); unchanged when the checkpoint does not carry them (None).
 
         >>> flags = PolicyOptions(top_k=16, alpha=0.1, min_prob=0.01, seed=3)
-        >>> flags.for_checkpoint(PolicyParams(alpha=0.37, min_prob=0.0, top_k=8))
-        PolicyOptions(top_k=8, alpha=0.37, min_prob=0.0, seed=3)
+        >>> flags.for_checkpoint(PolicyParams(alpha=0.37, min_prob=0.0, top_k=8, similarity_prior=5.0))
+        PolicyOptions(top_k=8, alpha=0.37, min_prob=0.0, similarity_prior=5.0, seed=3)
         >>> flags.for_checkpoint(None) is flags
         True
         """
         if params is None:
             return self
-        return dataclasses.replace(self, top_k=params.top_k, alpha=params.alpha, min_prob=params.min_prob)
+        return dataclasses.replace(self, top_k=params.top_k, alpha=params.alpha, min_prob=params.min_prob,
+                                   similarity_prior=params.similarity_prior)
 
     def overridden_by(self, params: PolicyParams | None) -> dict[str, tuple]:
         """The options a checkpoint's ``params`` set to another value: name → (this, checkpoint's).
@@ -101,7 +109,8 @@ class PolicyOptions:
         """
         if params is None:
             return {}
-        return {name: (getattr(self, name), getattr(params, name)) for name in ("top_k", "alpha", "min_prob")
+        return {name: (getattr(self, name), getattr(params, name))
+                for name in ("top_k", "alpha", "min_prob", "similarity_prior")
                 if getattr(self, name) != getattr(params, name)}
 
 
@@ -201,7 +210,8 @@ class RetrievalPolicy:
         # Valid candidates come first in every row (best first) and padding after.
         feats = np.ascontiguousarray(features, dtype=np.float32)
         q_np = self._scores(states, feats)
-        mu = policy_probs_numpy(q_np, self.options.alpha, self.options.min_prob, mask=mask)
+        prior = similarity_prior_numpy(states, feats, self.options.similarity_prior, mask)
+        mu = policy_probs_numpy(q_np, self.options.alpha, self.options.min_prob, mask=mask, prior=prior)
         ent = entropy_numpy(mu).tolist()
         mu_np = mu.astype(np.float64)
         draws = rng.random(len(states))

@@ -60,6 +60,23 @@ def test_td_target_matches_hand_computation():
     np.testing.assert_allclose(y, expected, rtol=1e-6)
 
 
+def test_td_target_with_similarity_prior_is_the_kl_regularised_soft_value():
+    """V(s′) = α·log Σ n·π0(c)·exp(Q/α) with π0 = softmax(β·cos(s′, c_state)) over the valid
+    candidates; equal Q values give the same V with or without the prior (V = Q + α·log n)."""
+    beta = 5.0
+    learner = SoftQLearner(D, SoftQConfig(gamma=0.5, alpha=0.1, hidden=8, similarity_prior=beta))
+    learner.target_net = FixedQ(torch.tensor([[1.0, 0.0], [0.3, 0.3]]))
+    batch = _batch(reward=[0.0, 0.0], done=[False, False], next_mask=[[True, True], [True, True]])
+    batch.next_state[:, 0] = 1.0                                   # s′ = e0
+    batch.next_candidate_features[:, 0, 0] = 1.0                   # candidate 0: c_state = e0, cos 1
+    batch.next_candidate_features[:, 1, 1] = 1.0                   # candidate 1: c_state = e1, cos 0
+    y = learner.compute_td_target(batch).numpy()
+    pi0 = np.exp([beta, 0.0]) / np.exp([beta, 0.0]).sum()
+    v = 0.1 * math.log(sum(2 * p * math.exp(q / 0.1) for p, q in zip(pi0, (1.0, 0.0))))
+    np.testing.assert_allclose(y, [0.5 * v, 0.5 * (0.3 + 0.1 * math.log(2))], rtol=1e-5)
+    assert learner.policy_params().similarity_prior == beta
+
+
 def test_soft_value_tends_to_max_as_alpha_shrinks():
     q = torch.tensor([[0.3, 1.7, -2.0, 1.2]])
     gaps = []

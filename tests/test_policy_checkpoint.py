@@ -86,7 +86,8 @@ def test_published_checkpoint_carries_the_learners_tuned_alpha_floor_and_k(tmp_p
     policy = read_checkpoint(ann.path, ann.sha256, expect_state_dim=D).policy
     assert policy == PolicyParams(alpha=service.learner.alpha, min_prob=0.05, top_k=2)
     assert abs(policy.alpha - 0.1) > 0.01                     # tuned away from its initial value
-    assert json.loads(_metadata(ann.path)["policy"]) == {"alpha": policy.alpha, "min_prob": 0.05, "top_k": 2}
+    assert json.loads(_metadata(ann.path)["policy"]) == {"alpha": policy.alpha, "min_prob": 0.05, "top_k": 2,
+                                                         "similarity_prior": 0.0}
 
 
 def _learner_checkpoint(directory: Path, version: int, *, alpha: float, min_prob: float, top_k: int):

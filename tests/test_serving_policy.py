@@ -205,3 +205,29 @@ def test_serving_options_reject_a_non_positive_nprobe():
     add_arguments(parser)
     with pytest.raises(SystemExit, match="--bank-nprobe"):
         run_from_args(parser.parse_args(["--bank-nprobe", "0"]))
+
+
+def test_similarity_prior_makes_an_untrained_q_plain_retrieval():
+    """With Q equal on every candidate, μ is the prior softmax(β·cos(s, c_state)): the nearest
+    case is the most probable and probabilities fall with similarity; the learner's μ (torch)
+    gives the same numbers; β = 0 leaves μ uniform."""
+    from memento.softq import similarity_prior
+
+    bank = _bank()
+    net = QNetwork(DIM, hidden=16)
+    torch.nn.init.zeros_(net.mlp[-1].weight)
+    torch.nn.init.zeros_(net.mlp[-1].bias)  # Q(s, c) = 0 for every pair
+    state = _state()
+    flat = RetrievalPolicy(net, 1, bank, PolicyOptions(top_k=8, alpha=0.1, min_prob=0.0))
+    d = flat.recommend(state, np.random.default_rng(0))
+    np.testing.assert_allclose(d.probs, 1 / 8, rtol=1e-5)
+
+    prior = RetrievalPolicy(net, 1, bank, PolicyOptions(top_k=8, alpha=0.1, min_prob=0.0, similarity_prior=20.0))
+    d = prior.recommend(state, np.random.default_rng(0))
+    assert (np.diff(d.similarities) <= 0).all()          # search order: most similar first
+    assert (np.diff(d.probs) <= 1e-7).all() and d.probs[0] > 2 * d.probs[-1]
+    expected = np.exp(20.0 * d.similarities) / np.exp(20.0 * d.similarities).sum()
+    np.testing.assert_allclose(d.probs, expected, rtol=1e-4)
+    s, c = torch.from_numpy(d.state)[None], torch.from_numpy(d.features)[None]
+    mu = policy_probs(net(s, c), 0.1, 0.0, prior=similarity_prior(s, c, 20.0))[0].detach().numpy()
+    np.testing.assert_allclose(d.probs, mu, rtol=1e-4)

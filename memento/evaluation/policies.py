@@ -116,8 +116,8 @@ class Choice:
     catalogue_size
         Size of the catalogue (for a uniform distribution).
     greedy_item
-        The item the policy ranks best, when it samples its recommendation (softq: the argmax-Q
-        candidate's item); None when ``items[0]`` is already its best. The simulator reports
+        The item the policy ranks best, when it samples its recommendation (softq: the item of
+        μ's most probable candidate: the argmax of Q/α plus the prior); None when ``items[0]`` is already its best. The simulator reports
         its expected reward beside the sampled one, separating ranking from exploration cost.
     """
 
@@ -320,7 +320,8 @@ class SoftQPolicy(_TrainedCasePolicy):
         super().__init__(bank, state_dim, config.top_k, pacing, config.seed)
         self.loop.drift = RewardDrift.from_config(drift)
         self.learner = SoftQLearner(state_dim, config, drift=self.loop.drift)
-        self.options = PolicyOptions(top_k=config.top_k, alpha=config.alpha, min_prob=config.min_prob)
+        self.options = PolicyOptions(top_k=config.top_k, alpha=config.alpha, min_prob=config.min_prob,
+                                     similarity_prior=config.similarity_prior)
         self.policy = RetrievalPolicy(copy.deepcopy(self.learner.q_net), 0, bank, self.options)
 
     def _batch_size(self) -> int:
@@ -347,7 +348,7 @@ class SoftQPolicy(_TrainedCasePolicy):
         for item, p in zip(request.case_items, decision.probs):
             by_item[item] = by_item.get(item, 0.0) + float(p)
         return Choice(items, decision.chosen, decision.propensity, by_item,
-                      greedy_item=request.case_items[int(np.argmax(decision.q))])
+                      greedy_item=request.case_items[int(np.argmax(decision.probs))])
 
     def stats(self) -> dict[str, float]:
         drift = self.loop.drift
