@@ -63,6 +63,8 @@ CONSUMER_LAG = Gauge("memento_stream_consumer_lag", "Input messages not yet comm
 READ_LAG = Gauge("memento_stream_consumer_read_lag", "Input messages not yet processed (high watermark - "
                  "next offset to process)", ["topic", "partition"])
 ASSIGNED = Gauge("memento_stream_assigned_partitions", "Input partitions assigned to this worker", ["topic"])
+COMMIT_REFUSALS = Counter("memento_stream_commit_refusals_total", "Offset commits the broker refused (e.g. the "
+                          "group had rebalanced): those records are read again after a restart or rebalance")
 # children bound once: ``labels()`` is a lock and a dict lookup on every event otherwise
 _ACTION_EVENTS, _RECOMMENDATION_EVENTS, _TICK_EVENTS = (EVENTS.labels(k) for k in ("action", "recommendation", "tick"))
 _ORGANIC_CASES, _RECOMMENDATION_CASES = CASES.labels("action"), CASES.labels("recommendation")
@@ -203,6 +205,10 @@ class TransitionWorker:
         self._input_latest: dict[int, dict[str, tuple[float, float]]] = {}
         # (input topic, partition) → (last offset handled, wall time it was handled)
         self._processed: dict[tuple[str, int], tuple[int, float]] = {}
+        # input partition → the offset the broker last accepted as committed, where Faust's own
+        # record says otherwise (:meth:`_watch_commits`)
+        self._broker_committed: dict[TP, int | None] = {}
+        self._watched_consumer = None
         # per partition: user → watermark after which close_due has work, and a heap of
         # (time, user) entries of which those that disagree with the dict are stale
         self._due: dict[int, dict[str, float]] = {}
@@ -252,6 +258,7 @@ class TransitionWorker:
         async def join(stream):
             # Faust acknowledges a batch's events (so commits their offsets) once the loop body
             # has processed it; it flushes the producer before committing.
+            self._watch_commits(app.consumer)
             async for events in stream.take_events(self.batch_size, within=self.batch_within_s):
                 await self.handle_batch(events)
 
@@ -272,6 +279,7 @@ class TransitionWorker:
                     self._input_latest.pop(tp.partition, None)
                     self.watermarks.pop(tp.partition, None)
                     self._processed.pop((tp.topic, tp.partition), None)
+                    self._broker_committed.pop(tp, None)  # a new assignment seeks to the broker's
                 for gauge in (CONSUMER_LAG, READ_LAG):
                     try:
                         gauge.remove(tp.topic, str(tp.partition))
@@ -288,6 +296,40 @@ class TransitionWorker:
         self._window_totals[:] = [0, 0]
         self._cache.clear()
 
+    def _watch_commits(self, consumer) -> None:
+        """Keep the broker's view of committed offsets where Faust's differs: Faust's consumer
+        records a commit as done even when the broker refused it (``_commit_offsets`` updates
+        ``_committed_offset`` whatever ``_commit`` returned), so after a refusal the lag gauge
+        would read 0 for records a restart reads again. A refused commit is counted
+        (``memento_stream_commit_refusals_total``) and the partition's lag counts from the
+        offset committed before it, until a commit there succeeds."""
+        if self._watched_consumer is consumer:
+            return
+        self._watched_consumer = consumer
+        commit_offsets = consumer._commit_offsets
+
+        async def _commit_offsets(offsets, start_new_transaction: bool = True) -> bool:
+            before = {tp: consumer._committed_offset.get(tp) for tp in offsets}
+            done = await commit_offsets(offsets, start_new_transaction=start_new_transaction)
+            if done:
+                for tp in offsets:
+                    self._broker_committed.pop(tp, None)
+            else:
+                COMMIT_REFUSALS.inc()
+                log.warning("the broker refused the commit of %s; those records will be read again", dict(offsets))
+                for tp, offset in before.items():
+                    self._broker_committed.setdefault(tp, offset)
+            return done
+
+        consumer._commit_offsets = _commit_offsets
+
+    def committed_offset(self, tp) -> int | None:
+        """The offset the broker holds as committed for input partition ``tp`` (as far as this
+        worker knows), None when nothing is."""
+        if tp in self._broker_committed:
+            return self._broker_committed[tp]
+        return (self._watched_consumer or self.app.consumer)._committed_offset.get(tp)
+
     def update_lag_metrics(self) -> None:
         """Set the lag gauges of every assigned input partition (:func:`consumer_lags`)."""
         t = self.settings.topics
@@ -299,7 +341,7 @@ class TransitionWorker:
             return
         for topic in inputs:
             ASSIGNED.labels(topic).set(sum(tp.topic == topic for tp in assignment))
-        lags = consumer_lags(assignment, consumer.highwater, consumer._committed_offset.get,
+        lags = consumer_lags(assignment, consumer.highwater, self.committed_offset,
                              consumer._read_offset.get)
         for (topic, partition), (committed_lag, read_lag) in lags.items():
             CONSUMER_LAG.labels(topic, str(partition)).set(committed_lag)

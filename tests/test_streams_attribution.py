@@ -317,3 +317,34 @@ def test_a_high_watermark_older_than_the_last_message_handled_says_nothing(tmp_p
     assert worker._unread("action", 0) is None and not worker._caught_up("action", 0)
     answered["ms"] = (time.time() + 1) * 1000  # answered since: 8 - (7 + 1) = 0 unread
     assert worker._unread("action", 0) == 0 and worker._caught_up("action", 0)
+
+
+def test_a_refused_commit_does_not_count_as_committed(tmp_path):
+    """Faust records a commit as done even when the broker refused it; the worker's view (and
+    so its lag gauge) keeps the offset committed before until a commit succeeds, and counts
+    the refusal."""
+    import asyncio
+
+    from faust.types import TP
+    from streams.app import COMMIT_REFUSALS, consumer_lags
+
+    worker = _worker(tmp_path)
+    tp = TP(worker.settings.topics.actions, 0)
+    consumer = _Consumer({tp: 20}, committed={tp: 5})
+    answers = [False, False, True]
+
+    async def commit_offsets(offsets, start_new_transaction=True):
+        consumer._committed_offset.update(offsets)  # what Faust does, whatever the broker said
+        return answers.pop(0)
+
+    consumer._commit_offsets = commit_offsets
+    worker.app.consumer = consumer
+    worker._watch_commits(consumer)
+    refusals = COMMIT_REFUSALS._value.get()
+    assert not asyncio.run(consumer._commit_offsets({tp: 12}))
+    assert not asyncio.run(consumer._commit_offsets({tp: 14}))
+    assert consumer._committed_offset[tp] == 14 and worker.committed_offset(tp) == 5
+    assert COMMIT_REFUSALS._value.get() == refusals + 2
+    assert consumer_lags([tp], consumer.highwater, worker.committed_offset, lambda tp: 19)[tuple(tp)] == (15, 0)
+    assert asyncio.run(consumer._commit_offsets({tp: 20}))
+    assert worker.committed_offset(tp) == 20

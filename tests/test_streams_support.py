@@ -147,14 +147,15 @@ def wait_assigned(group: ProcessGroup, settings: Settings, ports: list[int], tim
     wait_until_assigned(group, settings.topics.actions, ports, timeout)
 
 
-def committed_offsets(settings: Settings, group_id: str, topic: str) -> dict[int, int]:
-    """Partition → offset committed by consumer group ``group_id`` on ``topic``."""
+def committed_offsets(settings: Settings, group_id: str, topic: str) -> dict[int, int | None]:
+    """Partition → offset committed by consumer group ``group_id`` on ``topic``, None where the
+    broker holds no commit (not 0: "nothing committed" is not "committed up to offset 0")."""
     from kafka import KafkaConsumer, TopicPartition
 
     consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers.split(","), group_id=group_id,
                              enable_auto_commit=False)  # never subscribes: does not join the group
     try:
-        return {p: consumer.committed(TopicPartition(topic, p)) or 0 for p in range(PARTITIONS)}
+        return {p: consumer.committed(TopicPartition(topic, p)) for p in range(PARTITIONS)}
     finally:
         consumer.close()
 
