@@ -130,6 +130,14 @@ class EmbeddedBroker:
         settings = Settings(**{**settings.__dict__, "bootstrap_servers": self.bootstrap, "embedded_broker": self.engine})
         try:
             deadline = time.monotonic() + timeout
+            # a plain TCP probe until the port listens: Kafka clients log every refused
+            # connection as an error, which then shows in the logs of whatever starts a broker
+            while proc.poll() is None and time.monotonic() < deadline:
+                try:
+                    socket.create_connection(("127.0.0.1", self.port), timeout=1.0).close()
+                    break
+                except OSError:
+                    time.sleep(0.05)
             while proc.poll() is None and time.monotonic() < deadline:
                 try:
                     wait_for_broker(settings, timeout=1.0)
