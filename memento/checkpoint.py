@@ -180,10 +180,13 @@ def read_checkpoint(path: str | Path, sha256: str, *, expect_state_dim: int) -> 
         policy = PolicyParams.from_json(meta["policy"]) if "policy" in meta else None
     except Exception as exc:  # safetensors raises several error types for bad files
         raise CheckpointError(f"checkpoint {path} is not a valid safetensors policy: {exc}") from None
-    if config.get("state_dim") != expect_state_dim:
-        raise CheckpointError(f"checkpoint {path}: state_dim {config.get('state_dim')} != "
-                              f"serving's {expect_state_dim}")
-    net = QNetwork(**config)
+    if not isinstance(config, dict) or config.get("state_dim") != expect_state_dim:
+        raise CheckpointError(f"checkpoint {path}: state_dim {config.get('state_dim') if isinstance(config, dict) else None} "
+                              f"!= serving's {expect_state_dim}")
+    try:
+        net = QNetwork.from_config(config)
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint {path}: {exc}") from None
     expected = net.state_dict()
     if set(tensors) != set(expected) or any(tensors[k].shape != expected[k].shape for k in expected):
         raise CheckpointError(f"checkpoint {path}: tensor names or shapes do not match QNetwork{config}")

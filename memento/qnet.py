@@ -172,6 +172,46 @@ class QNetwork(nn.Module):
             return out.squeeze(-1)
         return histogram_mean(out, torch.as_tensor(self.support(), dtype=out.dtype))
 
+    # bounds on a config read from outside (a checkpoint): what a network of this kind needs,
+    # far below what would exhaust memory while building it
+    CONFIG_BOUNDS = {"state_dim": (1, 4096), "hidden": (1, 8192), "item_buckets": (0, 1 << 22),
+                     "item_embed": (0, 1024), "value_bins": (0, 1024)}
+
+    @classmethod
+    def from_config(cls, config: object) -> "QNetwork":
+        """Build the network a checkpoint's ``config`` describes, after checking it: an object
+        whose keys are :meth:`config`'s, each of the right type and within
+        :attr:`CONFIG_BOUNDS`; ValueError naming what is wrong otherwise.
+
+        >>> QNetwork.from_config(QNetwork(4, 8).config()).hidden
+        8
+        >>> QNetwork.from_config({"state_dim": 4, "hidden": 10 ** 9})
+        Traceback (most recent call last):
+        ...
+        ValueError: network config 'hidden' must be an integer in 1..8192, got 1000000000
+        """
+        if not isinstance(config, dict):
+            raise ValueError(f"network config must be an object, got {type(config).__name__}")
+        defaults = cls(1, 1).config()
+        unknown = sorted(set(config) - set(defaults))
+        if unknown or "state_dim" not in config:
+            raise ValueError(f"network config has unknown keys {unknown}" if unknown
+                             else "network config lacks 'state_dim'")
+        for key, value in config.items():
+            kind = type(defaults[key])
+            if kind is bool:
+                ok = isinstance(value, bool)
+            elif kind is int:
+                low, high = cls.CONFIG_BOUNDS[key]
+                ok = isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+                if not ok:
+                    raise ValueError(f"network config {key!r} must be an integer in {low}..{high}, got {value!r}")
+            else:
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+            if not ok:
+                raise ValueError(f"network config {key!r} must be a {kind.__name__}, got {value!r}")
+        return cls(**config)
+
     def config(self) -> dict:
         return {"state_dim": self.state_dim, "hidden": self.hidden, "wide": self.wide,
                 "item_buckets": self.item_buckets, "item_embed": self.item_embed,

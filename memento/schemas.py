@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 import typing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -24,6 +25,7 @@ from typing import Any, TypeVar
 __all__ = [
     "ACTIONS", "ACTION_ALIASES", "SchemaError", "Action", "Recommendation", "Transition", "Case",
     "CheckpointAnnouncement", "DeadLetter", "encode", "decode", "from_dict", "to_dict",
+    "load_json", "finite_float", "short_repr", "MAX_INT",
 ]
 
 ACTIONS = ("click", "collect", "cart", "purchase")
@@ -33,6 +35,47 @@ ACTION_ALIASES = {"alipay": "purchase", "buy": "purchase", "fav": "collect"}
 
 class SchemaError(ValueError):
     """A message does not match its schema; ``str(err)`` names the schema and the field."""
+
+
+MAX_INT = 2 ** 63 - 1  # integer fields are 64-bit, as Kafka's and every consumer's are
+
+
+def load_json(raw: bytes | str, what: str) -> Any:
+    """Parse a JSON document from outside (a Kafka record, a request body); every way it can
+    fail is a :class:`SchemaError` naming ``what``: bad UTF-8 or syntax, nesting deeper than the
+    parser's recursion allows, an integer of more digits than Python converts.
+
+    >>> load_json(b"[" * 100_000, "Case")
+    Traceback (most recent call last):
+    ...
+    memento.schemas.SchemaError: Case: not valid JSON (nested too deeply)
+    >>> load_json("1" * 5000, "Case")
+    Traceback (most recent call last):
+    ...
+    memento.schemas.SchemaError: Case: not valid JSON (Exceeds the limit (4300 digits) for integer string conversion: value has 5000 digits; use sys.set_int_max_str_digits() to increase the limit)
+    """
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise SchemaError(f"{what}: not valid JSON (nested too deeply)") from None
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError and the digit limit are ValueErrors
+        raise SchemaError(f"{what}: not valid JSON ({exc})") from None
+
+
+def finite_float(value: Any) -> float | None:
+    """``value`` as a float if it is a finite JSON number (not a bool, not an integer too large
+    for a float), else None.
+
+    >>> finite_float(3), finite_float(10 ** 400), finite_float(float("nan")), finite_float(True)
+    (3.0, None, None, None)
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        out = float(value)
+    except OverflowError:
+        return None
+    return out if math.isfinite(out) else None
 
 
 @dataclass(frozen=True)
@@ -153,34 +196,51 @@ def _check(cls: type, name: str, hint: Any, value: Any) -> Any:
         origin = typing.get_origin(hint)
     if hint is str:
         if not isinstance(value, str) or not value:
-            raise SchemaError(f"{where} must be a non-empty string, got {value!r}")
+            raise SchemaError(f"{where} must be a non-empty string, got {short_repr(value)}")
         return value
     if hint is bool:
         if not isinstance(value, bool):
-            raise SchemaError(f"{where} must be a boolean, got {value!r}")
+            raise SchemaError(f"{where} must be a boolean, got {short_repr(value)}")
         return value
     if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise SchemaError(f"{where} must be an integer, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or not -MAX_INT <= value <= MAX_INT:
+            raise SchemaError(f"{where} must be a 64-bit integer, got {short_repr(value)}")
         return value
     if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise SchemaError(f"{where} must be a finite number, got {value!r}")
-        return float(value)
+        number = finite_float(value)
+        if number is None:
+            raise SchemaError(f"{where} must be a finite number, got {short_repr(value)}")
+        return number
     if origin is list:
         if not isinstance(value, list):
             raise SchemaError(f"{where} must be a list of numbers")
         out = []
         for v in value:
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise SchemaError(f"{where} must hold finite numbers, got {v!r}")
-            out.append(float(v))
+            number = finite_float(v)
+            if number is None:
+                raise SchemaError(f"{where} must hold finite numbers, got {short_repr(v)}")
+            out.append(number)
         return out
     if origin is dict:
         if not isinstance(value, dict):
             raise SchemaError(f"{where} must be an object")
-        return value
+        out = {}
+        for k, v in value.items():  # dict[str, float]: the only mapping in the schemas
+            number = finite_float(v)
+            if number is None:
+                raise SchemaError(f"{where} must map names to finite numbers, got {k!r}: {short_repr(v)}")
+            out[k] = number
+        return out
     return value
+
+
+def short_repr(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters (a reason names the value, not a megabyte of it)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an integer beyond the digit limit of repr
+        return f"an integer of more than {sys.get_int_max_str_digits()} digits"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def from_dict(cls: type[T], data: Any) -> T:
@@ -220,9 +280,6 @@ def encode(obj: Any) -> bytes:
 
 
 def decode(cls: type[T], raw: bytes | str) -> T:
-    """Parse and validate ``raw``; raises :class:`SchemaError` naming what is wrong."""
-    try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SchemaError(f"{cls.__name__}: not valid JSON ({exc})") from None
-    return from_dict(cls, data)
+    """Parse and validate ``raw``; raises :class:`SchemaError` naming what is wrong (and nothing
+    else, whatever the bytes)."""
+    return from_dict(cls, load_json(raw, cls.__name__))

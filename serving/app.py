@@ -212,6 +212,22 @@ class ServingService:
             log.exception("serving failed to start")
             raise
 
+    def health(self) -> tuple[bool, list[str]]:
+        """(healthy, problems): start-up failed, or a background thread (a Kafka follower, the
+        publisher) has died; sets ``memento_serving_thread_alive``. Before start-up ends there
+        is nothing to be unhealthy about (``/readyz`` says whether it is ready)."""
+        problems = []
+        if self.start_error is not None:
+            problems.append(f"start-up failed: {self.start_error!r}")
+        threads = [(f.name, f.is_alive(), f.error) for f in self.followers]
+        if self.publisher is not None:
+            threads.append(("kafka-publisher", self.publisher.alive, None))
+        for name, alive, error in threads:
+            self.metrics.thread_alive.labels(name).set(1.0 if alive else 0.0)
+            if not alive and not self._closing.is_set():
+                problems.append(f"thread {name} is dead" + (f": {error!r}" if error is not None else ""))
+        return not problems, problems
+
     def _connect_producer(self):
         delay = 0.2
         while not self._closing.is_set():
@@ -343,6 +359,9 @@ def make_app(service: ServingService) -> web.Application:
             if exc.empty_body or exc.status < 400:
                 raise
             response = _error(exc.status, exc.reason)
+        except Exception:  # a bug: answered, logged and counted like every other response
+            log.exception("%s %s failed", request.method, request.path)
+            response = _error(500, "internal error")
         metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
         metrics.requests.labels(endpoint, str(response.status)).inc()
         return response
@@ -421,7 +440,10 @@ def make_app(service: ServingService) -> web.Application:
         return web.json_response(to_dict(case))
 
     async def healthz(request: web.Request) -> web.Response:
-        return web.json_response({"ok": True})
+        ok, problems = service.health()
+        if ok:
+            return web.json_response({"ok": True})
+        return web.json_response({"ok": False, "problems": problems}, status=503)
 
     async def readyz(request: web.Request) -> web.Response:
         ready = service.ready
@@ -432,6 +454,7 @@ def make_app(service: ServingService) -> web.Application:
         return web.json_response(service.stats())
 
     async def prometheus(request: web.Request) -> web.Response:
+        service.health()  # the thread gauges
         return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def openapi(request: web.Request) -> web.Response:

@@ -224,7 +224,7 @@ class CheckpointFollower(TopicFollower):
                                           f"{self.settings.state_dim}")
                 checkpoint = read_checkpoint(self._resolve(ann.path), ann.sha256,
                                              expect_state_dim=self.settings.state_dim)
-            except CheckpointError as exc:
+            except Exception as exc:  # CheckpointError, or a reader bug: either way not served, and counted
                 self.rejected[ann.version] = str(exc)
                 self.metrics.reload_failures.inc()
                 log.error("rejected checkpoint version %d (%s); still serving version %s",

@@ -71,6 +71,9 @@ class ServingMetrics:
         self.cases = Gauge("memento_serving_cases", "Cases in the serving case bank", registry=r)
         self.cases_appended = Counter("memento_serving_cases_appended",
                                       "Cases newly added to the bank from the cases topic", registry=r)
+        self.thread_alive = Gauge("memento_serving_thread_alive", "1 while a background thread runs "
+                                  "(Kafka followers and the publisher), 0 once it has died", ["thread"],
+                                  registry=r)
         self.malformed = Counter("memento_serving_malformed_messages",
                                  "Messages that failed schema validation, by topic", ["topic"], registry=r)
         self.actions_seen = Counter("memento_serving_actions_consumed",

@@ -68,6 +68,11 @@ class Publisher:
         self._thread.start()
         self._closed = False
 
+    @property
+    def alive(self) -> bool:
+        """The sending thread runs (it ends only at :meth:`close`)."""
+        return self._thread.is_alive()
+
     def publish(self, topic: str, key: str, value: bytes | object) -> bool:
         """Queue ``value`` (bytes, or a schema record to encode) for ``topic``; False when
         ``max_queue`` messages are waiting or the publisher is closed."""

@@ -17,15 +17,13 @@ serving.validation.RequestError: field 'user_id' is required
 
 from __future__ import annotations
 
-import json
-import math
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from memento.encoder import HistoryEntry
-from memento.schemas import ACTION_ALIASES, ACTIONS, Action
+from memento.schemas import ACTION_ALIASES, ACTIONS, Action, SchemaError, finite_float, load_json, short_repr
 
 __all__ = ["RequestError", "RecommendRequest", "parse_json", "parse_recommend", "parse_feedback",
            "MAX_K", "MAX_RECENT_ITEMS"]
@@ -58,9 +56,9 @@ def parse_json(raw: bytes) -> dict[str, Any]:
     if not raw:
         raise RequestError("request body is empty; expected a JSON object", 400)
     try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RequestError(f"request body is not valid JSON: {exc}", 400) from None
+        data = load_json(raw, "request body")
+    except SchemaError as exc:
+        raise RequestError(str(exc), 400) from None
     if not isinstance(data, dict):
         raise RequestError(f"request body must be a JSON object, got {type(data).__name__}", 400)
     return data
@@ -86,10 +84,10 @@ def _number(data: dict, name: str, where: str = "", default: float | None = None
         if default is None:
             raise RequestError(f"field {field!r} is required")
         return default
-    value = data[name]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise RequestError(f"field {field!r} must be a finite number, got {value!r}")
-    return float(value)
+    number = finite_float(data[name])
+    if number is None:
+        raise RequestError(f"field {field!r} must be a finite number, got {short_repr(data[name])}")
+    return number
 
 
 def _action(data: dict, where: str) -> str:
@@ -106,7 +104,7 @@ def parse_recommend(data: dict[str, Any], now: float | None = None) -> Recommend
     ts = _number(data, "ts", default=time.time() if now is None else now)
     k = data.get("k", 1)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
-        raise RequestError(f"field 'k' must be an integer in 1..{MAX_K}, got {k!r}")
+        raise RequestError(f"field 'k' must be an integer in 1..{MAX_K}, got {short_repr(k)}")
     explain = data.get("explain", False)
     if not isinstance(explain, bool):
         raise RequestError(f"field 'explain' must be a boolean, got {explain!r}")
