@@ -164,6 +164,10 @@ class Settings:
         Event-time inactivity after a reward window's end that ends the user's session: the
         window's transition gets ``done=True`` when the user has no event in that gap
         (docs/streams.md). 0 disables session ends (``done`` is always False).
+    max_windows_per_user
+        Most reward windows (open, or closed and held for the session gap) one user may have in
+        the stream worker; a recommendation beyond them is dead-lettered. Bounds the user's
+        state, which the worker writes as one table value (and changelog record).
     """
 
     bootstrap_servers: str = "127.0.0.1:9092"
@@ -179,6 +183,7 @@ class Settings:
     allowed_lateness_s: float = 60.0
     history_len: int = 30
     session_gap_s: float = 1800.0
+    max_windows_per_user: int = 100
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> "Settings":

@@ -14,7 +14,7 @@ from kafka.serializer import Serializer
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
 from memento.config import TOPIC_PARTITIONS, Settings
-from memento.schemas import DeadLetter, encode
+from memento.schemas import MAX_ORIGINAL_BYTES, DeadLetter, encode
 
 __all__ = ["client_kwargs", "wait_for_broker", "ensure_topics", "make_producer", "make_consumer", "poll",
            "throttle_aiokafka_empty_fetches",
@@ -115,7 +115,19 @@ class DeadLetterWriter:
 
     @staticmethod
     def record(source_topic: str, partition: int, offset: int, reason: str, original: bytes | None) -> DeadLetter:
-        text = (original or b"").decode("utf-8", errors="backslashreplace")
+        """The dead letter of a message; of a message longer than ``MAX_ORIGINAL_BYTES`` only
+        that many leading bytes are kept (and the reason says so), so that the dead letter of
+        any record the broker accepted fits in a record itself.
+
+        >>> d = DeadLetterWriter.record("t", 0, 5, "bad", b"x" * 100_000)
+        >>> len(d.original), d.reason
+        (65536, 'bad (original: first 65536 of 100000 bytes)')
+        """
+        original = original or b""
+        if len(original) > MAX_ORIGINAL_BYTES:
+            reason = f"{reason} (original: first {MAX_ORIGINAL_BYTES} of {len(original)} bytes)"
+            original = original[:MAX_ORIGINAL_BYTES]
+        text = original.decode("utf-8", errors="backslashreplace")
         return DeadLetter(source_topic=source_topic, partition=partition, offset=offset,
                           reason=reason, original=text, ts=time.time())
 

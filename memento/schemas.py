@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 __all__ = [
     "ACTIONS", "ACTION_ALIASES", "SchemaError", "Action", "Recommendation", "Transition", "Case",
     "CheckpointAnnouncement", "DeadLetter", "encode", "decode", "from_dict", "to_dict",
-    "load_json", "finite_float", "short_repr", "MAX_INT",
+    "load_json", "finite_float", "short_repr", "MAX_INT", "MAX_STRING_LENGTH", "MAX_ORIGINAL_BYTES",
 ]
 
 ACTIONS = ("click", "collect", "cart", "purchase")
@@ -38,6 +38,8 @@ class SchemaError(ValueError):
 
 
 MAX_INT = 2 ** 63 - 1  # integer fields are 64-bit, as Kafka's and every consumer's are
+MAX_STRING_LENGTH = 256  # ids and names: a user's state holds hundreds of them, in one table value
+MAX_ORIGINAL_BYTES = 64 * 1024  # of a dead-lettered message kept in its DeadLetter
 
 
 def load_json(raw: bytes | str, what: str) -> Any:
@@ -175,6 +177,10 @@ class DeadLetter:
     ts: float
 
 
+# string fields with another bound than MAX_STRING_LENGTH (None: none)
+_STRING_LIMITS = {("CheckpointAnnouncement", "path"): 4096, ("DeadLetter", "reason"): None,
+                  ("DeadLetter", "original"): None}
+
 T = TypeVar("T")
 _HINTS: dict[type, dict[str, Any]] = {}
 
@@ -197,6 +203,9 @@ def _check(cls: type, name: str, hint: Any, value: Any) -> Any:
     if hint is str:
         if not isinstance(value, str) or not value:
             raise SchemaError(f"{where} must be a non-empty string, got {short_repr(value)}")
+        limit = _STRING_LIMITS.get((cls.__name__, name), MAX_STRING_LENGTH)
+        if limit is not None and len(value) > limit:
+            raise SchemaError(f"{where} is {len(value)} characters long, more than {limit}")
         return value
     if hint is bool:
         if not isinstance(value, bool):

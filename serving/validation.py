@@ -23,14 +23,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from memento.encoder import HistoryEntry
-from memento.schemas import ACTION_ALIASES, ACTIONS, Action, SchemaError, finite_float, load_json, short_repr
+from memento.schemas import (ACTION_ALIASES, ACTIONS, MAX_STRING_LENGTH, Action, SchemaError, finite_float,
+                             load_json, short_repr)
 
 __all__ = ["RequestError", "RecommendRequest", "parse_json", "parse_recommend", "parse_feedback",
            "MAX_K", "MAX_RECENT_ITEMS"]
 
 MAX_K = 100
 MAX_RECENT_ITEMS = 1000
-MAX_ID_LENGTH = 256
+MAX_ID_LENGTH = MAX_STRING_LENGTH  # what every consumer of the records these ids go into accepts
 
 
 class RequestError(ValueError):

@@ -19,11 +19,14 @@ event ids, so every consumer downstream is idempotent (docs/streams.md).
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import itertools
 import json
 import logging
 import math
+import os
+import sys
 import time
 import weakref
 from collections import OrderedDict
@@ -35,7 +38,7 @@ from faust.types import TP, EventT
 from prometheus_client import Counter, Gauge
 
 from memento.config import TOPIC_PARTITIONS, Settings
-from memento.encoder import ItemEncoder, StateEncoder, load_products
+from memento.encoder import ItemEncoder, StateEncoder, case_feature_dim, load_products
 from memento.kafka_io import DeadLetterWriter, throttle_aiokafka_empty_fetches
 from memento.schemas import Action, Recommendation, SchemaError, decode, encode
 from streams.attribution import RewardAttribution
@@ -132,11 +135,18 @@ def consumer_lags(assignment: Iterable[tuple[str, int]], highwater, committed, r
     return lags
 
 
+# Exit status of a worker that stopped because it could not process or deliver: the orchestrator
+# restarts it, and it reads again everything it had not committed (EX_SOFTWARE).
+EXIT_CANNOT_DELIVER = 70
+
+
 def _reason_kind(reason: str) -> str:
     if "not valid JSON" in reason:
         return "invalid_json"
     if "missing field" in reason:
         return "missing_field"
+    if "max_windows_per_user" in reason:
+        return "over_cap"
     return "invalid_field"
 
 
@@ -197,7 +207,7 @@ class TransitionWorker:
         self.attribution = RewardAttribution(
             encoder, settings.rewards, window_s=settings.window_s,
             allowed_lateness_s=settings.allowed_lateness_s, history_len=settings.history_len,
-            session_gap_s=settings.session_gap_s)
+            session_gap_s=settings.session_gap_s, max_windows=settings.max_windows_per_user)
         self.partitions = TOPIC_PARTITIONS["actions"]
         self.idle_timeout_s = idle_timeout_s
         self.tansu_safe_recovery = tansu_safe_recovery
@@ -230,7 +240,6 @@ class TransitionWorker:
         self._dirty: dict[str, dict[str, Any]] = {}
         self._partition_events: dict[int, EventT] = {}
         self._outbox: list[tuple[str, bytes, bytes]] = []
-        self._send_error: BaseException | None = None
         self.app = self._build_app(app_id, worker_id, store)
 
     def _build_app(self, app_id: str, worker_id: str, store: str) -> faust.App:
@@ -260,7 +269,7 @@ class TransitionWorker:
             # has processed it; it flushes the producer before committing.
             self._watch_commits(app.consumer)
             async for events in stream.take_events(self.batch_size, within=self.batch_within_s):
-                await self.handle_batch(events)
+                await self.process_batch(events)
 
         @app.timer(interval=self.tick_interval_s)
         async def tick():
@@ -347,6 +356,32 @@ class TransitionWorker:
             CONSUMER_LAG.labels(topic, str(partition)).set(committed_lag)
             READ_LAG.labels(topic, str(partition)).set(read_lag)
 
+    async def process_batch(self, events: Sequence[EventT]) -> None:
+        """:meth:`handle_batch`, and what a failure of it means: Faust's ``take_events`` acknowledges
+        a batch even when the loop body raised (its ``finally`` acks every event), which would
+        commit input whose outputs were never sent. So the events of a failed batch are marked
+        as acknowledged already (their offsets never reach the consumer's commit list), and the
+        process ends (:meth:`_exit`): the orchestrator restarts it and it reads them again. A
+        cancelled batch (the worker stopping) is marked the same way and the cancellation goes on."""
+        try:
+            await self.handle_batch(events)
+        except BaseException as exc:
+            for event in events:
+                event.message.acked = True
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            self._exit(f"a batch of {len(events)} events could not be processed: {exc!r}")
+            raise
+
+    def _exit(self, reason: str) -> None:
+        """End the process at once, before Faust can commit anything more (a graceful stop
+        would commit what the failed batch's ``finally`` acknowledged)."""
+        log.critical("stream worker stops: %s; a restart reads the uncommitted input again", reason)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_CANNOT_DELIVER)
+
     async def handle_batch(self, events: Sequence[EventT]) -> None:
         """Process consumed events in arrival order, then send the transitions and cases they
         made and write each changed user state to the table once (in that order: a state that
@@ -356,9 +391,6 @@ class TransitionWorker:
         current event, which is set to each event in turn (and, for the writes, to an event of
         the user's partition).
         """
-        if self._send_error is not None:  # sticky: Faust restarts a failed agent, which fails again
-            raise RuntimeError(f"stream worker: an output could not be delivered ({self._send_error!r}); "
-                               f"restart the worker to process the uncommitted input again") from self._send_error
         try:
             for event in events:
                 _current_event.set(weakref.ref(event))
@@ -368,7 +400,7 @@ class TransitionWorker:
             await self._flush()
         except BaseException:
             # states may have changed without being written: forget them and what was derived
-            # from them (the events are not acknowledged, so a restart processes them again)
+            # from them (process_batch keeps the events from being acknowledged)
             self._forget()
             self._dirty.clear()
             self._outbox.clear()
@@ -413,9 +445,11 @@ class TransitionWorker:
         self._dirty.clear()
 
     def _on_delivery(self, fut) -> None:
-        if not fut.cancelled() and fut.exception() is not None and self._send_error is None:
-            self._send_error = fut.exception()
-            log.error("stream worker: delivery failed: %r", self._send_error)
+        # The producer gave up on this record (its own retries are done): Faust flushes the
+        # producer and then commits, so the input that made the record would be committed
+        # unless the process ends before that commit.
+        if not fut.cancelled() and fut.exception() is not None:
+            self._exit(f"an output could not be delivered: {fut.exception()!r}")
 
     def _advance(self, source: str, partition: int, ts: float) -> None:
         latest = self._input_latest.setdefault(partition, {})
@@ -559,11 +593,19 @@ class TransitionWorker:
 
     def _on_recommendation(self, partition: int, rec: Recommendation) -> None:
         _RECOMMENDATION_EVENTS.inc()
+        d = self.settings.item_dim
+        if len(rec.state) != d or len(rec.case_features) != case_feature_dim(d):
+            raise SchemaError(f"Recommendation: fields 'state' and 'case_features' must have {d} and "
+                              f"{case_feature_dim(d)} values, got {len(rec.state)} and {len(rec.case_features)}")
         self._advance("recommendation", partition, rec.ts)
         state = self._load(rec.user_id, partition)
-        if self.attribution.add_recommendation(state, RewardAttribution.recommendation_dict(rec)) == "duplicate":
+        outcome = self.attribution.add_recommendation(state, RewardAttribution.recommendation_dict(rec))
+        if outcome == "duplicate":
             ATTRIBUTION.labels("duplicate").inc()
             return
+        if outcome == "over_cap":
+            raise SchemaError(f"Recommendation: user {rec.user_id!r} already has "
+                              f"{self.attribution.max_windows} reward windows (max_windows_per_user)")
         self._save(rec.user_id, state)
 
     def _due_index(self, partition: int) -> tuple[dict[str, float], list[tuple[float, str]]]:

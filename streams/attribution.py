@@ -104,10 +104,19 @@ class RewardAttribution:
     session_gap_s
         Event-time inactivity after a window's end that ends the user's session (``done``);
         0 (the default here) disables session ends.
+    max_windows
+        Most windows (pending and held) one user may have: a recommendation beyond them is
+        refused (``over_cap``), so that no user's state grows without bound (the stream worker
+        passes ``Settings.max_windows_per_user``); None: no cap (the in-process evaluation,
+        which has no table value to bound).
     """
 
     def __init__(self, encoder: StateEncoder, rewards: RewardWeights, *, window_s: float = 600.0,
-                 allowed_lateness_s: float = 60.0, history_len: int = 30, session_gap_s: float = 0.0):
+                 allowed_lateness_s: float = 60.0, history_len: int = 30, session_gap_s: float = 0.0,
+                 max_windows: int | None = None):
+        if max_windows is not None and max_windows < 1:
+            raise ValueError(f"RewardAttribution: max_windows must be >= 1, got {max_windows}")
+        self.max_windows = max_windows
         for name, value in (("window_s", window_s), ("allowed_lateness_s", allowed_lateness_s),
                             ("session_gap_s", session_gap_s)):
             if not value >= 0:
@@ -162,13 +171,16 @@ class RewardAttribution:
         return "new"
 
     def add_recommendation(self, state: dict[str, Any], rec: dict[str, Any]) -> str:
-        """Open a window for a served recommendation; returns ``pending`` or ``duplicate``."""
+        """Open a window for a served recommendation; returns ``pending``, ``duplicate`` or
+        ``over_cap`` (the user already has ``max_windows`` windows; nothing changes)."""
         rid = rec["request_id"]
         held = state.setdefault("held", [])
         if rid in state["closed"] or any(p["request_id"] == rid for p in state["pending"]) \
                 or any(h["request_id"] == rid for h in held):
             self.stats.duplicate += 1
             return "duplicate"
+        if self.max_windows is not None and len(state["pending"]) + len(held) >= self.max_windows:
+            return "over_cap"
         state["pending"].append(rec)
         self._mark_active(state, rec["ts"])
         return "pending"

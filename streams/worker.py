@@ -38,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--session-gap", type=float, default=None,
                         help="event-time seconds of inactivity that end a session (done); 0 disables "
                              "(env MEMENTO_SESSION_GAP_S, default 1800)")
+    parser.add_argument("--max-windows-per-user", type=int, default=None,
+                        help="most reward windows one user may have open or held; a recommendation beyond "
+                             "them is dead-lettered (env MEMENTO_MAX_WINDOWS_PER_USER, default 100)")
     parser.add_argument("--batch-size", type=int, default=1000,
                         help="events processed per batch: each user's table entry is written once per batch")
     parser.add_argument("--batch-within", type=float, default=0.05,
@@ -52,6 +55,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     if args.session_gap is not None:
         settings = dataclasses.replace(settings, session_gap_s=args.session_gap)
+    if args.max_windows_per_user is not None:
+        settings = dataclasses.replace(settings, max_windows_per_user=args.max_windows_per_user)
     from faust import Worker
 
     from streams.app import TransitionWorker

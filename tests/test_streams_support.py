@@ -27,7 +27,7 @@ def fresh_settings(broker: EmbeddedBroker, tmp_path: Path, **overrides) -> Setti
     """Settings with topic names unique to one test, created on ``broker``."""
     prefix = f"s{uuid.uuid4().hex[:8]}"
     topics = TopicNames(**{role: f"{prefix}.{name}" for role, name in TopicNames().all().items()})
-    settings = broker.settings(topics=topics, data_dir=str(tmp_path / "data"), item_dim=8, **overrides)
+    settings = broker.settings(topics=topics, data_dir=str(tmp_path / "data"), **{"item_dim": 8, **overrides})
     ensure_topics(settings)
     return settings
 

@@ -59,3 +59,23 @@ def test_learner_dead_letters_each_poison_record_and_keeps_the_good_one(tmp_path
     assert [s[3][:40] for s in sent] == ["Transition: not valid JSON (nested too d",
                                          "Transition: field 'reward' must be a fin"]
     assert service.metrics.cases_rejected._value.get() == len(POISON)
+
+
+def test_worker_dead_letters_records_that_would_grow_its_state(tmp_path):
+    """A recommendation whose vectors do not have the configured dimensions, and ids longer than
+    any consumer accepts, are refused before they reach a user's state (each one made every
+    transition of that user, and its table value, as large as the sender liked)."""
+    from memento.schemas import Action, Recommendation
+    from streams.app import TransitionWorker
+
+    worker = TransitionWorker(Settings(data_dir=str(tmp_path), item_dim=4), store="memory://")
+    t = worker.settings.topics
+    big = Recommendation(request_id="r1", user_id="u", item_id="i", case_id="c", propensity=0.5, policy_version=0,
+                         ts=1.0, state=[0.0] * 100_000, case_features=[0.0] * 9)
+    long_id = Action(event_id="e" * 300, user_id="u", item_id="i", action="click", ts=1.0)
+    worker.handle(t.recommendations, 0, 0, b"u", encode(big))
+    worker.handle(t.actions, 0, 1, b"u", encode(long_id))
+    letters = [decode(DeadLetter, value).reason for topic, _, value in worker._outbox if topic == t.dead_letter]
+    assert letters == ["Recommendation: fields 'state' and 'case_features' must have 4 and 9 values, got 100000 "
+                       "and 9 (original: first 65536 of 400186 bytes)",
+                       "Action: field 'event_id' is 300 characters long, more than 256"]
