@@ -164,6 +164,12 @@ class Settings:
         Event-time inactivity after a reward window's end that ends the user's session: the
         window's transition gets ``done=True`` when the user has no event in that gap
         (docs/streams.md). 0 disables session ends (``done`` is always False).
+    max_future_skew_s
+        How far an event's ``ts`` may lie ahead of the wall clock of the process that reads it
+        (serving answers 422, the worker dead-letters the event): a timestamp in milliseconds,
+        or from a client clock years off, would otherwise move a partition's watermark ahead
+        and close every open window there with reward 0. Past times are never refused (logs
+        are replayed).
     max_windows_per_user
         Most reward windows (open, or closed and held for the session gap) one user may have in
         the stream worker; a recommendation beyond them is dead-lettered. Bounds the user's
@@ -183,6 +189,7 @@ class Settings:
     allowed_lateness_s: float = 60.0
     history_len: int = 30
     session_gap_s: float = 1800.0
+    max_future_skew_s: float = 3600.0
     max_windows_per_user: int = 100
 
     @classmethod

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 __all__ = [
     "ACTIONS", "ACTION_ALIASES", "SchemaError", "Action", "Recommendation", "Transition", "Case",
     "CheckpointAnnouncement", "DeadLetter", "encode", "decode", "from_dict", "to_dict",
-    "load_json", "finite_float", "short_repr", "MAX_INT", "MAX_STRING_LENGTH", "MAX_ORIGINAL_BYTES",
+    "load_json", "finite_float", "short_repr", "future_time_problem", "MAX_INT", "MAX_STRING_LENGTH", "MAX_ORIGINAL_BYTES",
 ]
 
 ACTIONS = ("click", "collect", "cart", "purchase")
@@ -62,6 +62,22 @@ def load_json(raw: bytes | str, what: str) -> Any:
         raise SchemaError(f"{what}: not valid JSON (nested too deeply)") from None
     except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError and the digit limit are ValueErrors
         raise SchemaError(f"{what}: not valid JSON ({exc})") from None
+
+
+def future_time_problem(ts: float, now: float, max_future_skew_s: float) -> str | None:
+    """Why the event time ``ts`` (epoch seconds) cannot be taken, read at wall time ``now``: it
+    lies more than ``max_future_skew_s`` ahead (``Settings.max_future_skew_s``); None when it can.
+
+    >>> future_time_problem(1_700_000_000_000.0, now=1_700_000_000.0, max_future_skew_s=3600)
+    "field 'ts' is 1698300000000 s ahead of this process's clock (more than max_future_skew_s = 3600; milliseconds?)"
+    >>> future_time_problem(1000.0, now=1_700_000_000.0, max_future_skew_s=3600) is None   # the past is fine
+    True
+    """
+    ahead = ts - now
+    if ahead <= max_future_skew_s:
+        return None
+    return (f"field 'ts' is {ahead:.0f} s ahead of this process's clock (more than max_future_skew_s = "
+            f"{max_future_skew_s:g}{'; milliseconds?' if ts > 1e11 else ''})")
 
 
 def finite_float(value: Any) -> float | None:

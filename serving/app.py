@@ -385,7 +385,7 @@ def make_app(service: ServingService) -> web.Application:
                       cases=service.cases)
 
     async def recommend(request: web.Request) -> web.Response:
-        req = parse_recommend(parse_json(await request.read()))
+        req = parse_recommend(parse_json(await request.read()), max_future_skew_s=settings.max_future_skew_s)
         if not service.ready:
             return not_ready()
         history = service.histories.get(req.user_id) + req.recent_items
@@ -425,7 +425,7 @@ def make_app(service: ServingService) -> web.Application:
 
     async def feedback(request: web.Request) -> web.Response:
         require_token(request)
-        action = parse_feedback(parse_json(await request.read()))
+        action = parse_feedback(parse_json(await request.read()), max_future_skew_s=settings.max_future_skew_s)
         if service.publisher is None:
             return not_ready("not connected to Kafka yet")
         if not service.publisher.publish(settings.topics.actions, action.user_id, action):

@@ -17,6 +17,7 @@ serving.validation.RequestError: field 'user_id' is required
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from typing import Any
 
 from memento.encoder import HistoryEntry
 from memento.schemas import (ACTION_ALIASES, ACTIONS, MAX_STRING_LENGTH, Action, SchemaError, finite_float,
-                             load_json, short_repr)
+                             future_time_problem, load_json, short_repr)
 
 __all__ = ["RequestError", "RecommendRequest", "parse_json", "parse_recommend", "parse_feedback",
            "MAX_K", "MAX_RECENT_ITEMS"]
@@ -99,10 +100,21 @@ def _action(data: dict, where: str) -> str:
     return action
 
 
-def parse_recommend(data: dict[str, Any], now: float | None = None) -> RecommendRequest:
-    """Validate a ``POST /v1/recommend`` body (unknown fields are ignored)."""
+def _event_time(data: dict, now: float | None, max_future_skew_s: float) -> float:
+    now = time.time() if now is None else now
+    ts = _number(data, "ts", default=now)
+    problem = future_time_problem(ts, now, max_future_skew_s)
+    if problem is not None:
+        raise RequestError(problem)
+    return ts
+
+
+def parse_recommend(data: dict[str, Any], now: float | None = None,
+                    max_future_skew_s: float = math.inf) -> RecommendRequest:
+    """Validate a ``POST /v1/recommend`` body (unknown fields are ignored); ``ts`` may lie at
+    most ``max_future_skew_s`` ahead of ``now`` (``Settings.max_future_skew_s``)."""
     user_id = _string(data, "user_id")
-    ts = _number(data, "ts", default=time.time() if now is None else now)
+    ts = _event_time(data, now, max_future_skew_s)
     k = data.get("k", 1)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
         raise RequestError(f"field 'k' must be an integer in 1..{MAX_K}, got {short_repr(k)}")
@@ -130,12 +142,13 @@ def parse_recommend(data: dict[str, Any], now: float | None = None) -> Recommend
     return RecommendRequest(user_id=user_id, ts=ts, recent_items=recent, k=k, explain=explain)
 
 
-def parse_feedback(data: dict[str, Any], now: float | None = None) -> Action:
-    """Validate a ``POST /v1/feedback`` body into the :class:`Action` to publish."""
+def parse_feedback(data: dict[str, Any], now: float | None = None, max_future_skew_s: float = math.inf) -> Action:
+    """Validate a ``POST /v1/feedback`` body into the :class:`Action` to publish (``ts`` as in
+    :func:`parse_recommend`)."""
     user_id = _string(data, "user_id")
     item_id = _string(data, "item_id")
     action = _action(data, "")
-    ts = _number(data, "ts", default=time.time() if now is None else now)
+    ts = _event_time(data, now, max_future_skew_s)
     request_id = _string(data, "request_id", required=False)
     event_id = _string(data, "event_id", required=False) or uuid.uuid4().hex
     return Action(event_id=event_id, user_id=user_id, item_id=item_id, action=action, ts=ts,

@@ -40,7 +40,7 @@ from prometheus_client import Counter, Gauge
 from memento.config import TOPIC_PARTITIONS, Settings
 from memento.encoder import ItemEncoder, StateEncoder, case_feature_dim, load_products
 from memento.kafka_io import DeadLetterWriter, throttle_aiokafka_empty_fetches
-from memento.schemas import Action, Recommendation, SchemaError, decode, encode
+from memento.schemas import Action, Recommendation, SchemaError, decode, encode, future_time_problem
 from streams.attribution import RewardAttribution
 
 __all__ = ["TransitionWorker", "consumer_lags", "faust_app_kwargs", "EVENTS", "DEAD_LETTERS", "TRANSITIONS", "CASES", "ATTRIBUTION",
@@ -147,6 +147,8 @@ def _reason_kind(reason: str) -> str:
         return "missing_field"
     if "max_windows_per_user" in reason:
         return "over_cap"
+    if "max_future_skew_s" in reason:
+        return "future_ts"
     return "invalid_field"
 
 
@@ -573,8 +575,14 @@ class TransitionWorker:
         totals[0] += new[0] - old[0]
         totals[1] += new[1] - old[1]
 
+    def _check_time(self, what: str, ts: float) -> None:
+        problem = future_time_problem(ts, time.time(), self.settings.max_future_skew_s)
+        if problem is not None:
+            raise SchemaError(f"{what}: {problem}")
+
     def _on_action(self, partition: int, action: Action) -> None:
         _ACTION_EVENTS.inc()
+        self._check_time("Action", action.ts)
         watermark = self.watermarks.get(partition)
         self._advance("action", partition, action.ts)
         state = self._load(action.user_id, partition)
@@ -597,6 +605,7 @@ class TransitionWorker:
         if len(rec.state) != d or len(rec.case_features) != case_feature_dim(d):
             raise SchemaError(f"Recommendation: fields 'state' and 'case_features' must have {d} and "
                               f"{case_feature_dim(d)} values, got {len(rec.state)} and {len(rec.case_features)}")
+        self._check_time("Recommendation", rec.ts)
         self._advance("recommendation", partition, rec.ts)
         state = self._load(rec.user_id, partition)
         outcome = self.attribution.add_recommendation(state, RewardAttribution.recommendation_dict(rec))

@@ -699,7 +699,8 @@ class _Bench:
     def events(self, prefix: str) -> tuple[list, BenchEvents]:
         a = self.args
         ev = BenchEvents(a.users, a.item_dim, prefix, seed=a.seed)
-        t0, batches, n = time.time() - 3600.0, [], 0
+        # event times end an hour before now: none lies ahead of the worker's clock (max_future_skew_s)
+        t0, batches, n = time.time() - 3600.0 - a.events / a.event_rate, [], 0
         while n < a.events:
             batch = ev.moment(t0 + n / a.event_rate)
             batches.append(batch)
