@@ -18,9 +18,14 @@ the mean reward raises an exploration boost that the published μ carries (a war
 floor) and that decays back; ``memento_learner_drift_detections_total`` counts the drops and
 ``memento_learner_exploration_boost`` shows the boost. The detector's window is not saved: after
 a restart it starts empty, with no boost.
-Versions strictly increase across restarts; the replay buffer and the optimiser state are saved
-on shutdown (and every ``state_save_interval_s``) and restored at start-up. Offsets are
-committed after each poll's records are in the buffer.
+Versions strictly increase across restarts, even when the checkpoint directory is lost (the
+next version also follows the last one announced on the checkpoints topic). The replay buffer
+and the optimiser state are saved (synced to disk) on shutdown and every
+``state_save_interval_s``, and restored at start-up; a state file that cannot be read (torn,
+empty) is skipped with a warning and the network comes from the latest checkpoint. Input offsets
+are committed only after a save, and only up to the records handled before it: a crash loses
+nothing, the restarted learner reads again what it had not saved (repeated transitions are
+dropped by id).
 
 Run it as ``memento learner`` (see :func:`add_arguments`) or::
 
@@ -146,6 +151,39 @@ class LearnerMetrics:
                                      "(the boosted one while exploring)", registry=r)
         self.published_min_prob = Gauge(p + "published_min_prob", "per-candidate floor of the "
                                         "last published μ", registry=r)
+        self.state_restore_failures = Counter(p + "state_restore_failures", "saved learner states "
+                                              "that could not be read at start-up (skipped)", registry=r)
+        self.committed_offsets = Counter(p + "offset_commits", "input offset commits (each after a state "
+                                         "save)", registry=r)
+
+
+def last_announced_version(settings: Settings, timeout_s: float = 10.0, scan: int = 1000) -> int | None:
+    """The highest version among the last ``scan`` announcements on the checkpoints topic (None
+    when it holds none that decode)."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    from memento.kafka_io import client_kwargs
+
+    consumer = KafkaConsumer(**client_kwargs(settings), group_id=None, enable_auto_commit=False)
+    try:
+        partitions = consumer.partitions_for_topic(settings.topics.checkpoints) or {0}
+        tps = [TopicPartition(settings.topics.checkpoints, p) for p in partitions]
+        consumer.assign(tps)
+        ends = consumer.end_offsets(tps)
+        for tp in tps:
+            consumer.seek(tp, max(0, ends[tp] - scan))
+        best, deadline = None, time.monotonic() + timeout_s
+        while any(consumer.position(tp) < ends[tp] for tp in tps) and time.monotonic() < deadline:
+            for records in consumer.poll(timeout_ms=200).values():
+                for rec in records:
+                    try:
+                        version = decode(CheckpointAnnouncement, rec.value).version
+                    except SchemaError:
+                        continue
+                    best = version if best is None else max(best, version)
+        return best
+    finally:
+        consumer.close()
 
 
 def latest_checkpoint(directory: str | Path) -> tuple[int, Path] | None:
@@ -213,6 +251,7 @@ class LearnerService:
         self.bank = None
         self.producer = None
         self.ready = threading.Event()    # set once the start-up checkpoint is announced
+        self._handled: dict = {}          # TopicPartition → offset after the last record handled
 
     def _new_buffer(self) -> ReplayBuffer:
         return replay_buffer(self.options, self.state_dim, self.config.top_k, self.config.seed)
@@ -235,8 +274,9 @@ class LearnerService:
                 self.learner.load(learner_path)
                 restored = True
                 log.info("restored learner state (%d updates) from %s", self.learner.steps, learner_path)
-            except (ValueError, KeyError, RuntimeError) as exc:  # e.g. --hidden changed since
-                log.warning("not restoring the learner state from %s: %s", learner_path, exc)
+            except Exception as exc:  # --hidden changed since, or a torn or empty file (EOFError, BadZipFile)
+                log.warning("not restoring the learner state from %s: %r", learner_path, exc)
+                self.metrics.state_restore_failures.inc()
                 self.learner = SoftQLearner(self.state_dim, self.config, drift=self.drift)
         if not restored and latest is not None:
             data = latest[1].read_bytes()
@@ -252,13 +292,41 @@ class LearnerService:
             log.info("restored replay buffer: %d transitions", len(self.buffer))
         except FileNotFoundError:
             pass
-        except (ValueError, KeyError) as exc:  # e.g. --buffer-capacity or --top-k changed since
-            log.warning("starting with an empty replay buffer: the saved one does not fit (%s)", exc)
+        except Exception as exc:  # --buffer-capacity or --top-k changed since, or a torn file
+            log.warning("starting with an empty replay buffer: the saved one cannot be used (%r)", exc)
+            self.metrics.state_restore_failures.inc()
             self.loop.buffer = self._new_buffer()
+
+    def continue_versions(self) -> None:
+        """Make the next version follow the last one announced on the checkpoints topic too (a
+        lost checkpoint directory must not restart versions at 0: serving ignores any version
+        not above the one it serves)."""
+        announced = last_announced_version(self.settings)
+        if announced is not None and announced > self.version:
+            log.warning("the checkpoints topic announced version %d, above the last file here (%d): "
+                        "continuing from it", announced, self.version)
+            self.version = announced
 
     def save_state(self) -> None:
         self.buffer.save(self.state_dir / "replay")
         self.learner.save(self.state_dir / "learner.pt")
+
+    def _mark_handled(self, records: Sequence) -> None:
+        from kafka import TopicPartition
+
+        for rec in records:
+            tp = TopicPartition(rec.topic, rec.partition)
+            self._handled[tp] = max(self._handled.get(tp, 0), rec.offset + 1)
+
+    def save_and_commit(self, consumer) -> None:
+        """Save the state, then commit the offsets of the records handled before it (never
+        further: a record polled but not handled is read again after a restart)."""
+        from kafka.structs import OffsetAndMetadata
+
+        self.save_state()
+        if consumer is not None and self._handled:
+            consumer.commit({tp: OffsetAndMetadata(offset, "", -1) for tp, offset in self._handled.items()})
+            self.metrics.committed_offsets.inc()
 
     # -- publishing -----------------------------------------------------------------------
     def publish(self) -> CheckpointAnnouncement | None:
@@ -403,6 +471,7 @@ class LearnerService:
                 log.info("metrics on :%d/metrics", self.metrics_port)
             self.producer = make_producer(self.settings)
             self.dead_letter = DeadLetterWriter(self.settings, self.producer)
+            self.continue_versions()
             if self.publish() is None:
                 raise RuntimeError("the restored learner holds non-finite weights; refusing to start")
             self.loop.mark_published()
@@ -419,8 +488,8 @@ class LearnerService:
                 records = [rec for recs in polled.values() for rec in recs]
                 if records:
                     self.handle(records)
-                    self.producer.flush(timeout=10)  # dead letters out before the offsets move
-                    consumer.commit()
+                    self.producer.flush(timeout=10)  # dead letters out before the offsets can move
+                    self._mark_handled(records)
                 self.train(stop)
                 now = time.monotonic()
                 if now - last_log >= self.options.log_every_s:
@@ -440,18 +509,16 @@ class LearnerService:
                                  self.drift.boost, self.drift.window_mean, self.drift.reference)
                     last_log, steps_at_log = now, self.learner.steps
                 if now - last_save >= self.options.state_save_interval_s:
-                    self.save_state()
+                    self.save_and_commit(consumer)
                     last_save = now
         finally:
             try:
-                self.save_state()
+                self.save_and_commit(consumer)
+            except Exception as exc:  # the group may be gone on shutdown; the next start reads again
+                log.warning("final save or offset commit failed: %r", exc)
             finally:
                 if consumer is not None:
-                    try:
-                        consumer.commit()
-                    except Exception as exc:  # the group may be gone on shutdown; offsets were committed per poll
-                        log.warning("final offset commit failed: %s", exc)
-                    consumer.close()
+                    consumer.close(autocommit=False)
                 if self.producer is not None:
                     self.producer.flush(timeout=10)
                     self.producer.close(timeout=10)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -334,12 +335,21 @@ class SoftQLearner:
         self.steps, self.skipped_updates = int(state["steps"]), int(state["skipped_updates"])
 
     def save(self, path: str | Path) -> None:
-        """Save :meth:`state_dict` with ``torch.save`` (read back with ``weights_only=True``)."""
+        """Save :meth:`state_dict` with ``torch.save`` (read back with ``weights_only=True``),
+        durably: written to a temporary file, synced, renamed over ``path``, directory synced."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        torch.save(self.state_dict(), tmp)
+        with open(tmp, "wb") as fh:
+            torch.save(self.state_dict(), fh)
+            fh.flush()
+            os.fsync(fh.fileno())
         tmp.replace(path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
     def load(self, path: str | Path) -> None:
         self.load_state_dict(torch.load(path, weights_only=True))
