@@ -35,10 +35,10 @@ Run it as ``memento learner`` (see :func:`add_arguments`) or::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import logging
 import math
-import re
 import signal
 import threading
 import time
@@ -55,7 +55,7 @@ from learner.candidates import with_candidates
 from learner.drift import DriftConfig, RewardDrift
 from learner.loop import TrainingLoop, replay_buffer
 from learner.trainer import SoftQConfig, SoftQLearner
-from memento.checkpoint import CheckpointError, load_checkpoint
+from memento.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, sign_announcement
 from memento.config import Settings
 from memento.encoder import case_feature_dim
 from memento.kafka_io import DeadLetterWriter, make_consumer, make_producer, poll
@@ -66,7 +66,6 @@ __all__ = ["LearnerServiceConfig", "LearnerService", "LearnerMetrics", "latest_c
 
 log = logging.getLogger("memento.learner")
 
-_CHECKPOINT_NAME = re.compile(r"^policy-v(\d+)\.safetensors$")
 
 
 def _opt(default, help: str):
@@ -200,7 +199,7 @@ def latest_checkpoint(directory: str | Path) -> tuple[int, Path] | None:
     directory = Path(directory)
     if directory.is_dir():
         for path in directory.iterdir():
-            m = _CHECKPOINT_NAME.match(path.name)
+            m = CHECKPOINT_NAME.match(path.name)
             if m and (best is None or int(m.group(1)) > best[0]):
                 best = (int(m.group(1)), path)
     return best
@@ -338,6 +337,8 @@ class LearnerService:
             return None
         version = self.version + 1
         ann = self.learner.save_checkpoint(self.checkpoint_dir, version=version, metrics=self._last_metrics)
+        if self.settings.checkpoint_key:
+            ann = dataclasses.replace(ann, signature=sign_announcement(ann, self.settings.checkpoint_key))
         self.producer.send(self.settings.topics.checkpoints, key="policy", value=encode(ann))
         self.producer.flush(timeout=10)
         self.version = version
@@ -353,7 +354,7 @@ class LearnerService:
 
     def _prune_checkpoints(self) -> None:
         versions = sorted((int(m.group(1)), p) for p in self.checkpoint_dir.iterdir()
-                          if (m := _CHECKPOINT_NAME.match(p.name)))
+                          if (m := CHECKPOINT_NAME.match(p.name)))
         for _, path in versions[: -self.options.keep_checkpoints]:
             path.unlink(missing_ok=True)
 

@@ -26,9 +26,12 @@ PolicyParams(alpha=0.25, min_prob=0.01, top_k=8, similarity_prior=0.0)
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 import math
+import re
+import stat
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,12 +44,60 @@ from memento.qnet import QNetwork
 from memento.schemas import CheckpointAnnouncement
 
 __all__ = ["CheckpointError", "PolicyParams", "Checkpoint", "save_checkpoint", "read_checkpoint",
-           "load_checkpoint", "sha256_bytes", "MAX_CHECKPOINT_BYTES", "MAX_TOP_K"]
+           "load_checkpoint", "sha256_bytes", "MAX_CHECKPOINT_BYTES", "MAX_TOP_K", "CHECKPOINT_NAME",
+           "checkpoint_file_name", "sign_announcement", "announcement_problem"]
 
 MAX_CHECKPOINT_BYTES = 1 << 30     # a policy network is a few MB; refuse to read a larger file
 MAX_HEADER_BYTES = 1 << 20         # the safetensors header (tensor index and metadata)
 MAX_POLICY_JSON = 1024             # the "policy" metadata entry
 MAX_TOP_K = 1024                   # candidates per request a checkpoint may ask serving for
+
+
+CHECKPOINT_NAME = re.compile(r"^policy-v(\d+)\.safetensors$")  # the files save_checkpoint writes
+
+
+def checkpoint_file_name(version: int) -> str:
+    """The file name of policy version ``version`` (matches :data:`CHECKPOINT_NAME`).
+
+    >>> checkpoint_file_name(12), int(CHECKPOINT_NAME.match(checkpoint_file_name(12)).group(1))
+    ('policy-v000012.safetensors', 12)
+    """
+    return f"policy-v{version:06d}.safetensors"
+
+
+def _signed_text(ann: CheckpointAnnouncement) -> bytes:
+    return f"{ann.version}\n{Path(ann.path).name}\n{ann.sha256}".encode()
+
+
+def sign_announcement(ann: CheckpointAnnouncement, key: str) -> str:
+    """HMAC-SHA256 (hex) of the announcement's version, file name and sha256 under ``key``: with
+    a key shared by the learner and serving, only the learner can announce a file to serve."""
+    return hmac.new(key.encode(), _signed_text(ann), hashlib.sha256).hexdigest()
+
+
+def announcement_problem(ann: CheckpointAnnouncement, key: str = "") -> str | None:
+    """Why serving must not act on ``ann`` (None when it may): its file name is not one the
+    learner writes for that version (a path elsewhere, ``/dev/zero``, an old file announced as a
+    new version), or, with a ``key``, its signature is missing or wrong.
+
+    >>> from memento.schemas import CheckpointAnnouncement
+    >>> ann = CheckpointAnnouncement(3, "/x/policy-v000003.safetensors", "ab", 0.0, 0, 4, 4)
+    >>> announcement_problem(ann) is None, announcement_problem(ann, key="k")
+    (True, 'announcement of version 3 is not signed (a checkpoint key is configured)')
+    >>> import dataclasses
+    >>> announcement_problem(dataclasses.replace(ann, signature=sign_announcement(ann, "k")), key="k") is None
+    True
+    >>> announcement_problem(dataclasses.replace(ann, path="/dev/zero"))
+    "announced file '/dev/zero' is not policy-v000003.safetensors"
+    """
+    if Path(ann.path).name != checkpoint_file_name(ann.version):
+        return f"announced file {ann.path!r} is not {checkpoint_file_name(ann.version)}"
+    if key:
+        if not ann.signature:
+            return f"announcement of version {ann.version} is not signed (a checkpoint key is configured)"
+        if not hmac.compare_digest(ann.signature, sign_announcement(ann, key)):
+            return f"announcement of version {ann.version} has a wrong signature"
+    return None
 
 
 class CheckpointError(RuntimeError):
@@ -137,7 +188,7 @@ def save_checkpoint(net: QNetwork, directory: str | Path, *, version: int, step:
     if policy is not None:
         meta["policy"] = policy.to_json()
     data = st_save(tensors, metadata=meta)
-    path = directory / f"policy-v{version:06d}.safetensors"
+    path = directory / checkpoint_file_name(version)
     tmp = path.with_suffix(".tmp")
     with open(tmp, "wb") as fh:
         fh.write(data)
@@ -160,7 +211,10 @@ def read_checkpoint(path: str | Path, sha256: str, *, expect_state_dim: int) -> 
     :class:`CheckpointError` on any mismatch (a malformed ``policy`` entry included)."""
     try:
         with open(path, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
+            info = os.fstat(fh.fileno())
+            size = info.st_size
+            if not stat.S_ISREG(info.st_mode):
+                raise CheckpointError(f"checkpoint {path} is not a regular file")
             if size > MAX_CHECKPOINT_BYTES:
                 raise CheckpointError(f"checkpoint {path} is {size} bytes, more than {MAX_CHECKPOINT_BYTES}")
             data = fh.read(MAX_CHECKPOINT_BYTES + 1)

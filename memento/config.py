@@ -170,6 +170,11 @@ class Settings:
         or from a client clock years off, would otherwise move a partition's watermark ahead
         and close every open window there with reward 0. Past times are never refused (logs
         are replayed).
+    checkpoint_key
+        A secret shared by the learner and serving (env ``MEMENTO_CHECKPOINT_KEY`` only, never a
+        flag): the learner signs each checkpoint announcement with it and serving serves only
+        announcements signed with it (``memento.checkpoint.announcement_problem``). Empty: not
+        signed, not checked. Never printed.
     max_windows_per_user
         Most reward windows (open, or closed and held for the session gap) one user may have in
         the stream worker; a recommendation beyond them is dead-lettered. Bounds the user's
@@ -191,6 +196,7 @@ class Settings:
     session_gap_s: float = 1800.0
     max_future_skew_s: float = 3600.0
     max_windows_per_user: int = 100
+    checkpoint_key: str = field(default="", repr=False)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> "Settings":
@@ -242,7 +248,9 @@ class Settings:
         return p
 
     def describe(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, default=str)
+        values = dataclasses.asdict(self)
+        values["checkpoint_key"] = "(set)" if self.checkpoint_key else ""
+        return json.dumps(values, indent=2, default=str)
 
 
 def add_settings_arguments(parser) -> None:

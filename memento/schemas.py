@@ -179,6 +179,7 @@ class CheckpointAnnouncement:
     state_dim: int
     item_dim: int
     metrics: dict[str, float] = field(default_factory=dict)
+    signature: str | None = None  # HMAC of version, file name and sha256 (memento.checkpoint.sign_announcement)
 
 
 @dataclass(frozen=True)

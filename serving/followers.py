@@ -24,7 +24,7 @@ from typing import Callable
 
 from kafka.errors import KafkaError
 
-from memento.checkpoint import Checkpoint, CheckpointError, read_checkpoint
+from memento.checkpoint import Checkpoint, CheckpointError, announcement_problem, read_checkpoint
 from memento.config import Settings
 from memento.encoder import HistoryEntry
 from memento.history import UserHistories
@@ -183,8 +183,9 @@ class CheckpointFollower(TopicFollower):
         Called with ``(checkpoint, announcement)`` from this thread after a successful load
         (:class:`memento.checkpoint.Checkpoint`: the network and the μ it was trained for).
     checkpoint_dir
-        Where to look for the file when the announced path does not exist here (a shared
-        volume mounted at another path): ``checkpoint_dir / basename(path)``.
+        Where checkpoint files are read, by the announced file's name only (the announced
+        directory is the learner's, and may be a shared volume mounted elsewhere); default
+        ``settings.checkpoint_dir``.
     """
 
     def __init__(self, settings: Settings, metrics: ServingMetrics,
@@ -197,13 +198,15 @@ class CheckpointFollower(TopicFollower):
         self.checkpoint_dir = checkpoint_dir if checkpoint_dir is not None else settings.checkpoint_dir
         self.rejected: dict[int, str] = {}
 
-    def _resolve(self, announced: str) -> str:
-        path = Path(announced)
-        if not path.exists() and self.checkpoint_dir:
-            local = Path(self.checkpoint_dir) / path.name
-            if local.exists():
-                return str(local)
-        return announced
+    def _resolve(self, ann: CheckpointAnnouncement) -> str:
+        """The file to read for ``ann``: the file of that name in serving's checkpoint directory
+        (wherever the learner's copy was: a shared volume may be mounted elsewhere), once the
+        name is the one the learner writes for that version and, with a checkpoint key, the
+        announcement is signed with it; CheckpointError otherwise."""
+        problem = announcement_problem(ann, self.settings.checkpoint_key)
+        if problem is not None:
+            raise CheckpointError(problem)
+        return str(Path(self.checkpoint_dir) / Path(ann.path).name)
 
     def _handle(self, records: list) -> None:
         announcements = []
@@ -222,7 +225,7 @@ class CheckpointFollower(TopicFollower):
                 if ann.state_dim != self.settings.state_dim:
                     raise CheckpointError(f"announced state_dim {ann.state_dim} != serving's "
                                           f"{self.settings.state_dim}")
-                checkpoint = read_checkpoint(self._resolve(ann.path), ann.sha256,
+                checkpoint = read_checkpoint(self._resolve(ann), ann.sha256,
                                              expect_state_dim=self.settings.state_dim)
             except Exception as exc:  # CheckpointError, or a reader bug: either way not served, and counted
                 self.rejected[ann.version] = str(exc)

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import save as st_save
 
-from memento.checkpoint import sha256_bytes
+from memento.checkpoint import checkpoint_file_name, sha256_bytes
 from memento.qnet import QNetwork
 from memento.schemas import CheckpointAnnouncement, DeadLetter, decode, encode
 from serving.app import ServingConfig
@@ -42,7 +42,7 @@ def _checkpoint_with_unknown_key(settings, version: int) -> CheckpointAnnounceme
     config = {**net.config(), "bogus_option": 1}
     data = st_save({k: v.contiguous() for k, v in net.state_dict().items()},
                    metadata={"version": str(version), "step": "0", "config": json.dumps(config)})
-    path = f"{settings.checkpoint_dir}/policy-v{version:08d}.safetensors"
+    path = f"{settings.checkpoint_dir}/{checkpoint_file_name(version)}"
     with open(path, "wb") as fh:
         fh.write(data)
     return CheckpointAnnouncement(version=version, path=path, sha256=sha256_bytes(data), created_at=0.0,

@@ -1,0 +1,82 @@
+"""Checkpoint announcements that must not be acted on. Before the fix serving read any announced
+path (``/dev/zero`` included: a 1 GiB read of zeros), any file announced under any version,
+and had no way to tell the learner's announcements from anyone's."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections import namedtuple
+
+import pytest
+
+from memento.checkpoint import save_checkpoint, sign_announcement
+from memento.config import Settings
+from memento.qnet import QNetwork
+from memento.schemas import encode
+from serving.followers import CheckpointFollower
+from serving.metrics import ServingMetrics
+
+pytestmark = pytest.mark.faults
+
+Record = namedtuple("Record", "topic partition offset value")
+
+
+def _follower(tmp_path, key: str = ""):
+    settings = Settings(data_dir=str(tmp_path / "data"), checkpoint_dir=str(tmp_path / "ckpt"), item_dim=4,
+                        checkpoint_key=key)
+    served = []
+    follower = CheckpointFollower(settings, ServingMetrics(), lambda: served[-1][1].version if served else None,
+                                  lambda checkpoint, ann: served.append((checkpoint, ann)))
+    return follower, settings, served
+
+
+def _announce(follower, ann, offset=0) -> None:
+    follower._handle([Record(follower.topic, 0, offset, encode(ann))])
+
+
+def test_only_the_learners_file_for_that_version_is_read(tmp_path):
+    follower, settings, served = _follower(tmp_path)
+    good = save_checkpoint(QNetwork(4, 8), settings.checkpoint_dir, version=1, step=0)
+    _announce(follower, dataclasses.replace(good, version=5))                       # an old file as a new version
+    _announce(follower, dataclasses.replace(good, version=6, path="/dev/zero"))     # not a checkpoint file
+    os.symlink("/dev/zero", os.path.join(settings.checkpoint_dir, "policy-v000007.safetensors"))
+    _announce(follower, dataclasses.replace(good, version=7, path="/elsewhere/policy-v000007.safetensors"))
+    assert served == []
+    assert "is not policy-v000005.safetensors" in follower.rejected[5]
+    assert "is not policy-v000006.safetensors" in follower.rejected[6]
+    assert "not a regular file" in follower.rejected[7]
+    assert follower.metrics.reload_failures._value.get() == 3
+    # the learner's copy may live in another directory (a shared volume mounted elsewhere)
+    _announce(follower, dataclasses.replace(good, path="/learner/ckpt/policy-v000001.safetensors"))
+    assert [ann.version for _, ann in served] == [1]
+
+
+def test_with_a_key_only_signed_announcements_are_served(tmp_path):
+    follower, settings, served = _follower(tmp_path, key="s3cret")
+    ann = save_checkpoint(QNetwork(4, 8), settings.checkpoint_dir, version=1, step=0)
+    _announce(follower, ann)
+    ann2 = save_checkpoint(QNetwork(4, 8), settings.checkpoint_dir, version=2, step=0)
+    _announce(follower, dataclasses.replace(ann2, signature=sign_announcement(ann2, "other key")))
+    assert served == [] and "not signed" in follower.rejected[1] and "wrong signature" in follower.rejected[2]
+    ann3 = save_checkpoint(QNetwork(4, 8), settings.checkpoint_dir, version=3, step=0)
+    _announce(follower, dataclasses.replace(ann3, signature=sign_announcement(ann3, "s3cret")))
+    assert [a.version for _, a in served] == [3]
+    assert "s3cret" not in repr(settings) and "s3cret" not in settings.describe()
+
+
+def test_the_learner_signs_its_announcements(tmp_path):
+    from types import SimpleNamespace
+
+    from learner.service import LearnerService, LearnerServiceConfig
+    from learner.trainer import SoftQConfig
+    from memento.checkpoint import announcement_problem
+
+    settings = Settings(data_dir=str(tmp_path / "data"), checkpoint_dir=str(tmp_path / "ckpt"), item_dim=4,
+                        top_k=2, checkpoint_key="s3cret")
+    service = LearnerService(settings, SoftQConfig(top_k=2, hidden=8), LearnerServiceConfig(), metrics_port=None)
+    sent = []
+    service.producer = SimpleNamespace(send=lambda topic, key, value: sent.append(value), flush=lambda timeout: None)
+    ann = service.publish()
+    assert ann.signature and announcement_problem(ann, "s3cret") is None
+    assert announcement_problem(ann, "other") == "announcement of version 0 has a wrong signature"
