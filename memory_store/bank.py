@@ -29,6 +29,7 @@ import collections
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import threading
 import time
@@ -47,6 +48,8 @@ from memory_store.records import CaseBatch, batch_from_arrays, batch_from_cases
 from memory_store.shard import Shard
 
 __all__ = ["CaseBank", "shard_of", "shards_of"]
+
+logger = logging.getLogger("memory_store.bank")
 
 MANIFEST = "bank.json"
 SMALL_BATCH = 16  # searches of fewer queries use one faiss thread whatever ``omp_threads`` says
@@ -389,6 +392,9 @@ class CaseBank:
                         s.snapshot()
                     except RuntimeError:  # closed meanwhile
                         return
+                    except Exception:  # disk full, I/O error: the log keeps every record; retried later
+                        logger.exception("case bank %s: snapshot of shard %d failed", self.name, s.shard_id)
+                        metrics.SNAPSHOT_FAILURES.labels(self.name).inc()
 
     def _check_open(self) -> None:
         if self._closed:

@@ -16,11 +16,14 @@ import weakref
 from prometheus_client import REGISTRY, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
-__all__ = ["ADDS", "EVICTIONS", "SEARCH_SECONDS", "SEARCHES", "register_bank"]
+__all__ = ["ADDS", "EVICTIONS", "SEARCH_SECONDS", "SEARCHES", "SNAPSHOT_FAILURES", "register_bank"]
 
 ADDS = Counter("memento_casebank_adds", "Cases newly added to the case bank", ["bank"])
 EVICTIONS = Counter("memento_casebank_evictions", "Cases evicted from full shards", ["bank"])
 SEARCHES = Counter("memento_casebank_search_queries", "Query vectors searched", ["bank"])
+SNAPSHOT_FAILURES = Counter("memento_casebank_snapshot_failures", "Background snapshots that failed (disk full, "
+                            "I/O error); the write-ahead log keeps every record and the next one tries again",
+                            ["bank"])
 SEARCH_SECONDS = Histogram(
     "memento_casebank_search_seconds", "Latency of one CaseBank.search call (all shards, merged)",
     ["bank"], buckets=(5e-5, 1e-4, 2e-4, 3e-4, 5e-4, 7.5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2.5e-2, 0.1, 1.0))
@@ -44,6 +47,11 @@ class _BankCollector:
                                          "Seconds since the shard's last snapshot", labels=["bank", "shard"])
         wal_bytes = GaugeMetricFamily("memento_casebank_wal_bytes", "Size of the shard's write-ahead log",
                                       labels=["bank", "shard"])
+        wal_truncated = GaugeMetricFamily("memento_casebank_wal_truncated_bytes", "Bytes of a torn or "
+                                          "corrupt log tail cut off when the shard was opened", labels=["bank", "shard"])
+        wal_failed = GaugeMetricFamily("memento_casebank_wal_failed", "1 once the shard's log refuses "
+                                       "writes after a failed append or fsync (until reopened)",
+                                       labels=["bank", "shard"])
         adds_rate = GaugeMetricFamily("memento_casebank_adds_per_second",
                                       "Cases added per second over the last window", labels=["bank"])
         with _banks_lock:
@@ -63,7 +71,9 @@ class _BankCollector:
                 if shard["snapshot_age_s"] is not None:
                     snapshot_age.add_metric([name, sid], shard["snapshot_age_s"])
                 wal_bytes.add_metric([name, sid], shard["wal_bytes"])
-        yield from (cases, index_type, snapshot_age, wal_bytes, adds_rate)
+                wal_truncated.add_metric([name, sid], shard["wal_truncated_bytes"])
+                wal_failed.add_metric([name, sid], 1.0 if shard.get("wal_failed") else 0.0)
+        yield from (cases, index_type, snapshot_age, wal_bytes, wal_truncated, wal_failed, adds_rate)
 
 
 REGISTRY.register(_BankCollector())

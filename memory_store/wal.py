@@ -79,6 +79,7 @@ class WriteAheadLog:
         self._synced = self._written
         self.fsyncs = 0
         self.truncated_bytes = 0
+        self.failed: str | None = None  # why appends are refused until the log is reopened
 
     @property
     def size_bytes(self) -> int:
@@ -98,12 +99,32 @@ class WriteAheadLog:
             parts.append(payload)
         data = b"".join(parts)
         with self._append_lock:
-            view = memoryview(data)
-            while view:
-                written = os.write(self._fd, view)
-                view = view[written:]
+            self._check_usable()
+            try:
+                view = memoryview(data)
+                while view:
+                    written = os.write(self._fd, view)
+                    view = view[written:]
+            except BaseException as exc:
+                # A partial write (ENOSPC, EIO) left bytes that are not a record: later records
+                # appended after them would be cut off at the next replay. Roll back to the last
+                # whole record, and refuse further appends until the log is reopened.
+                self._fail(f"append failed: {exc!r}")
+                try:
+                    os.ftruncate(self._fd, self._written)
+                except OSError as undo:
+                    self._fail(f"append failed: {exc!r}; rolling back failed too: {undo!r}")
+                raise
             self._written += len(data)
             return self._written
+
+    def _fail(self, reason: str) -> None:
+        self.failed = reason
+        logger.error("WAL %s: %s; refusing further appends until it is reopened", self.path, reason)
+
+    def _check_usable(self) -> None:
+        if self.failed is not None:
+            raise OSError(f"WAL {self.path} refuses writes after an earlier failure ({self.failed}); reopen it")
 
     def sync(self, upto: int | None = None) -> None:
         """Make every record appended before ``upto`` (default: all) durable."""
@@ -114,7 +135,12 @@ class WriteAheadLog:
             if self._synced >= target:
                 return
             end = self._written
-            _datasync(self._fd)
+            self._check_usable()
+            try:
+                _datasync(self._fd)
+            except OSError as exc:  # after a failed fsync the page cache cannot be trusted either
+                self._fail(f"fsync failed: {exc!r}")
+                raise
             self.fsyncs += 1
             self._synced = max(self._synced, end)
 
@@ -198,6 +224,9 @@ class WriteAheadLog:
 
     def close(self) -> None:
         if self._fd >= 0:
-            self.sync()
-            os.close(self._fd)
-            self._fd = -1
+            try:
+                if self.failed is None:
+                    self.sync()
+            finally:
+                os.close(self._fd)
+                self._fd = -1
