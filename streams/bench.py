@@ -888,9 +888,20 @@ def run(args: argparse.Namespace) -> dict:
     finally:
         figures["loadavg_end"] = list(os.getloadavg())
         bench.close()
+    # A bench that cannot read back what it must check has measured nothing: say so, and fail.
+    problems = []
+    if figures.get("one_worker_transitions") != figures.get("transitions_expected"):
+        problems.append(f"one worker: read back {figures.get('one_worker_transitions')} of "
+                        f"{figures.get('transitions_expected')} transitions")
+    if "two_workers_transitions" in figures and figures["two_workers_transitions"] != figures["transitions_expected"]:
+        problems.append(f"two workers: read back {figures['two_workers_transitions']} of "
+                        f"{figures['transitions_expected']} transitions")
+    figures["read_back_problems"] = problems
     print(json.dumps(figures, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
+    for problem in problems:
+        print(f"memento bench stream: FAILED: {problem}", file=sys.stderr, flush=True)
     return figures
 
 
@@ -949,8 +960,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run_agent(argv[1:])
     parser = argparse.ArgumentParser(prog="memento bench stream", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
-    run(parser.parse_args(argv))
-    return 0
+    figures = run(parser.parse_args(argv))
+    return 1 if figures.get("read_back_problems") else 0
 
 
 if __name__ == "__main__":
