@@ -49,6 +49,9 @@ class _BankCollector:
                                       labels=["bank", "shard"])
         wal_truncated = GaugeMetricFamily("memento_casebank_wal_truncated_bytes", "Bytes of a torn or "
                                           "corrupt log tail cut off when the shard was opened", labels=["bank", "shard"])
+        wal_corrupt = GaugeMetricFamily("memento_casebank_wal_corrupt_bytes", "Bytes of corrupt records "
+                                        "with valid records after them, skipped when the shard was opened",
+                                        labels=["bank", "shard"])
         wal_failed = GaugeMetricFamily("memento_casebank_wal_failed", "1 once the shard's log refuses "
                                        "writes after a failed append or fsync (until reopened)",
                                        labels=["bank", "shard"])
@@ -72,8 +75,9 @@ class _BankCollector:
                     snapshot_age.add_metric([name, sid], shard["snapshot_age_s"])
                 wal_bytes.add_metric([name, sid], shard["wal_bytes"])
                 wal_truncated.add_metric([name, sid], shard["wal_truncated_bytes"])
+                wal_corrupt.add_metric([name, sid], shard["wal_corrupt_bytes"])
                 wal_failed.add_metric([name, sid], 1.0 if shard.get("wal_failed") else 0.0)
-        yield from (cases, index_type, snapshot_age, wal_bytes, wal_truncated, wal_failed, adds_rate)
+        yield from (cases, index_type, snapshot_age, wal_bytes, wal_truncated, wal_corrupt, wal_failed, adds_rate)
 
 
 REGISTRY.register(_BankCollector())

@@ -614,6 +614,7 @@ class Shard:
                 "wal_fsyncs": self.wal.fsyncs if self.wal is not None else 0,
                 "wal_truncated_bytes": self.wal.truncated_bytes if self.wal is not None else 0,
                 "wal_failed": self.wal.failed if self.wal is not None else None,
+                "wal_corrupt_bytes": self.wal.corrupt_bytes if self.wal is not None else 0,
                 "snapshot_age_s": (time.time() - self.snapshot_time) if self.snapshot_time else None,
                 "lsn": self.lsn,
                 "build_error": repr(self._build_error) if self._build_error else None,

@@ -2,9 +2,12 @@
 
 Record layout (little endian): ``payload_len u32 | crc32 u32 | lsn u64 | type u8 | payload``; the
 CRC covers lsn, type and payload. A record is acknowledged once :meth:`WriteAheadLog.sync` returns
-after it was appended. On open, :meth:`WriteAheadLog.replay` reads records in order and stops at the
-first torn or corrupt one, logs a warning naming the file, byte offset and reason, and truncates the
-file to the last good record, so the next append continues a valid log.
+after it was appended. On open, :meth:`WriteAheadLog.replay` reads records in order. A torn tail
+(the last record cut short by a crash) is truncated, with a warning naming the file, byte offset
+and reason, so the next append continues a valid log. A corrupt record with valid records after
+it (a bad sector, a flipped bit) is not a torn write: the replay skips to the next record whose
+header and CRC check out and goes on, so only the damaged record is lost; it logs an error and
+counts the skipped bytes (:attr:`WriteAheadLog.corrupt_bytes`).
 
 >>> import tempfile, pathlib
 >>> wal = WriteAheadLog(pathlib.Path(tempfile.mkdtemp()) / "wal.log")
@@ -49,6 +52,30 @@ def _crc(lsn: int, kind: int, payload: bytes) -> int:
     return zlib.crc32(payload, zlib.crc32(struct.pack("<QB", lsn, kind))) & 0xFFFFFFFF
 
 
+def _record_at(data: bytes, pos: int) -> LogRecord | str:
+    """The record that starts at byte ``pos``, or why there is none."""
+    if len(data) - pos < HEADER.size:
+        return f"torn record header ({len(data) - pos} of {HEADER.size} bytes)"
+    length, crc, lsn, kind = HEADER.unpack_from(data, pos)
+    start = pos + HEADER.size
+    if length > MAX_RECORD_BYTES or start + length > len(data):
+        return f"torn record payload (lsn {lsn}: {len(data) - start} of {length} bytes present)"
+    payload = data[start:start + length]
+    if _crc(lsn, kind, payload) != crc:
+        return f"CRC mismatch in record at lsn field {lsn}"
+    return LogRecord(lsn, kind, payload)
+
+
+def _next_record(data: bytes, pos: int, after_lsn: int) -> int | None:
+    """The first byte offset from ``pos`` where a whole record with a valid CRC and an lsn above
+    ``after_lsn`` starts (None when there is none)."""
+    for p in range(pos, len(data) - HEADER.size + 1):
+        record = _record_at(data, p)
+        if isinstance(record, LogRecord) and record.lsn > after_lsn:
+            return p
+    return None
+
+
 class WriteAheadLog:
     """Append-only record log of one shard.
 
@@ -79,6 +106,7 @@ class WriteAheadLog:
         self._synced = self._written
         self.fsyncs = 0
         self.truncated_bytes = 0
+        self.corrupt_bytes = 0   # skipped over corrupt records with valid ones after them
         self.failed: str | None = None  # why appends are refused until the log is reopened
 
     @property
@@ -149,23 +177,23 @@ class WriteAheadLog:
         with open(self.path, "rb") as f:
             data = f.read()
         pos = 0
+        last_lsn = -1
         bad_reason = None
         while pos < len(data):
-            if len(data) - pos < HEADER.size:
-                bad_reason = f"torn record header ({len(data) - pos} of {HEADER.size} bytes)"
+            record = _record_at(data, pos)
+            if isinstance(record, LogRecord):
+                yield record
+                last_lsn = record.lsn
+                pos += HEADER.size + len(record.payload)
+                continue
+            resume = _next_record(data, pos + 1, last_lsn)
+            if resume is None:  # nothing valid after it: a torn tail
+                bad_reason = record
                 break
-            length, crc, lsn, kind = HEADER.unpack_from(data, pos)
-            start = pos + HEADER.size
-            if length > MAX_RECORD_BYTES or start + length > len(data):
-                bad_reason = (f"torn record payload (lsn {lsn}: {len(data) - start} of {length} bytes "
-                              f"present)")
-                break
-            payload = data[start:start + length]
-            if _crc(lsn, kind, payload) != crc:
-                bad_reason = f"CRC mismatch in record at lsn field {lsn}"
-                break
-            yield LogRecord(lsn, kind, payload)
-            pos = start + length
+            logger.error("WAL %s: corrupt record at byte %d (%s) with valid records after it; skipping "
+                         "%d bytes to the next one (that record is lost)", self.path, pos, record, resume - pos)
+            self.corrupt_bytes += resume - pos
+            pos = resume
         if bad_reason is not None:
             self.truncate_at(pos, bad_reason, len(data))
 

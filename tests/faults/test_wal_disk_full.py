@@ -71,3 +71,27 @@ def test_a_failing_snapshot_keeps_the_background_loop_alive(tmp_path, monkeypatc
         time.sleep(0.05)
     assert metrics.SNAPSHOT_FAILURES.labels("snapfail")._value.get() == 2
     bank.close()
+
+
+def test_a_corrupt_record_mid_log_loses_only_itself(tmp_path):
+    """A flipped byte inside a record with valid records after it is not a torn tail. Before the
+    fix the replay stopped there and truncated the file: every later acknowledged record was
+    silently gone. Now only the damaged record is skipped (counted); a torn tail is still cut."""
+    path = tmp_path / "wal.log"
+    log = WriteAheadLog(path)
+    for lsn in (1, 2, 3):
+        log.sync(log.append([(lsn, 1, f"record {lsn} ".encode() * 20)]))
+    log.close()
+    data = bytearray(path.read_bytes())
+    second = len(data) // 3 + 40  # inside record 2's payload
+    data[second] ^= 0xFF
+    data += b"\x07\x00\x00"  # and a torn tail after record 3
+    path.write_bytes(bytes(data))
+
+    reopened = WriteAheadLog(path)
+    assert [r.lsn for r in reopened.replay()] == [1, 3]
+    record = len(data[:-3]) // 3
+    assert reopened.corrupt_bytes == record and reopened.truncated_bytes == 3
+    reopened.sync(reopened.append([(4, 1, b"next")]))
+    reopened.close()
+    assert [r.lsn for r in WriteAheadLog(path).replay()] == [1, 3, 4]
