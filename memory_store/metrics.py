@@ -52,6 +52,9 @@ class _BankCollector:
         wal_corrupt = GaugeMetricFamily("memento_casebank_wal_corrupt_bytes", "Bytes of corrupt records "
                                         "with valid records after them, skipped when the shard was opened",
                                         labels=["bank", "shard"])
+        snapshot_corrupt = GaugeMetricFamily("memento_casebank_snapshot_set_aside", "1 when the shard's "
+                                             "snapshot could not be read at open and was set aside",
+                                             labels=["bank", "shard"])
         wal_failed = GaugeMetricFamily("memento_casebank_wal_failed", "1 once the shard's log refuses "
                                        "writes after a failed append or fsync (until reopened)",
                                        labels=["bank", "shard"])
@@ -76,8 +79,10 @@ class _BankCollector:
                 wal_bytes.add_metric([name, sid], shard["wal_bytes"])
                 wal_truncated.add_metric([name, sid], shard["wal_truncated_bytes"])
                 wal_corrupt.add_metric([name, sid], shard["wal_corrupt_bytes"])
+                snapshot_corrupt.add_metric([name, sid], 1.0 if shard.get("snapshot_error") else 0.0)
                 wal_failed.add_metric([name, sid], 1.0 if shard.get("wal_failed") else 0.0)
-        yield from (cases, index_type, snapshot_age, wal_bytes, wal_truncated, wal_corrupt, wal_failed, adds_rate)
+        yield from (cases, index_type, snapshot_age, wal_bytes, wal_truncated, wal_corrupt, snapshot_corrupt,
+                    wal_failed, adds_rate)
 
 
 REGISTRY.register(_BankCollector())

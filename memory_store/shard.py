@@ -111,9 +111,13 @@ class Shard:
         self._build_error: BaseException | None = None
         self._closed = False
         self.wal: WriteAheadLog | None = None
+        self.snapshot_error: str | None = None  # why the snapshot found at open was set aside
         if self.directory is not None:
             self.directory.mkdir(parents=True, exist_ok=True)
-            self._load_snapshot()
+            try:
+                self._load_snapshot()
+            except Exception as exc:  # a corrupt or unreadable snapshot must not make the bank unopenable
+                self._set_snapshot_aside(exc)
             self.wal = WriteAheadLog(self.directory / WAL_FILE, fsync=options.fsync)
             self._replay()
         self._maybe_build()
@@ -572,6 +576,21 @@ class Shard:
         self.free = [s for s in range(self.high_water) if s not in blocked]
         self.snapshot_time = path.stat().st_mtime
 
+    def _set_snapshot_aside(self, exc: Exception) -> None:
+        """Keep an unreadable snapshot for inspection (``snapshot.npz.corrupt``) and open the
+        shard from its log alone: the cases the snapshot held are missing until they are added
+        again (serving's followers re-read the cases topic from the start, and do)."""
+        path = self.directory / SNAPSHOT_FILE
+        aside = path.with_name(SNAPSHOT_FILE + ".corrupt")
+        os.replace(path, aside)
+        self.snapshot_error = f"{exc!r} (kept as {aside.name})"
+        logger.error("case bank shard %d: snapshot %s cannot be read (%r); set aside as %s, opening from "
+                     "the log alone", self.shard_id, path, exc, aside.name)
+        self._reset_columns(64)
+        self.index = FlatIndex(self.dim)
+        self.lsn = self.next_seq = self.built_size = self.evictions = 0
+        self.snapshot_time = None
+
     def _replay(self) -> None:
         replayed = 0
         for record in self.wal.replay():
@@ -615,6 +634,7 @@ class Shard:
                 "wal_truncated_bytes": self.wal.truncated_bytes if self.wal is not None else 0,
                 "wal_failed": self.wal.failed if self.wal is not None else None,
                 "wal_corrupt_bytes": self.wal.corrupt_bytes if self.wal is not None else 0,
+                "snapshot_error": self.snapshot_error,
                 "snapshot_age_s": (time.time() - self.snapshot_time) if self.snapshot_time else None,
                 "lsn": self.lsn,
                 "build_error": repr(self._build_error) if self._build_error else None,

@@ -95,3 +95,32 @@ def test_a_corrupt_record_mid_log_loses_only_itself(tmp_path):
     reopened.sync(reopened.append([(4, 1, b"next")]))
     reopened.close()
     assert [r.lsn for r in WriteAheadLog(path).replay()] == [1, 3, 4]
+
+
+def test_a_corrupt_snapshot_no_longer_makes_the_bank_unopenable(tmp_path):
+    """Before the fix a snapshot that failed to load (bit rot, a truncated copy) raised from the
+    shard's constructor: the bank, so serving or the learner, could not start again. Now it is
+    set aside, the shard opens from its log, and the metric says so."""
+    import numpy as np
+
+    from memory_store import CaseBank
+
+    path = tmp_path / "bank"
+    rng = np.random.default_rng(0)
+    with CaseBank(path, 4, num_shards=1, snapshot_on_close=False) as bank:
+        states = rng.standard_normal((10, 4))
+        bank.add_arrays([f"old{i}" for i in range(10)], states, "item", states, 1.0, 0.0)
+        bank.snapshot()
+        more = rng.standard_normal((3, 4))
+        bank.add_arrays([f"new{i}" for i in range(3)], more, "item", more, 1.0, 0.0)  # in the log only
+    snapshot = next(path.rglob("snapshot.npz"))
+    snapshot.write_bytes(snapshot.read_bytes()[:100])  # truncated
+    with CaseBank(path, 4, num_shards=1) as bank:
+        assert sorted(c for c in [f"new{i}" for i in range(3)] if c in bank) == ["new0", "new1", "new2"]
+        assert "old0" not in bank  # until added again (serving re-reads the cases topic)
+        shard = bank.stats()["shards"][0]
+        assert shard["snapshot_error"] and "snapshot.npz.corrupt" in shard["snapshot_error"]
+        states = rng.standard_normal((10, 4))
+        bank.add_arrays([f"old{i}" for i in range(10)], states, "item", states, 1.0, 0.0)
+        assert len(bank) == 13
+    assert (snapshot.parent / "snapshot.npz.corrupt").exists()
