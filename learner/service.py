@@ -161,9 +161,10 @@ def last_announced_version(settings: Settings, timeout_s: float = 10.0, scan: in
     when it holds none that decode)."""
     from kafka import KafkaConsumer, TopicPartition
 
-    from memento.kafka_io import client_kwargs
+    from memento.kafka_io import client_kwargs, fetch_kwargs
 
-    consumer = KafkaConsumer(**client_kwargs(settings), group_id=None, enable_auto_commit=False)
+    consumer = KafkaConsumer(**client_kwargs(settings), **fetch_kwargs(settings), group_id=None,
+                             enable_auto_commit=False)
     try:
         partitions = consumer.partitions_for_topic(settings.topics.checkpoints) or {0}
         tps = [TopicPartition(settings.topics.checkpoints, p) for p in partitions]

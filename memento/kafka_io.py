@@ -18,7 +18,7 @@ from memento.schemas import MAX_ORIGINAL_BYTES, DeadLetter, encode
 
 __all__ = ["client_kwargs", "wait_for_broker", "ensure_topics", "make_producer", "make_consumer", "poll",
            "throttle_aiokafka_empty_fetches",
-           "DeadLetterWriter", "topic_specs"]
+           "DeadLetterWriter", "topic_specs", "fetch_kwargs"]
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,19 @@ log = logging.getLogger(__name__)
 def client_kwargs(settings: Settings) -> dict:
     kwargs: dict = {"bootstrap_servers": settings.bootstrap_servers.split(",")}
     return kwargs
+
+
+def fetch_kwargs(settings: Settings) -> dict:
+    """Options every kafka-python consumer of ``settings``' broker needs to read a backlog.
+
+    noida answers a fetch with everything from the offset to the end of the partition, whatever
+    ``fetch_max_bytes`` and ``max_partition_fetch_bytes`` ask (measured: one 150 MB answer for a
+    150 MB partition; Tansu honours the limits). kafka-python refuses any answer over its 100 MB
+    frame guard, reconnects, and asks again, forever, so a consumer with a large backlog (a
+    restarted learner, the stream bench's reader) never moves. On noida the guard is raised to
+    1 GiB: such a consumer then reads, at the cost of memory for the answer. Apache Kafka
+    honours the limits and keeps the default guard."""
+    return {"receive_message_max_bytes": 1 << 30} if settings.embedded_broker == "noida" else {}
 
 
 def consumer_group_kwargs(settings: Settings) -> dict:
@@ -98,7 +111,8 @@ def make_producer(settings: Settings, **overrides) -> KafkaProducer:
 def make_consumer(settings: Settings, topics: Iterable[str], *, group_id: str | None,
                   from_beginning: bool = True, **overrides) -> KafkaConsumer:
     kwargs = dict(group_id=group_id, auto_offset_reset="earliest" if from_beginning else "latest",
-                  enable_auto_commit=group_id is not None, **consumer_group_kwargs(settings))
+                  enable_auto_commit=group_id is not None, **consumer_group_kwargs(settings),
+                  **fetch_kwargs(settings))
     kwargs.update(overrides)
     consumer = KafkaConsumer(**client_kwargs(settings), **kwargs)
     consumer.subscribe(list(topics))

@@ -355,9 +355,10 @@ def measure_outputs(settings, topics: dict[str, str], span: tuple[float, float],
     out."""
     from kafka import KafkaConsumer, TopicPartition
 
-    from memento.kafka_io import client_kwargs
+    from memento.kafka_io import client_kwargs, fetch_kwargs
 
-    consumer = KafkaConsumer(**client_kwargs(settings), enable_auto_commit=False, group_id=None)
+    consumer = KafkaConsumer(**client_kwargs(settings), **fetch_kwargs(settings), enable_auto_commit=False,
+                             group_id=None)
     try:
         partitions = {topic: sorted(consumer.partitions_for_topic(topic) or ()) for topic in topics.values()}
         consumer.assign([TopicPartition(t, p) for t, ps in partitions.items() for p in ps])
@@ -609,9 +610,10 @@ class _TransitionReader(threading.Thread):
         super().__init__(daemon=True, name="transition-reader")
         from kafka import KafkaConsumer, TopicPartition
 
-        from memento.kafka_io import client_kwargs
+        from memento.kafka_io import client_kwargs, fetch_kwargs
 
-        self.consumer = KafkaConsumer(**client_kwargs(settings), enable_auto_commit=False, group_id=None)
+        self.consumer = KafkaConsumer(**client_kwargs(settings), **fetch_kwargs(settings), enable_auto_commit=False,
+                                      group_id=None)
         topic = settings.topics.transitions
         parts = self.consumer.partitions_for_topic(topic) or set(range(PARTITIONS))
         tps = [TopicPartition(topic, p) for p in sorted(parts)]
@@ -933,10 +935,11 @@ def _truth(batches, args, ids: set[str]) -> dict[str, list]:
 def _ceiling(settings, total: int) -> float:
     from kafka import KafkaConsumer
 
-    from memento.kafka_io import client_kwargs
+    from memento.kafka_io import client_kwargs, fetch_kwargs
 
     consumer = KafkaConsumer(settings.topics.actions, settings.topics.recommendations,
-                             **client_kwargs(settings), group_id=None, auto_offset_reset="earliest",
+                             **client_kwargs(settings), **fetch_kwargs(settings), group_id=None,
+                             auto_offset_reset="earliest",
                              enable_auto_commit=False)
     n, first, first_n = 0, None, 0
     deadline = time.monotonic() + 120
