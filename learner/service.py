@@ -127,6 +127,8 @@ class LearnerMetrics:
         self.skipped = Counter(p + "skipped_updates", "updates skipped as non-finite", registry=r)
         self.dropped = Counter(p + "dropped_updates", "updates owed beyond the backlog cap, not run", registry=r)
         self.publish_refused = Counter(p + "publish_refused", "publications refused: learner unhealthy", registry=r)
+        self.publish_failures = Counter(p + "publish_failures", "checkpoints that could not be written "
+                                        "(disk full, I/O error); retried after the next update", registry=r)
         self.checkpoints = Counter(p + "checkpoints_published", "checkpoints announced", registry=r)
         self.loss = Gauge(p + "loss", "last update's loss", registry=r)
         self.q_mean = Gauge(p + "q_mean", "last update's mean Q(s, c)", registry=r)
@@ -337,7 +339,13 @@ class LearnerService:
                         self.learner.skipped_updates)
             return None
         version = self.version + 1
-        ann = self.learner.save_checkpoint(self.checkpoint_dir, version=version, metrics=self._last_metrics)
+        try:
+            ann = self.learner.save_checkpoint(self.checkpoint_dir, version=version, metrics=self._last_metrics)
+        except OSError as exc:  # disk full, I/O error: serving keeps the last version; retried later
+            self.metrics.publish_failures.inc()
+            log.error("could not write policy v%d (%r); serving keeps v%d, retrying after the next update",
+                      version, exc, self.version)
+            return None
         if self.settings.checkpoint_key:
             ann = dataclasses.replace(ann, signature=sign_announcement(ann, self.settings.checkpoint_key))
         self.producer.send(self.settings.topics.checkpoints, key="policy", value=encode(ann))
@@ -475,7 +483,8 @@ class LearnerService:
             self.dead_letter = DeadLetterWriter(self.settings, self.producer)
             self.continue_versions()
             if self.publish() is None:
-                raise RuntimeError("the restored learner holds non-finite weights; refusing to start")
+                raise RuntimeError("could not publish the start-up version (non-finite weights, or the "
+                                   "checkpoint could not be written: see the log); refusing to start")
             self.loop.mark_published()
             self.ready.set()
             topics = self.settings.topics

@@ -190,11 +190,15 @@ def save_checkpoint(net: QNetwork, directory: str | Path, *, version: int, step:
     data = st_save(tensors, metadata=meta)
     path = directory / checkpoint_file_name(version)
     tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk must not leave a partial file behind
+        tmp.unlink(missing_ok=True)
+        raise
     return CheckpointAnnouncement(
         version=version, path=str(path.resolve()), sha256=sha256_bytes(data), created_at=time.time(),
         step=step, state_dim=net.state_dim, item_dim=net.state_dim,

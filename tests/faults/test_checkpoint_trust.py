@@ -80,3 +80,32 @@ def test_the_learner_signs_its_announcements(tmp_path):
     ann = service.publish()
     assert ann.signature and announcement_problem(ann, "s3cret") is None
     assert announcement_problem(ann, "other") == "announcement of version 0 has a wrong signature"
+
+
+def test_a_full_disk_while_writing_a_checkpoint_is_counted_and_retried(tmp_path, monkeypatch):
+    """Before the fix the OSError of a full disk left the learner's publish, ended its loop and
+    the process, and left a partial ``.tmp`` file; now the version is not announced, the failure
+    is counted, no partial file remains, and the next publication writes that version."""
+    import errno
+    from types import SimpleNamespace
+
+    from learner.service import LearnerService, LearnerServiceConfig
+    from learner.trainer import SoftQConfig
+    from memento import checkpoint as checkpoint_module
+
+    settings = Settings(data_dir=str(tmp_path / "data"), checkpoint_dir=str(tmp_path / "ckpt"), item_dim=4, top_k=2)
+    service = LearnerService(settings, SoftQConfig(top_k=2, hidden=8), LearnerServiceConfig(), metrics_port=None)
+    sent = []
+    service.producer = SimpleNamespace(send=lambda topic, key, value: sent.append(value), flush=lambda timeout: None)
+    assert service.publish().version == 0
+    real_fsync = checkpoint_module.os.fsync
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_module.os, "fsync", full)
+    assert service.publish() is None and len(sent) == 1
+    assert service.metrics.publish_failures._value.get() == 1
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["policy-v000000.safetensors"]
+    monkeypatch.setattr(checkpoint_module.os, "fsync", real_fsync)
+    assert service.publish().version == 1 and len(sent) == 2
