@@ -24,6 +24,7 @@ from memento.config import Settings
 from memento.encoder import case_feature_vector
 from memento.schemas import Case, Transition
 from memento.simulator import WorldConfig
+from test_common_support import RecordingProducer
 
 replace = dataclasses.replace
 # The boost is off by default (detect and alert only); these tests exercise it switched on.
@@ -144,24 +145,13 @@ def test_a_detected_drop_publishes_after_the_next_update_not_publish_every_later
     assert loop.drift.detections == 1 and published == [updates_at_detection + 1] and not loop.drift_pending
 
 
-class _Producer:
-    def __init__(self):
-        self.sent = []
-
-    def send(self, topic, key=None, value=None):
-        self.sent.append((topic, key, value))
-
-    def flush(self, timeout=None):
-        pass
-
-
 def _service(tmp_path, drift: DriftConfig | None = None) -> LearnerService:
     settings = Settings(data_dir=str(tmp_path / "data"), checkpoint_dir=str(tmp_path / "ckpt"), item_dim=D,
                         top_k=K)
     service = LearnerService(settings, SoftQConfig(top_k=K, hidden=8, alpha=0.1, min_prob=0.01, seed=0),
                              LearnerServiceConfig(buffer_capacity=8000, learning_starts=10_000),
                              BOOSTED if drift is None else drift)
-    service.producer = _Producer()
+    service.producer = RecordingProducer()
     return service
 
 

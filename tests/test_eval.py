@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from memento.evaluation.policies import LinUCBPolicy, Request, items_in_order
 from memento.evaluation.runner import EvalConfig, run_policy
 from memento.schemas import Transition
 from memento.simulator import WorldConfig
+from test_common_support import write_csv
 
 SMALL_WORLD = WorldConfig(n_items=60, n_users=20)
 TMALL = Path(__file__).resolve().parents[2] / "shared" / "data" / "tmall-sample"
@@ -91,18 +91,10 @@ def test_learning_policies_train_and_publish_during_the_run():
         assert m["updates"] > 200 and m["policy_versions"] >= 10 and m["skipped_updates"] == 0
 
 
-def _write_csv(path: Path, header, rows) -> Path:
-    with path.open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(header)
-        w.writerows(rows)
-    return path
-
-
 def test_logged_item_is_never_forced_into_the_candidates(tmp_path):
     # Every request's logged item is new: no past case holds it, so no case policy can hit it.
     rows = [[f"u{i % 5}", f"item{i}", 1000 + 60 * i, "click"] for i in range(80)]
-    data = load_interactions(_write_csv(tmp_path / "log.csv", ["user_id", "item_id", "timestamp", "action"], rows))
+    data = load_interactions(write_csv(tmp_path / "log.csv", ["user_id", "item_id", "timestamp", "action"], rows))
     config = EvalConfig(source="interactions", events=0, warmup_events=10)
     for name in ("cosine", "softq", "linucb"):
         m = run_policy(config, name, seed=0, data=data).metrics
@@ -113,7 +105,7 @@ def test_logged_item_is_never_forced_into_the_candidates(tmp_path):
 def test_repeated_items_are_found_by_cosine_from_the_users_own_cases(tmp_path):
     # Each user keeps clicking their own item: the nearest case is their last action.
     rows = [[f"u{i % 4}", f"item{i % 4}", 1000 + 700 * i, "click"] for i in range(60)]
-    data = load_interactions(_write_csv(tmp_path / "log.csv", ["user_id", "item_id", "timestamp", "action"], rows))
+    data = load_interactions(write_csv(tmp_path / "log.csv", ["user_id", "item_id", "timestamp", "action"], rows))
     m = run_policy(EvalConfig(source="interactions", events=0, warmup_events=8), "cosine", 0, data).metrics
     assert m["hit@1"] == 1.0 and m["reward_mean"] == 1.0
 
@@ -126,7 +118,7 @@ def test_propensity_logs_get_off_policy_estimates(tmp_path):
     for i in range(1500):
         item = items[int(rng.integers(5))]
         rows.append([f"u{i}", item, 1000 + i, "click" if item == "a" else "view", 0.2])
-    path = _write_csv(tmp_path / "log.csv", ["user_id", "item_id", "timestamp", "action", "propensity"], rows)
+    path = write_csv(tmp_path / "log.csv", ["user_id", "item_id", "timestamp", "action", "propensity"], rows)
     data = load_interactions(path, rewards={"click": 1.0, "view": 0.0})
     config = EvalConfig(source="interactions", events=0, warmup_events=50)
     random_run = run_policy(config, "random", 0, data)
@@ -147,7 +139,7 @@ def test_context_logs_without_users_run_as_one_step_episodes(tmp_path):
         x = rng.standard_normal(3)
         item = "left" if x[0] < 0 else "right"
         rows.append([f"{item}", 1000 + i, 4 if rng.random() < 0.8 else 2, *x.round(4)])
-    path = _write_csv(tmp_path / "bandit.csv", ["item_id", "timestamp", "rating", "ctx_a", "ctx_b", "ctx_c"], rows)
+    path = write_csv(tmp_path / "bandit.csv", ["item_id", "timestamp", "rating", "ctx_a", "ctx_b", "ctx_c"], rows)
     data = load_interactions(path, rating_threshold=4, context_prefix="ctx_")
     assert not data.has_users and data.context_columns == ["ctx_a", "ctx_b", "ctx_c"]
     config = EvalConfig(source="interactions", events=0, warmup_events=40)
@@ -230,7 +222,7 @@ def test_float64_one_hot_context_log_runs_every_trained_policy(tmp_path):
         one_hot = np.eye(4, dtype=np.float64)[k]
         rows.append([f"i{k}", 1000 + i, "click" if rng.random() < 0.7 else "view", 0.25,
                      *[repr(float(x)) for x in one_hot]])
-    path = _write_csv(tmp_path / "onehot.csv",
+    path = write_csv(tmp_path / "onehot.csv",
                       ["item_id", "timestamp", "action", "propensity", "ctx_0", "ctx_1", "ctx_2", "ctx_3"], rows)
     data = load_interactions(path, rewards={"click": 1.0, "view": 0.0}, context_prefix="ctx_")
     import dataclasses
@@ -254,7 +246,7 @@ def test_categorical_context_logs_are_hashed_into_states_cosine_can_use(tmp_path
         item = f"i{k}" if rng.random() < 0.9 else f"i{int(rng.integers(4))}"
         site = sites[k] if i % 17 else ""                # a few missing values
         rows.append([item, 1000 + i, 4, site, round(float(rng.standard_normal()) * 0.1, 4)])
-    path = _write_csv(tmp_path / "bandit.csv", ["item_id", "timestamp", "rating", "ctx_site", "ctx_x"], rows)
+    path = write_csv(tmp_path / "bandit.csv", ["item_id", "timestamp", "rating", "ctx_site", "ctx_x"], rows)
     data = load_interactions(path, rating_threshold=4, context_prefix="ctx_")
     assert data.categorical_columns == ["ctx_site"]
     config = EvalConfig(source="interactions", events=0, warmup_events=40)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from memento.evaluation.policies import POLICY_NAMES, Request
 from memento.evaluation.runner import EvalConfig, make_policy, run_policy
 from memento.schemas import Transition
 from memento.simulator import WorldConfig
+from test_common_support import write_csv
 
 SMALL_WORLD = WorldConfig(n_items=60, n_users=20)
 BASELINES = ("recent", "itemknn", "vw")
@@ -226,20 +226,12 @@ def test_each_baseline_runs_on_the_simulator(name):
         assert m["updates"] == 150 and m["rebuilt_examples"] == 0 and m["open_decisions"] == 0
 
 
-def _write_csv(path: Path, header, rows) -> Path:
-    with path.open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(header)
-        w.writerows(rows)
-    return path
-
-
 @pytest.mark.parametrize("name", BASELINES)
 def test_each_baseline_runs_on_a_log(tmp_path, name):
     # Twelve users, each alternating between their own two items (24 items: more than a list
     # holds, so popularity alone cannot list every user's next item), one event every 700 s.
     rows = [[f"u{i % 12}", f"item{i % 12}{'ab'[(i // 12) % 2]}", 1000 + 700 * i, "click"] for i in range(96)]
-    data = load_interactions(_write_csv(tmp_path / "log.csv", ["user_id", "item_id", "timestamp", "action"], rows))
+    data = load_interactions(write_csv(tmp_path / "log.csv", ["user_id", "item_id", "timestamp", "action"], rows))
     m = run_policy(EvalConfig(source="interactions", events=0, warmup_events=24), name, 0, data).metrics
     assert m["requests"] == 72
     if name in ("recent", "itemknn"):

@@ -29,6 +29,7 @@ from memory_store import CaseBank
 from serving.app import ServingConfig, ServingService
 from serving.followers import CheckpointFollower
 from serving.policy import PolicyOptions
+from test_common_support import RecordingProducer
 
 torch.set_num_threads(1)
 
@@ -62,23 +63,12 @@ def _metadata(path) -> dict[str, str]:
     return json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])["__metadata__"]
 
 
-class _Producer:
-    def __init__(self):
-        self.sent = []
-
-    def send(self, topic, key=None, value=None):
-        self.sent.append((topic, key, value))
-
-    def flush(self, timeout=None):
-        pass
-
-
 def test_published_checkpoint_carries_the_learners_tuned_alpha_floor_and_k(tmp_path):
     config = SoftQConfig(top_k=2, hidden=16, alpha=0.1, target_entropy=0.6, lr=1e-2, min_prob=0.05,
                          batch_size=32, seed=0)
     service = LearnerService(_settings(tmp_path, top_k=2), config,
                              LearnerServiceConfig(learning_starts=32, publish_every=50, publish_min_interval_s=0.0))
-    service.producer = _Producer()
+    service.producer = RecordingProducer()
     assert service.loop.add(_two_case_rows(200)) == 200
     assert service.train(threading.Event()) == 200 and len(service.published) == 4
     ann = service.published[-1]

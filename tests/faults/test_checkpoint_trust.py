@@ -16,6 +16,7 @@ from memento.qnet import QNetwork
 from memento.schemas import encode
 from serving.followers import CheckpointFollower
 from serving.metrics import ServingMetrics
+from test_common_support import RecordingProducer
 
 pytestmark = pytest.mark.faults
 
@@ -66,8 +67,6 @@ def test_with_a_key_only_signed_announcements_are_served(tmp_path):
 
 
 def test_the_learner_signs_its_announcements(tmp_path):
-    from types import SimpleNamespace
-
     from learner.service import LearnerService, LearnerServiceConfig
     from learner.trainer import SoftQConfig
     from memento.checkpoint import announcement_problem
@@ -75,8 +74,7 @@ def test_the_learner_signs_its_announcements(tmp_path):
     settings = Settings(data_dir=str(tmp_path / "data"), checkpoint_dir=str(tmp_path / "ckpt"), item_dim=4,
                         top_k=2, checkpoint_key="s3cret")
     service = LearnerService(settings, SoftQConfig(top_k=2, hidden=8), LearnerServiceConfig(), metrics_port=None)
-    sent = []
-    service.producer = SimpleNamespace(send=lambda topic, key, value: sent.append(value), flush=lambda timeout: None)
+    service.producer = producer = RecordingProducer()
     ann = service.publish()
     assert ann.signature and announcement_problem(ann, "s3cret") is None
     assert announcement_problem(ann, "other") == "announcement of version 0 has a wrong signature"
@@ -87,7 +85,6 @@ def test_a_full_disk_while_writing_a_checkpoint_is_counted_and_retried(tmp_path,
     the process, and left a partial ``.tmp`` file; now the version is not announced, the failure
     is counted, no partial file remains, and the next publication writes that version."""
     import errno
-    from types import SimpleNamespace
 
     from learner.service import LearnerService, LearnerServiceConfig
     from learner.trainer import SoftQConfig
@@ -95,8 +92,8 @@ def test_a_full_disk_while_writing_a_checkpoint_is_counted_and_retried(tmp_path,
 
     settings = Settings(data_dir=str(tmp_path / "data"), checkpoint_dir=str(tmp_path / "ckpt"), item_dim=4, top_k=2)
     service = LearnerService(settings, SoftQConfig(top_k=2, hidden=8), LearnerServiceConfig(), metrics_port=None)
-    sent = []
-    service.producer = SimpleNamespace(send=lambda topic, key, value: sent.append(value), flush=lambda timeout: None)
+    service.producer = producer = RecordingProducer()
+    sent = producer.sent
     assert service.publish().version == 0
     real_fsync = checkpoint_module.os.fsync
 
