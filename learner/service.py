@@ -25,7 +25,8 @@ and the optimiser state are saved (synced to disk) on shutdown and every
 empty) is skipped with a warning and the network comes from the latest checkpoint. Input offsets
 are committed only after a save, and only up to the records handled before it: a crash loses
 nothing, the restarted learner reads again what it had not saved (repeated transitions are
-dropped by id).
+dropped by id). The cases topic is read from its start at every assignment, whatever the group
+committed: the bank is a replica of it, refilled if its directory was lost or set aside.
 
 Run it as ``memento learner`` (see :func:`add_arguments`) or::
 
@@ -48,6 +49,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from kafka import ConsumerRebalanceListener
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, start_http_server
 
 from learner.buffer import ReplayBuffer
@@ -156,6 +158,25 @@ class LearnerMetrics:
                                               "that could not be read at start-up (skipped)", registry=r)
         self.committed_offsets = Counter(p + "offset_commits", "input offset commits (each after a state "
                                          "save)", registry=r)
+
+
+class _CasesFromTheStart(ConsumerRebalanceListener):
+    """Rebalance listener: each assigned partition of the cases topic is read from its start,
+    whatever the group committed. The learner's bank is a replica of that topic (adding a known
+    case is a no-op), so a lost or partly unreadable bank directory is made whole again at the
+    next start, as serving's is."""
+
+    def __init__(self, cases_topic: str):
+        self.cases_topic = cases_topic
+        self.consumer = None
+
+    def on_partitions_revoked(self, revoked):
+        pass
+
+    def on_partitions_assigned(self, assigned):
+        cases = [tp for tp in assigned if tp.topic == self.cases_topic]
+        if cases and self.consumer is not None:
+            self.consumer.seek_to_beginning(*cases)
 
 
 def last_announced_version(settings: Settings, timeout_s: float = 10.0, scan: int = 1000) -> int | None:
@@ -488,9 +509,11 @@ class LearnerService:
             self.loop.mark_published()
             self.ready.set()
             topics = self.settings.topics
+            listener = _CasesFromTheStart(topics.cases)
             consumer = make_consumer(self.settings, [topics.transitions, topics.cases],
                                      group_id=self.options.group_id, enable_auto_commit=False,
-                                     max_poll_records=self.options.max_poll_records)
+                                     max_poll_records=self.options.max_poll_records, listener=listener)
+            listener.consumer = consumer
             last_log = last_save = time.monotonic()
             steps_at_log = self.learner.steps
             while not stop.is_set():

@@ -109,13 +109,13 @@ def make_producer(settings: Settings, **overrides) -> KafkaProducer:
 
 
 def make_consumer(settings: Settings, topics: Iterable[str], *, group_id: str | None,
-                  from_beginning: bool = True, **overrides) -> KafkaConsumer:
+                  from_beginning: bool = True, listener=None, **overrides) -> KafkaConsumer:
     kwargs = dict(group_id=group_id, auto_offset_reset="earliest" if from_beginning else "latest",
                   enable_auto_commit=group_id is not None, **consumer_group_kwargs(settings),
                   **fetch_kwargs(settings))
     kwargs.update(overrides)
     consumer = KafkaConsumer(**client_kwargs(settings), **kwargs)
-    consumer.subscribe(list(topics))
+    consumer.subscribe(list(topics), listener=listener)
     return consumer
 
 

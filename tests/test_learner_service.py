@@ -147,6 +147,7 @@ def test_learner_service_publishes_increasing_verified_checkpoints(tmp_path: Pat
             time.sleep(0.5)
         assert len(restarted.buffer) == N_TRANSITIONS and restarted.learner.steps == steps_before
         assert restarted.transitions_consumed == 0            # offsets were committed
+        assert len(restarted.bank) == N_CASES                 # the cases topic is re-read: a no-op here
         assert restarted.published[0].version == first_run[-1].version + 1
         everything = _read_topic(settings, settings.topics.checkpoints, CheckpointAnnouncement,
                                  len(first_run) + 1, 20)

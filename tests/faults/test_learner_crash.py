@@ -99,3 +99,38 @@ def test_learner_killed_before_saving_loses_nothing_and_restarts_on_a_torn_state
     log = log2.read_text()
     assert version == last + 1, (version, last)
     assert "not restoring the learner state" in log and "Traceback" not in log
+
+
+@pytest.mark.parametrize("engine", EmbeddedBroker.engines())
+def test_a_lost_bank_directory_is_refilled_from_the_cases_topic(tmp_path: Path, engine: str):
+    """The learner's case bank is a replica of the cases topic. Before the fix its group's
+    committed offsets covered the cases topic too, so a bank directory lost (or a snapshot set
+    aside as unreadable) stayed empty after a restart: every candidate set came from nothing."""
+    import shutil
+    import threading
+
+    from learner.service import LearnerService, LearnerServiceConfig
+    from learner.trainer import SoftQConfig
+    from test_learner_service import N_CASES
+
+    with EmbeddedBroker(engine, 0, str(tmp_path / "broker")) as broker:
+        settings = broker.settings(data_dir=str(tmp_path / "data"), checkpoint_dir=str(tmp_path / "ckpt"),
+                                   item_dim=D, top_k=K)
+        _produce(settings, np.random.default_rng(3))
+        config = SoftQConfig(top_k=K, hidden=16, batch_size=32, seed=0)
+        options = LearnerServiceConfig(buffer_capacity=1000, learning_starts=32, publish_every=1000,
+                                       publish_min_interval_s=0.0)
+        for round_ in range(2):
+            service = LearnerService(settings, config, options, metrics_port=None)
+            stop = threading.Event()
+            thread = threading.Thread(target=service.run, args=(stop,), daemon=True)
+            thread.start()
+            deadline = time.monotonic() + 60
+            while not (service.bank is not None and len(service.bank) == N_CASES
+                       and service.transitions_consumed + len(service.buffer) >= N_TRANSITIONS):
+                assert time.monotonic() < deadline and thread.is_alive(), \
+                    f"round {round_}: bank {len(service.bank) if service.bank else None} of {N_CASES} cases"
+                time.sleep(0.1)
+            stop.set()
+            thread.join(30)
+            shutil.rmtree(tmp_path / "data" / "learner-bank")  # lost before the second start
