@@ -11,6 +11,7 @@ settings. Production points the same code at Apache Kafka and never uses this mo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -127,7 +128,7 @@ class EmbeddedBroker:
         self.state_file.write_text(json.dumps({"pid": proc.pid, "engine": self.engine, "port": self.port,
                                                "bootstrap": self.bootstrap, "log": str(log_path)}))
         settings = settings or self.settings()
-        settings = Settings(**{**settings.__dict__, "bootstrap_servers": self.bootstrap, "embedded_broker": self.engine})
+        settings = dataclasses.replace(settings, bootstrap_servers=self.bootstrap, embedded_broker=self.engine)
         try:
             deadline = time.monotonic() + timeout
             # a plain TCP probe until the port listens: Kafka clients log every refused

@@ -42,6 +42,14 @@ class TopicNames:
     def all(self) -> dict[str, str]:
         return dataclasses.asdict(self)
 
+    def prefixed(self, prefix: str) -> "TopicNames":
+        """These names with ``prefix.`` in front (topics of their own for a test or bench run).
+
+        >>> TopicNames().prefixed("t1").actions
+        't1.memento.actions'
+        """
+        return TopicNames(**{role: f"{prefix}.{name}" for role, name in self.all().items()})
+
 
 # Partition counts by topic role. Actions, recommendations and ticks must be co-partitioned
 # (same count, keyed by user id) because the stream worker joins them in one partitioned table.

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import re
@@ -470,9 +471,8 @@ def run(args: argparse.Namespace) -> dict:
     server = None
     try:
         prefix = f"bench{int(time.time())}"
-        settings = Settings(**{**base.__dict__, "data_dir": str(work / "data"),
-                               "checkpoint_dir": str(work / "ckpt"), "item_dim": args.item_dim,
-                               "topics": TopicNames(**{r: f"{prefix}.{t}" for r, t in TopicNames().all().items()})})
+        settings = dataclasses.replace(base, data_dir=str(work / "data"), checkpoint_dir=str(work / "ckpt"),
+                                       item_dim=args.item_dim, topics=TopicNames().prefixed(prefix))
         ensure_topics(settings)
         figures["bank_build_s"], states = _build_bank(settings, args.cases, args.items, args.seed, args.bank_shards)
         figures["bank"] = _bank_figures(settings, states, args)

@@ -514,17 +514,15 @@ class _Phase:
     """Consumer processes on topics of their own, and the bench's producer."""
 
     def __init__(self, bench: "_Bench", name: str):
-        from memento.config import Settings, TopicNames
+        from memento.config import TopicNames
         from memento.kafka_io import ensure_topics
 
         self.bench, self.name = bench, name
         self.app_id = self.prefix = prefix = f"bench-{bench.stamp}-{name}"
-        topics = TopicNames(**{role: f"{prefix}.{t}" for role, t in TopicNames().all().items()})
-        base = bench.base
-        self.settings = Settings(**{**base.__dict__, "topics": topics, "data_dir": str(bench.work / name),
-                                    "item_dim": bench.args.item_dim, "window_s": bench.args.window,
-                                    "allowed_lateness_s": bench.args.lateness,
-                                    "session_gap_s": bench.args.session_gap})
+        self.settings = dataclasses.replace(
+            bench.base, topics=TopicNames().prefixed(prefix), data_dir=str(bench.work / name),
+            item_dim=bench.args.item_dim, window_s=bench.args.window, allowed_lateness_s=bench.args.lateness,
+            session_gap_s=bench.args.session_gap)
         ensure_topics(self.settings)
         self.ports: list[int] = []
 

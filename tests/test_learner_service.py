@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 import urllib.request
@@ -46,7 +47,7 @@ def _produce(settings, rng) -> None:
         if i == 0:  # the same transition again (a redelivery) and a malformed one
             producer.send(settings.topics.transitions, key=t.user_id, value=encode(t))
             producer.send(settings.topics.transitions, key="bad", value=b'{"transition_id": "x", "reward": 1}')
-            short = Transition(**{**t.__dict__, "transition_id": "req-short", "state": t.state[:-1]})
+            short = dataclasses.replace(t, transition_id="req-short", state=t.state[:-1])
             producer.send(settings.topics.transitions, key="bad", value=encode(short))
     producer.flush()
     producer.close()

@@ -4,6 +4,7 @@ serving's HTTP API (issue 2)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -86,7 +87,7 @@ def test_end_to_end_loop(pipeline):
                           response_log=str(tmp_path / "responses.jsonl"))
     products = tmp_path / "products.csv"
     SyntheticWorld(config.world, seed=SEED).write_products_csv(products)
-    settings = type(settings)(**{**settings.__dict__, "products": str(products)})
+    settings = dataclasses.replace(settings, products=str(products))
     env = settings.to_env()
     port, worker_metrics, learner_metrics = free_port(), free_port(), free_port()
     url = f"http://127.0.0.1:{port}"
@@ -115,7 +116,7 @@ def test_end_to_end_loop(pipeline):
         {"event_id": "y", "user_id": "u-bad", "item_id": "1", "action": "teleport", "ts": 1.0}).encode())
     producer.flush()
 
-    config = ReplayConfig(**{**config.__dict__, "settings": settings, "serving_url": url})
+    config = dataclasses.replace(config, settings=settings, serving_url=url)
     summary = run_replay(config, progress=False)
     group.check()
 

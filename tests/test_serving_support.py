@@ -29,7 +29,7 @@ from serving.app import ServingConfig, ServingService, make_app
 def fresh_settings(broker, tmp_path: Path, **overrides) -> Settings:
     """Settings with topic names unique to one test, created on ``broker``."""
     prefix = f"t{uuid.uuid4().hex[:8]}"
-    topics = TopicNames(**{role: f"{prefix}.{name}" for role, name in TopicNames().all().items()})
+    topics = TopicNames().prefixed(prefix)
     settings = broker.settings(topics=topics, data_dir=str(tmp_path / "data"),
                                checkpoint_dir=str(tmp_path / "ckpt"), item_dim=8, top_k=4, **overrides)
     ensure_topics(settings)

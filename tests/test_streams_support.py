@@ -26,7 +26,7 @@ ANSWERS = {0: ("click", 1.0), 1: ("purchase", 5.0), 2: (None, 0.0), 3: ("cart", 
 def fresh_settings(broker: EmbeddedBroker, tmp_path: Path, **overrides) -> Settings:
     """Settings with topic names unique to one test, created on ``broker``."""
     prefix = f"s{uuid.uuid4().hex[:8]}"
-    topics = TopicNames(**{role: f"{prefix}.{name}" for role, name in TopicNames().all().items()})
+    topics = TopicNames().prefixed(prefix)
     settings = broker.settings(topics=topics, data_dir=str(tmp_path / "data"), **{"item_dim": 8, **overrides})
     ensure_topics(settings)
     return settings
