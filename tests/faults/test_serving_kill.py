@@ -44,13 +44,22 @@ def test_serving_killed_mid_stream_comes_back_with_every_case(engine, tmp_path):
             proc.wait(10)
             publish_cases(settings, cases[300:])
             proc = _serve(settings, port, log_path)
-            wait_for(lambda: _cases(url) == 600, timeout=90, interval=0.3, what="all 600 cases after the restart")
+            # ready means the policy is loaded too (its follower may come after the cases')
+            wait_for(lambda: _readyz(url) == (200, {"ready": True, "policy_version": 1, "cases": 600}),
+                     timeout=90, interval=0.3, what="ready with v1 and all 600 cases after the restart")
             assert http("GET", f"{url}/healthz") == (200, {"ok": True})
             status, rec = http("POST", f"{url}/v1/recommend", {"user_id": "u1"})
             assert status == 200 and rec["policy_version"] == 1
         finally:
             proc.kill()
             proc.wait(10)
+
+
+def _readyz(url: str):
+    try:
+        return http("GET", f"{url}/readyz")
+    except OSError:
+        return None
 
 
 def _cases(url: str) -> int:
