@@ -14,16 +14,23 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["save_state", "load_state"]
+__all__ = ["save_state", "load_state", "write_atomic"]
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace ``path`` by ``data`` durably: a synced temporary file renamed over it, then the
+    directory synced (so the rename survives a power loss too)."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as fh:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def save_state(directory: str | Path, name: str, arrays: dict[str, np.ndarray],
@@ -41,7 +48,7 @@ def save_state(directory: str | Path, name: str, arrays: dict[str, np.ndarray],
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(npz_tmp, directory / f"{name}.npz")
-    _write_atomic(directory / f"{name}.json", json.dumps(meta).encode())
+    write_atomic(directory / f"{name}.json", json.dumps(meta).encode())
 
 
 def load_state(directory: str | Path, name: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

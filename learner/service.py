@@ -49,7 +49,8 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from kafka import ConsumerRebalanceListener
+from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
+from kafka.structs import OffsetAndMetadata
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, start_http_server
 
 from learner.buffer import ReplayBuffer
@@ -60,7 +61,7 @@ from learner.trainer import SoftQConfig, SoftQLearner
 from memento.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, sign_announcement
 from memento.config import Settings
 from memento.encoder import case_feature_dim
-from memento.kafka_io import DeadLetterWriter, make_consumer, make_producer, poll
+from memento.kafka_io import DeadLetterWriter, client_kwargs, fetch_kwargs, make_consumer, make_producer, poll
 from memento.schemas import Case, CheckpointAnnouncement, SchemaError, Transition, decode, encode
 
 __all__ = ["LearnerServiceConfig", "LearnerService", "LearnerMetrics", "latest_checkpoint",
@@ -182,10 +183,6 @@ class _CasesFromTheStart(ConsumerRebalanceListener):
 def last_announced_version(settings: Settings, timeout_s: float = 10.0, scan: int = 1000) -> int | None:
     """The highest version among the last ``scan`` announcements on the checkpoints topic (None
     when it holds none that decode)."""
-    from kafka import KafkaConsumer, TopicPartition
-
-    from memento.kafka_io import client_kwargs, fetch_kwargs
-
     consumer = KafkaConsumer(**client_kwargs(settings), **fetch_kwargs(settings), group_id=None,
                              enable_auto_commit=False)
     try:
@@ -335,8 +332,6 @@ class LearnerService:
         self.learner.save(self.state_dir / "learner.pt")
 
     def _mark_handled(self, records: Sequence) -> None:
-        from kafka import TopicPartition
-
         for rec in records:
             tp = TopicPartition(rec.topic, rec.partition)
             self._handled[tp] = max(self._handled.get(tp, 0), rec.offset + 1)
@@ -344,8 +339,6 @@ class LearnerService:
     def save_and_commit(self, consumer) -> None:
         """Save the state, then commit the offsets of the records handled before it (never
         further: a record polled but not handled is read again after a restart)."""
-        from kafka.structs import OffsetAndMetadata
-
         self.save_state()
         if consumer is not None and self._handled:
             consumer.commit({tp: OffsetAndMetadata(offset, "", -1) for tp, offset in self._handled.items()})

@@ -27,8 +27,8 @@ unhealthy learner refuses to write a checkpoint until a finite update has happen
 from __future__ import annotations
 
 import copy
+import io
 import math
-import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from learner._state import write_atomic
 from learner.drift import RewardDrift
 from learner.storage import ReplayBatch
 from memento.checkpoint import PolicyParams, save_checkpoint
@@ -339,17 +340,9 @@ class SoftQLearner:
         durably: written to a temporary file, synced, renamed over ``path``, directory synced."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as fh:
-            torch.save(self.state_dict(), fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        tmp.replace(path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        data = io.BytesIO()
+        torch.save(self.state_dict(), data)
+        write_atomic(path, data.getvalue())
 
     def load(self, path: str | Path) -> None:
         self.load_state_dict(torch.load(path, weights_only=True))

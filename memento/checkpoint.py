@@ -5,8 +5,8 @@ A checkpoint holds the Q network's tensors and, in the safetensors header's ``__
 ``policy``: the μ the network was trained for, as JSON ``{"alpha": α, "min_prob": floor,
 "top_k": K, "similarity_prior": β}`` (:class:`PolicyParams`): the learner's current temperature
 (tuned when ``target_entropy`` is set), the probability floor, the number of candidates and the
-weight of the retrieval prior. Serving samples exactly that μ. A checkpoint written before ``policy`` existed loads with ``policy`` None, and
-serving keeps its own flags.
+weight of the retrieval prior. Serving samples exactly that μ. A checkpoint written before
+``policy`` existed loads with ``policy`` None, and serving keeps its own flags.
 
 Reading verifies before it parses: the file's size is bounded, its sha256 must match the
 announced one, then the header (bounded too) is parsed as safetensors only.
@@ -238,13 +238,12 @@ def read_checkpoint(path: str | Path, sha256: str, *, expect_state_dim: int) -> 
         policy = PolicyParams.from_json(meta["policy"]) if "policy" in meta else None
     except Exception as exc:  # safetensors raises several error types for bad files
         raise CheckpointError(f"checkpoint {path} is not a valid safetensors policy: {exc}") from None
-    if not isinstance(config, dict) or config.get("state_dim") != expect_state_dim:
-        raise CheckpointError(f"checkpoint {path}: state_dim {config.get('state_dim') if isinstance(config, dict) else None} "
-                              f"!= serving's {expect_state_dim}")
     try:
         net = QNetwork.from_config(config)
     except ValueError as exc:
         raise CheckpointError(f"checkpoint {path}: {exc}") from None
+    if net.state_dim != expect_state_dim:
+        raise CheckpointError(f"checkpoint {path}: state_dim {net.state_dim} != serving's {expect_state_dim}")
     expected = net.state_dict()
     if set(tensors) != set(expected) or any(tensors[k].shape != expected[k].shape for k in expected):
         raise CheckpointError(f"checkpoint {path}: tensor names or shapes do not match QNetwork{config}")

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from memento.encoder import case_feature_dim
+from memento.schemas import finite_float, short_repr
 from memento.softq import histogram_mean, histogram_support
 
 __all__ = ["QNetwork", "FrozenQ", "case_feature_dim", "item_bucket"]
@@ -199,17 +200,13 @@ class QNetwork(nn.Module):
                              else "network config lacks 'state_dim'")
         for key, value in config.items():
             kind = type(defaults[key])
-            if kind is bool:
-                ok = isinstance(value, bool)
-            elif kind is int:
+            if kind is int:
                 low, high = cls.CONFIG_BOUNDS[key]
-                ok = isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
-                if not ok:
-                    raise ValueError(f"network config {key!r} must be an integer in {low}..{high}, got {value!r}")
-            else:
-                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
-            if not ok:
-                raise ValueError(f"network config {key!r} must be a {kind.__name__}, got {value!r}")
+                if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                    raise ValueError(f"network config {key!r} must be an integer in {low}..{high}, "
+                                     f"got {short_repr(value)}")
+            elif not (isinstance(value, bool) if kind is bool else finite_float(value) is not None):
+                raise ValueError(f"network config {key!r} must be a {kind.__name__}, got {short_repr(value)}")
         return cls(**config)
 
     def config(self) -> dict:

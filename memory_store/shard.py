@@ -94,16 +94,10 @@ class Shard:
         self._tune_k = min(options.tune_k, max(1, math.ceil(2 * options.tune_k / fan_out)))
         self._write_lock = threading.RLock()
         self._lock = threading.Lock()
-        self._reset_columns(64)
-        self.index: ShardIndex = FlatIndex(dim)
-        self.built_size = 0
-        self.lsn = 0
-        self.next_seq = 0
-        self.evictions = 0
+        self._reset_state()
         self.builds = 0
         self.build_seconds = 0.0
         self.last_build_s: float | None = None
-        self.snapshot_time: float | None = None
         self._pending: list[tuple[str, np.ndarray]] | None = None
         self._builder: threading.Thread | None = None
         self._snapshotter: threading.Thread | None = None
@@ -123,6 +117,16 @@ class Shard:
         self._maybe_build()
 
     # ------------------------------------------------------------------ columns
+    def _reset_state(self) -> None:
+        """The state of an empty shard (what a snapshot, when there is one, replaces)."""
+        self._reset_columns(64)
+        self.index: ShardIndex = FlatIndex(self.dim)
+        self.built_size = 0
+        self.lsn = 0
+        self.next_seq = 0
+        self.evictions = 0
+        self.snapshot_time: float | None = None
+
     def _reset_columns(self, capacity: int) -> None:
         self.features = np.zeros((capacity, self.feature_dim), np.float32)
         self.ts = np.zeros(capacity, np.float64)
@@ -586,10 +590,7 @@ class Shard:
         self.snapshot_error = f"{exc!r} (kept as {aside.name})"
         logger.error("case bank shard %d: snapshot %s cannot be read (%r); set aside as %s, opening from "
                      "the log alone", self.shard_id, path, exc, aside.name)
-        self._reset_columns(64)
-        self.index = FlatIndex(self.dim)
-        self.lsn = self.next_seq = self.built_size = self.evictions = 0
-        self.snapshot_time = None
+        self._reset_state()
 
     def _replay(self) -> None:
         replayed = 0

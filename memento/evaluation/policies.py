@@ -117,7 +117,8 @@ class Choice:
         Size of the catalogue (for a uniform distribution).
     greedy_item
         The item the policy ranks best, when it samples its recommendation (softq: the item of
-        μ's most probable candidate: the argmax of Q/α plus the prior); None when ``items[0]`` is already its best. The simulator reports
+        μ's most probable candidate: the argmax of Q/α plus the prior); None when ``items[0]``
+        is already its best. The simulator reports
         its expected reward beside the sampled one, separating ranking from exploration cost.
     """
 
