@@ -161,12 +161,16 @@ def committed_offsets(settings: Settings, group_id: str, topic: str) -> dict[int
 
 
 class TransitionLog:
-    """Every transition on a topic, read from the beginning without a consumer group."""
+    """Every transition on a topic, read from the beginning without a consumer group; with
+    ``dead_letters``, the reasons of the dead-letter topic's records too (in ``dead``)."""
 
-    def __init__(self, settings: Settings, topic: str | None = None):
+    def __init__(self, settings: Settings, topic: str | None = None, dead_letters: bool = False):
         self.settings = settings
-        self.consumer = make_consumer(settings, [topic or settings.topics.transitions], group_id=None)
+        self.topic = topic or settings.topics.transitions
+        topics = [self.topic] + ([settings.topics.dead_letter] if dead_letters else [])
+        self.consumer = make_consumer(settings, topics, group_id=None)
         self.copies: dict[str, list[tuple[float, bool]]] = {}
+        self.dead: list[str] = []
 
     def read(self, until, timeout: float, group: ProcessGroup | None = None) -> dict[str, list[tuple[float, bool]]]:
         """Read until ``until(copies)`` is true (or the timeout); returns id → [(reward, done)] per copy."""
@@ -175,7 +179,10 @@ class TransitionLog:
             for batch in poll(self.consumer, self.settings, 200).values():
                 for m in batch:
                     body = json.loads(m.value)
-                    self.copies.setdefault(body["transition_id"], []).append((body["reward"], body["done"]))
+                    if m.topic == self.topic:
+                        self.copies.setdefault(body["transition_id"], []).append((body["reward"], body["done"]))
+                    else:
+                        self.dead.append(body["reason"])
             if until(self.copies) or time.monotonic() > deadline:
                 return self.copies
             if group is not None:

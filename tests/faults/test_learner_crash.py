@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from memento.broker import EmbeddedBroker
+from test_learner_process import _wait_for_log
 from test_learner_service import D, K, N_TRANSITIONS, _produce
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults, pytest.mark.timeout(240)]
@@ -41,17 +42,6 @@ def _start(tmp_path: Path, settings, name: str) -> tuple[subprocess.Popen, Path]
     return proc, log_path
 
 
-def _wait(log_path: Path, pattern: str, proc: subprocess.Popen, timeout: float) -> re.Match:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        match = re.search(pattern, log_path.read_text(errors="replace"))
-        if match:
-            return match
-        assert proc.poll() is None, f"the learner exited:\n{log_path.read_text(errors='replace')[-3000:]}"
-        time.sleep(0.1)
-    raise AssertionError(f"no {pattern!r} in the learner log:\n{log_path.read_text(errors='replace')[-3000:]}")
-
-
 def _buffer_size(port: int) -> float:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
     return float(re.search(r"^memento_learner_buffer_size (\S+)$", text, re.M).group(1))
@@ -66,7 +56,7 @@ def test_learner_killed_before_saving_loses_nothing_and_restarts_on_a_torn_state
         _produce(settings, np.random.default_rng(2))
         first, log1 = _start(tmp_path, settings, "first")
         try:
-            port = int(_wait(log1, r"metrics on :(\d+)/metrics", first, 30).group(1))
+            port = int(_wait_for_log(log1, r"metrics on :(\d+)/metrics", first, 30).group(1))
             deadline = time.monotonic() + 60
             while _buffer_size(port) < N_TRANSITIONS:
                 assert time.monotonic() < deadline, "the first learner did not take in every transition"
@@ -85,8 +75,8 @@ def test_learner_killed_before_saving_loses_nothing_and_restarts_on_a_torn_state
 
         second, log2 = _start(tmp_path, settings, "second")
         try:
-            port = int(_wait(log2, r"metrics on :(\d+)/metrics", second, 30).group(1))
-            version = int(_wait(log2, r"published policy v(\d+) ", second, 30).group(1))
+            port = int(_wait_for_log(log2, r"metrics on :(\d+)/metrics", second, 30).group(1))
+            version = int(_wait_for_log(log2, r"published policy v(\d+) ", second, 30).group(1))
             deadline = time.monotonic() + 60
             while _buffer_size(port) < N_TRANSITIONS:
                 assert time.monotonic() < deadline, f"the restarted learner has {_buffer_size(port)} transitions"

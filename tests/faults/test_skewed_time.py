@@ -6,17 +6,16 @@ window gets its reward; serving refuses such a ``ts`` with a 422."""
 
 from __future__ import annotations
 
-import json
 import time
 
 import pytest
 
-from memento.kafka_io import make_consumer, poll
 from memento.processes import ProcessGroup
 from memento.schemas import Action, Recommendation, encode
 from serving.validation import RequestError, parse_feedback, parse_recommend
 from streams.bench import partition_of
-from test_streams_support import fresh_settings, noida, produce, start_worker, tansu, wait_assigned  # noqa: F401
+from test_streams_support import (TransitionLog, fresh_settings, noida, produce, start_worker, tansu,  # noqa: F401
+                                  wait_assigned)
 
 pytestmark = pytest.mark.faults
 
@@ -45,28 +44,15 @@ def test_a_timestamp_in_milliseconds_does_not_close_other_windows(request, tmp_p
     with ProcessGroup() as group:
         worker, port = start_worker(group, s, tmp_path, name="worker", app_id=f"w-{s.topics.actions}")
         wait_assigned(group, s, [port])
-        consumer = make_consumer(s, [s.topics.transitions, s.topics.dead_letter], group_id=None)
-        transitions, dead = {}, []
-
-        def read(until, timeout):
-            deadline = time.monotonic() + timeout
-            while not until() and time.monotonic() < deadline:
-                group.check()
-                for batch in poll(consumer, s, 200).values():
-                    for m in batch:
-                        body = json.loads(m.value)
-                        if m.topic == s.topics.transitions:
-                            transitions[body["transition_id"]] = body["reward"]
-                        else:
-                            dead.append(body["reason"])
-
+        log = TransitionLog(s, dead_letters=True)
         produce(s, first)
-        read(lambda: len(dead) >= 2 or "r1" in transitions, 30)
+        log.read(lambda c: len(log.dead) >= 2 or "r1" in c, timeout=30, group=group)
         time.sleep(1.0)  # ticks: a watermark moved by the skewed events would close r1 now
         produce(s, then)
-        read(lambda: "r1" in transitions, 60)
-        consumer.close()
-    assert transitions.get("r1") == 5.0, transitions
+        copies = log.read(lambda c: "r1" in c, timeout=60, group=group)
+        dead = log.dead
+        log.close()
+    assert copies.get("r1", [(None,)])[0][0] == 5.0, copies
     assert len(dead) == 2 and all("max_future_skew_s" in r and "milliseconds?" in r for r in dead), dead
 
 
