@@ -2,7 +2,7 @@
 
 >>> from learner import ReplayBuffer, SoftQConfig, SoftQLearner
 >>> SoftQConfig().gamma, SoftQConfig().top_k
-(0.5, 16)
+(0.5, 64)
 """
 
 from learner.buffer import ReplayBuffer

@@ -79,7 +79,7 @@ def _opt(default, help: str):
 class LearnerServiceConfig:
     """How the learner process feeds, paces and publishes the soft-Q learner."""
 
-    buffer_capacity: int = _opt(10_000, "replay buffer rows (≈8 kB each at item_dim 32, top_k 16)")
+    buffer_capacity: int = _opt(10_000, "replay buffer rows (≈33 kB each at item_dim 32, top_k 64)")
     prioritized: bool = _opt(False, "prioritized (proportional) replay instead of uniform")
     priority_alpha: float = _opt(0.6, "prioritized replay: priority exponent")
     priority_beta: float = _opt(0.4, "prioritized replay: importance-weight exponent")

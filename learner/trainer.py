@@ -42,8 +42,8 @@ from learner.storage import ReplayBatch
 from memento.checkpoint import PolicyParams, save_checkpoint
 from memento.qnet import QNetwork
 from memento.schemas import CheckpointAnnouncement
-from memento.config import DEFAULT_ALPHA, DEFAULT_MIN_PROB, DEFAULT_SIMILARITY_PRIOR
-from memento.softq import entropy, histogram_mean, histogram_target, policy_probs, similarity_prior, td_target
+from memento.config import DEFAULT_ALPHA, DEFAULT_MIN_PROB, DEFAULT_SIMILARITY_PRIOR, DEFAULT_TOP_K, DEFAULT_VOTE_PRIOR
+from memento.softq import entropy, histogram_mean, histogram_target, policy_probs, retrieval_prior, td_target
 
 __all__ = ["SoftQConfig", "SoftQLearner", "UnhealthyLearnerError"]
 
@@ -61,7 +61,7 @@ class SoftQConfig:
                              "(initial value when target_entropy is set)")
     target_entropy: float | None = _opt(None, "None keeps α fixed; a number (nats) tunes log α so "
                                               "that the entropy of μ(·|s) tracks it")
-    top_k: int = _opt(16, "number of nearest cases the policy chooses among (for s and s′)")
+    top_k: int = _opt(DEFAULT_TOP_K, "number of nearest cases the policy chooses among (for s and s′)")
     tau: float = _opt(0.01, "Polyak rate: target ← (1−τ)·target + τ·online after each update")
     lr: float = _opt(1e-3, "Adam learning rate (Q network and log α)")
     batch_size: int = _opt(64, "transitions per gradient update")
@@ -69,9 +69,12 @@ class SoftQConfig:
     grad_clip: float | None = _opt(10.0, "max global gradient norm (None = no clipping)")
     min_prob: float = _opt(DEFAULT_MIN_PROB, "floor of μ(c|s) per candidate (uniform mixing, as in "
                                  "memento.softq.policy_probs)")
-    similarity_prior: float = _opt(DEFAULT_SIMILARITY_PRIOR, "weight β of the retrieval prior: μ ∝ "
-                                   "softmax(β·cos(s, c_state))·exp(Q/α), and the soft value is taken "
-                                   "under it (memento.softq.similarity_prior; 0 = no prior)")
+    similarity_prior: float = _opt(DEFAULT_SIMILARITY_PRIOR, "weight β of nearness in the retrieval prior: "
+                                   "μ ∝ softmax(β·cos(s, c_state) + w·log(1 + V(c)))·exp(Q/α), and the soft "
+                                   "value is taken under it (memento.softq.retrieval_prior; 0 = none)")
+    vote_prior: float = _opt(DEFAULT_VOTE_PRIOR, "weight w of the neighbours' vote in the retrieval prior: V(c) "
+                             "is what the retrieved cases that led to c's item paid "
+                             "(memento.softq.neighbour_votes; 0 = none)")
     importance_weight_clip: float | None = _opt(None, "None = no off-policy correction; else each "
                                                       "sample's loss is weighted by "
                                                       "min(μ(c|s)/propensity, this)")
@@ -111,6 +114,8 @@ class SoftQConfig:
             problems.append(f"min_prob must be in [0, 1), got {self.min_prob}")
         if not (math.isfinite(self.similarity_prior) and self.similarity_prior >= 0):
             problems.append(f"similarity_prior must be a finite number >= 0, got {self.similarity_prior}")
+        if not (math.isfinite(self.vote_prior) and self.vote_prior >= 0):
+            problems.append(f"vote_prior must be a finite number >= 0, got {self.vote_prior}")
         if self.importance_weight_clip is not None and not self.importance_weight_clip > 0:
             problems.append(f"importance_weight_clip must be > 0 or None, got {self.importance_weight_clip}")
         if self.hidden < 1:
@@ -183,7 +188,7 @@ class SoftQLearner:
         detector's exploration boost when it has one (:meth:`learner.drift.RewardDrift.apply`):
         what a checkpoint carries and what serving samples after loading it."""
         params = PolicyParams(alpha=self.alpha, min_prob=self.config.min_prob, top_k=self.config.top_k,
-                              similarity_prior=self.config.similarity_prior)
+                              similarity_prior=self.config.similarity_prior, vote_prior=self.config.vote_prior)
         return params if self.drift is None else self.drift.apply(params)
 
     @property
@@ -197,6 +202,9 @@ class SoftQLearner:
             "weights", "state", "case_features", "reward", "done", "propensity", "next_state",
             "candidate_features", "candidate_mask", "next_candidate_features", "next_candidate_mask")}
 
+    def _prior(self, states: torch.Tensor, cases: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+        return retrieval_prior(states, cases, self.config.similarity_prior, self.config.vote_prior, mask)
+
     @torch.no_grad()
     def compute_td_target(self, batch: ReplayBatch) -> torch.Tensor:
         """y = r + γ(1 − done)·α·logsumexp(Q_target(s′, ·)/α); 0 soft value where s′ has no candidate."""
@@ -208,8 +216,7 @@ class SoftQLearner:
         with at least one candidate; NaN when there are none)."""
         next_q = self.target_net(t["next_state"], t["next_candidate_features"])
         next_mask = t["next_candidate_mask"].bool()
-        next_prior = similarity_prior(t["next_state"], t["next_candidate_features"], self.config.similarity_prior,
-                                      next_mask)
+        next_prior = self._prior(t["next_state"], t["next_candidate_features"], next_mask)
         y = td_target(t["reward"].float(), t["done"], next_q, gamma=self.config.gamma,
                       alpha=alpha, next_mask=next_mask, next_prior=next_prior)
         has_candidates = next_mask.any(-1)
@@ -232,8 +239,7 @@ class SoftQLearner:
         mask = mask & ~same
         q = torch.cat([q_cand, q_chosen.unsqueeze(1)], dim=1)
         full_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        prior = similarity_prior(t["state"], torch.cat([cand, t["case_features"].unsqueeze(1)], dim=1),
-                                 self.config.similarity_prior, full_mask)
+        prior = self._prior(t["state"], torch.cat([cand, t["case_features"].unsqueeze(1)], dim=1), full_mask)
         return policy_probs(q, alpha, self.config.min_prob, full_mask, prior)[:, -1]
 
     def update(self, batch: ReplayBatch) -> dict[str, float]:

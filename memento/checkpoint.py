@@ -3,9 +3,9 @@
 A checkpoint holds the Q network's tensors and, in the safetensors header's ``__metadata__``
 (string to string), ``version``, ``step``, ``config`` (the network's options, JSON) and
 ``policy``: the μ the network was trained for, as JSON ``{"alpha": α, "min_prob": floor,
-"top_k": K, "similarity_prior": β}`` (:class:`PolicyParams`): the learner's current temperature
-(tuned when ``target_entropy`` is set), the probability floor, the number of candidates and the
-weight of the retrieval prior. Serving samples exactly that μ. A checkpoint written before
+"top_k": K, "similarity_prior": β, "vote_prior": w}`` (:class:`PolicyParams`): the learner's
+current temperature (tuned when ``target_entropy`` is set), the probability floor, the number of
+candidates and the weights of the retrieval prior. Serving samples exactly that μ. A checkpoint written before
 ``policy`` existed loads with ``policy`` None, and serving keeps its own flags.
 
 Reading verifies before it parses: the file's size is bounded, its sha256 must match the
@@ -20,7 +20,7 @@ announced one, then the header (bounded too) is parsed as safetensors only.
 >>> net.state_dim, ann.version
 (4, 3)
 >>> read_checkpoint(ann.path, ann.sha256, expect_state_dim=4).policy
-PolicyParams(alpha=0.25, min_prob=0.01, top_k=8, similarity_prior=0.0)
+PolicyParams(alpha=0.25, min_prob=0.01, top_k=8, similarity_prior=0.0, vote_prior=0.0)
 """
 
 from __future__ import annotations
@@ -108,9 +108,10 @@ class CheckpointError(RuntimeError):
 class PolicyParams:
     """The retrieval policy a network was trained for: μ(c|s) ∝ exp(Q(s, c)/alpha +
     prior(s, c)) over the ``top_k`` nearest cases, each floored at ``min_prob``
-    (:func:`memento.softq.policy_probs`); the prior is plain retrieval's soft choice with weight
-    ``similarity_prior`` (:func:`memento.softq.similarity_prior`; 0 = none, and what a
-    checkpoint that does not say it means).
+    (:func:`memento.softq.policy_probs`); the prior ranks by nearness with weight
+    ``similarity_prior`` and by the neighbours' vote with weight ``vote_prior``
+    (:func:`memento.softq.retrieval_prior`; 0 = none, and what a checkpoint that does not say it
+    means).
 
     >>> p = PolicyParams(alpha=0.1, min_prob=0.01, top_k=16)
     >>> PolicyParams.from_json(p.to_json()) == p
@@ -127,6 +128,7 @@ class PolicyParams:
     min_prob: float
     top_k: int
     similarity_prior: float = 0.0
+    vote_prior: float = 0.0
 
     def __post_init__(self):
         a, m, k, b = self.alpha, self.min_prob, self.top_k, self.similarity_prior
@@ -138,6 +140,10 @@ class PolicyParams:
             raise ValueError(f"policy top_k must be an integer in 1..{MAX_TOP_K}, got {k!r}")
         if isinstance(b, bool) or not isinstance(b, (int, float)) or not (math.isfinite(b) and b >= 0):
             raise ValueError(f"policy similarity_prior must be a finite number >= 0, got {b!r}")
+        w = self.vote_prior
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not (math.isfinite(w) and w >= 0):
+            raise ValueError(f"policy vote_prior must be a finite number >= 0, got {w!r}")
+        object.__setattr__(self, "vote_prior", float(w))
         object.__setattr__(self, "alpha", float(a))
         object.__setattr__(self, "min_prob", float(m))
         object.__setattr__(self, "similarity_prior", float(b))
@@ -149,8 +155,8 @@ class PolicyParams:
     @classmethod
     def from_json(cls, text: str) -> "PolicyParams":
         """Parse a ``policy`` entry; ValueError when it is too long, not an object, or lacks or
-        mistypes ``alpha``, ``min_prob`` or ``top_k`` (``similarity_prior`` is optional, 0 when
-        absent; other keys are ignored)."""
+        mistypes ``alpha``, ``min_prob`` or ``top_k`` (``similarity_prior`` and ``vote_prior`` are
+        optional, 0 when absent; other keys are ignored)."""
         if len(text) > MAX_POLICY_JSON:
             raise ValueError(f"policy metadata is {len(text)} characters, more than {MAX_POLICY_JSON}")
         value = json.loads(text)
@@ -160,7 +166,8 @@ class PolicyParams:
         if missing:
             raise ValueError(f"policy metadata lacks {', '.join(missing)}")
         return cls(alpha=value["alpha"], min_prob=value["min_prob"], top_k=value["top_k"],
-                   similarity_prior=value.get("similarity_prior", 0.0))
+                   similarity_prior=value.get("similarity_prior", 0.0),
+                   vote_prior=value.get("vote_prior", 0.0))
 
 
 @dataclass(frozen=True)

@@ -15,17 +15,21 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 __all__ = ["Settings", "TopicNames", "RewardWeights", "parse_reward_mapping", "TOPIC_PARTITIONS",
-           "DEFAULT_ALPHA", "DEFAULT_MIN_PROB", "DEFAULT_SIMILARITY_PRIOR",
+           "DEFAULT_ALPHA", "DEFAULT_MIN_PROB", "DEFAULT_SIMILARITY_PRIOR", "DEFAULT_VOTE_PRIOR", "DEFAULT_TOP_K",
            "add_settings_arguments", "settings_from_args"]
 
 
-# μ's defaults, for the learner (SoftQConfig), serving's flags and PolicyOptions alike: the
-# temperature, and a floor whose total over K = 16 candidates (3.2%) stays below Vowpal Wabbit's
-# default ε = 0.05 while keeping every propensity, hence every off-policy weight 1/μ ≤ 500, bounded.
+# μ's defaults, for the learner (SoftQConfig), serving's flags, PolicyOptions and the evaluation
+# alike (docs/evaluation.md has the ablation that chose them): the candidates per request, the
+# temperature, and a floor whose total over K = 64 candidates (3.2%) stays below Vowpal Wabbit's
+# default ε = 0.05 while keeping every propensity, hence every off-policy weight 1/μ ≤ 2000, bounded.
+DEFAULT_TOP_K = 64
 DEFAULT_ALPHA = 0.1
-DEFAULT_MIN_PROB = 0.002
-# Weight β of the retrieval prior softmax(β·cos(s, c_state)) in μ (memento.softq.similarity_prior).
+DEFAULT_MIN_PROB = 0.0005
+# Weights of the retrieval prior softmax(β·cos(s, c_state) + w·log(1 + V(c))) in μ
+# (memento.softq.retrieval_prior): nearness β, and the neighbours' vote w.
 DEFAULT_SIMILARITY_PRIOR = 0.0
+DEFAULT_VOTE_PRIOR = 20.0
 
 @dataclass(frozen=True)
 class TopicNames:
@@ -197,7 +201,7 @@ class Settings:
     topics: TopicNames = field(default_factory=TopicNames)
     rewards: RewardWeights = field(default_factory=RewardWeights)
     item_dim: int = 32
-    top_k: int = 16
+    top_k: int = DEFAULT_TOP_K
     window_s: float = 600.0
     allowed_lateness_s: float = 60.0
     history_len: int = 30

@@ -18,41 +18,22 @@ from torch import nn
 
 from memento.encoder import case_feature_dim
 from memento.schemas import finite_float, short_repr
-from memento.softq import histogram_mean, histogram_support
+from memento.softq import histogram_mean, histogram_support, item_key
 
 __all__ = ["QNetwork", "FrozenQ", "case_feature_dim", "item_bucket"]
 
-# Odd multipliers below 2**20: a 32-bit word times one is below 2**52, so a row of up to 2**11
-# words sums without overflow and torch and numpy agree exactly.
-_BUCKET_SEED = 20140901
-
-
-def _bucket_multipliers(d: int) -> np.ndarray:
-    rng = np.random.default_rng(_BUCKET_SEED + d)
-    return rng.integers(1, 2 ** 19, d, dtype=np.int64) * 2 + 1
-
-
 def item_bucket(item_vec, buckets: int):
-    """A hash bucket of each item vector's exact float32 bits (numpy or torch, same result).
-
-    Item vectors are a deterministic function of the item (memento.encoder.ItemEncoder), so
-    equal items share a bucket and the bucket stands for the item's identity (the hashing
-    trick for ids), without a separate id column in the case features.
+    """A hash bucket of each item vector (numpy or torch, same result): its
+    :func:`memento.softq.item_key` modulo ``buckets``, so equal items share a bucket and the
+    bucket stands for the item's identity (the hashing trick for ids).
 
     >>> v = np.eye(4, dtype=np.float32)
     >>> b = item_bucket(v, 1024)
     >>> bool((b == item_bucket(torch.from_numpy(v), 1024).numpy()).all()), len(set(b.tolist()))
     (True, 4)
     """
-    d = item_vec.shape[-1]
-    mult = _bucket_multipliers(d)
-    if isinstance(item_vec, torch.Tensor):
-        bits = item_vec.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-        h = (bits * torch.from_numpy(mult)).sum(-1)
-        return torch.remainder(h ^ (h >> 31), buckets)
-    bits = np.ascontiguousarray(item_vec, np.float32).view(np.uint32).astype(np.int64)
-    h = (bits * mult).sum(-1)
-    return np.remainder(h ^ (h >> 31), buckets)
+    h = item_key(item_vec)
+    return torch.remainder(h, buckets) if isinstance(h, torch.Tensor) else np.remainder(h, buckets)
 
 
 def _pair_inputs(s, cases, d: int, unit_scale: bool = False) -> list:

@@ -4,13 +4,14 @@
 candidate keeps at least ``min_prob`` (as Vowpal Wabbit's softmax explorer does); the soft
 value is V(s) = α·logsumexp(Q(s, ·)/α), and the TD target is y = r + γ(1 − done)·V_target(s′).
 
-With a retrieval prior (:func:`similarity_prior`, weight β > 0) μ is the KL-regularised
-soft-Q policy towards plain RAG's soft choice π0(c|s) = softmax(β·cos(s, c_state)) (Fox et
-al. 2016, "G-learning"; Todorov 2009): μ ∝ π0·exp(Q/α), and V(s) = α·log Σ_c n·π0(c)·exp(Q/α)
-(n valid candidates, so that β = 0 gives exactly the plain soft value). An untrained Q (equal
-values) then samples what cosine retrieval would rank first, and Q moves μ away from it only as
-far as the rewards it has learned justify: a prior that dominates where rewards are rare and
-fades where they are plenty.
+With a retrieval prior (:func:`retrieval_prior`) μ is the KL-regularised soft-Q policy
+towards the retrieved cases' own ranking π0(c|s) = softmax(β·cos(s, c_state) + w·log(1 + V(c)))
+(Fox et al. 2016, "G-learning"; Todorov 2009), with V(c) what the retrieved cases that led to
+c's item paid (:func:`neighbour_votes`): μ ∝ π0·exp(Q/α), and V(s) = α·log Σ_c n·π0(c)·exp(Q/α)
+(n valid candidates, so that no prior gives exactly the plain soft value). An untrained Q
+(equal values) then samples what the neighbours' vote and nearness rank first, and Q moves μ
+away from it only as far as the rewards it has learned justify: a prior that dominates where
+rewards are rare and fades where they are plenty.
 
 >>> import torch
 >>> q = torch.tensor([[1.0, 0.0]])
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 
 __all__ = ["soft_value", "policy_probs", "td_target", "entropy", "policy_probs_numpy", "entropy_numpy",
-           "similarity_prior", "similarity_prior_numpy",
+           "retrieval_prior", "retrieval_prior_numpy", "neighbour_votes", "item_key",
            "histogram_support", "histogram_mean", "histogram_target"]
 
 _NEG = -1e30
@@ -44,44 +45,121 @@ def _cosine_to_case_states(states, cases, xp_sum, xp_norm):
     return dots / (xp_norm(states)[..., None] * xp_norm(c_state) + 1e-12)
 
 
-def similarity_prior(states: torch.Tensor, cases: torch.Tensor, weight: float,
-                     mask: torch.Tensor | None = None) -> torch.Tensor | None:
-    """log(n·π0(c|s)) of the retrieval prior π0 = softmax(``weight``·cos(s, c_state)) over each
-    row's n valid candidates (0 where ``mask`` is False); None when ``weight`` is 0 (no prior).
+# Odd multipliers below 2**20: a 32-bit word times one is below 2**52, so a row of up to 2**11
+# words sums without overflow and torch and numpy agree exactly.
+_ITEM_KEY_SEED = 20140901
 
-    ``states`` [B, D], ``cases`` [B, K, 2D+1] (memento.encoder's case feature layout) → [B, K].
+
+def _item_key_multipliers(d: int) -> np.ndarray:
+    rng = np.random.default_rng(_ITEM_KEY_SEED + d)
+    return rng.integers(1, 2 ** 19, d, dtype=np.int64) * 2 + 1
+
+
+def item_key(item_vec):
+    """An integer key of each item vector's exact float32 bits (numpy or torch, same result).
+
+    Item vectors are a deterministic function of the item (memento.encoder.ItemEncoder), so two
+    cases lead to the same item exactly when their keys match (up to a 2**-60 chance): the
+    item's identity, without a separate id column in the case features.
+
+    >>> v = np.eye(3, dtype=np.float32)[[0, 1, 0]]
+    >>> k = item_key(v); bool(k[0] == k[2]), bool(k[0] == k[1])
+    (True, False)
+    >>> bool((k == item_key(torch.from_numpy(v)).numpy()).all())
+    True
+    """
+    mult = _item_key_multipliers(item_vec.shape[-1])
+    if isinstance(item_vec, torch.Tensor):
+        bits = item_vec.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+        h = (bits * torch.from_numpy(mult)).sum(-1)
+    else:
+        bits = np.ascontiguousarray(item_vec, np.float32).view(np.uint32).astype(np.int64)
+        h = (bits * mult).sum(-1)
+    return h ^ (h >> 31)
+
+
+def neighbour_votes(cases, mask=None):
+    """V(c) = Σ_{c′} [item(c′) = item(c)]·max(outcome(c′), 0) over each row's valid candidates
+    (torch or numpy): how much the retrieved cases that led to c's item paid, c included.
+
+    ``cases`` [B, K, 2D+1] (memento.encoder's case feature layout) → [B, K].
+
+    >>> c = np.zeros((1, 3, 5), np.float32); c[0, :, 2] = [1, 2, 1]; c[0, :, 4] = [1, 3, 2]
+    >>> neighbour_votes(c).tolist()   # items 1, 2, 1 with outcomes 1, 3, 2
+    [[3.0, 3.0, 3.0]]
+    >>> c[0, 1, 2] = 1; neighbour_votes(c, np.array([[True, True, False]])).tolist()
+    [[4.0, 4.0, 4.0]]
+    """
+    d = (cases.shape[-1] - 1) // 2
+    keys = item_key(cases[..., d:2 * d])
+    if isinstance(cases, torch.Tensor):
+        paid = cases[..., 2 * d].clamp(min=0)
+        if mask is not None:
+            paid = paid * mask
+        same = (keys.unsqueeze(-1) == keys.unsqueeze(-2)).to(paid.dtype)
+        return (same * paid.unsqueeze(-2)).sum(-1)
+    paid = np.maximum(cases[..., 2 * d], np.float32(0))
+    if mask is not None:
+        paid = paid * mask
+    same = keys[..., :, None] == keys[..., None, :]
+    return (same * paid[..., None, :]).sum(-1).astype(np.float32)
+
+
+def retrieval_prior(states: torch.Tensor, cases: torch.Tensor, similarity: float, vote: float = 0.0,
+                    mask: torch.Tensor | None = None) -> torch.Tensor | None:
+    """log(n·π0(c|s)) of the retrieval prior π0 = softmax(``similarity``·cos(s, c_state) +
+    ``vote``·log(1 + V(c))) over each row's n valid candidates (0 where ``mask`` is False; V:
+    :func:`neighbour_votes`); None when both weights are 0 (no prior).
+
+    The two terms are the two ways the retrieved cases themselves rank: nearness (plain RAG's
+    choice) and the neighbours' vote (a k-nearest-neighbour estimate of what pays for states
+    like s: an item that several of the K cases led to, and that paid, ranks high).
+
+    ``states`` [B, D], ``cases`` [B, K, 2D+1] → [B, K].
 
     >>> s = torch.tensor([[1.0, 0.0]])
     >>> c = torch.tensor([[[1.0, 0.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0, 0.0]]])
-    >>> [round(float(x), 3) for x in similarity_prior(s, c, 2.0)[0].exp() / 2]   # π0
+    >>> [round(float(x), 3) for x in retrieval_prior(s, c, 2.0)[0].exp() / 2]   # π0
     [0.881, 0.119]
-    >>> similarity_prior(s, c, 0.0) is None
+    >>> retrieval_prior(s, c, 0.0) is None
     True
+    >>> c[0, 0, 2] = c[0, 1, 3] = 1.0; c[0, 1, 4] = 2.0   # two items; the second case's paid 2
+    >>> [round(float(x), 3) for x in retrieval_prior(s, c, 0.0, 1.0)[0].exp() / 2]
+    [0.25, 0.75]
     """
-    if not weight:
+    if not similarity and not vote:
         return None
-    cos = _cosine_to_case_states(states, cases, torch.sum, lambda x: torch.linalg.vector_norm(x, dim=-1))
-    logits = _masked(weight * cos, mask)
+    logits = torch.zeros(cases.shape[:-1], dtype=cases.dtype)
+    if similarity:
+        logits = logits + similarity * _cosine_to_case_states(
+            states, cases, torch.sum, lambda x: torch.linalg.vector_norm(x, dim=-1))
+    if vote:
+        logits = logits + vote * torch.log1p(neighbour_votes(cases, mask))
+    logits = _masked(logits, mask)
     n = logits.new_full(logits.shape[:-1] + (1,), logits.shape[-1]) if mask is None else \
         mask.sum(-1, keepdim=True).to(logits.dtype).clamp(min=1)
     prior = torch.log_softmax(logits, dim=-1) + torch.log(n)
     return prior if mask is None else prior.masked_fill(~mask, 0.0)
 
 
-def similarity_prior_numpy(states: np.ndarray, cases: np.ndarray, weight: float,
-                           mask: np.ndarray | None = None) -> np.ndarray | None:
-    """:func:`similarity_prior` on numpy arrays (the same arithmetic; serving's side).
+def retrieval_prior_numpy(states: np.ndarray, cases: np.ndarray, similarity: float, vote: float = 0.0,
+                          mask: np.ndarray | None = None) -> np.ndarray | None:
+    """:func:`retrieval_prior` on numpy arrays (the same arithmetic; serving's side).
 
     >>> s = np.array([[0.6, 0.8]], np.float32); c = np.random.default_rng(0).random((1, 3, 5), np.float32)
-    >>> m = np.array([[True, True, False]])
-    >>> t = similarity_prior(torch.from_numpy(s), torch.from_numpy(c), 3.0, torch.from_numpy(m)).numpy()
-    >>> bool(np.allclose(similarity_prior_numpy(s, c, 3.0, m), t, atol=1e-6))
+    >>> c[0, 2, 2:4] = c[0, 0, 2:4]; m = np.array([[True, True, True]])
+    >>> t = retrieval_prior(torch.from_numpy(s), torch.from_numpy(c), 3.0, 2.0, torch.from_numpy(m)).numpy()
+    >>> bool(np.allclose(retrieval_prior_numpy(s, c, 3.0, 2.0, m), t, atol=1e-5))
     True
     """
-    if not weight:
+    if not similarity and not vote:
         return None
-    cos = _cosine_to_case_states(states, cases, np.sum, lambda x: np.linalg.norm(x, axis=-1))
-    logits = np.float32(weight) * cos
+    logits = np.zeros(cases.shape[:-1], np.float32)
+    if similarity:
+        logits = logits + np.float32(similarity) * _cosine_to_case_states(
+            states, cases, np.sum, lambda x: np.linalg.norm(x, axis=-1))
+    if vote:
+        logits = logits + np.float32(vote) * np.log1p(neighbour_votes(cases, mask))
     if mask is not None:
         logits = np.where(mask, logits, np.float32(_NEG))
     z = logits - logits.max(axis=-1, keepdims=True)
@@ -98,7 +176,7 @@ def _logits(q, alpha: float, prior):
 def soft_value(q: torch.Tensor, alpha: float, mask: torch.Tensor | None = None,
                prior: torch.Tensor | None = None) -> torch.Tensor:
     """α·logsumexp(Q/α + prior) over the last axis, ignoring candidates where ``mask`` is False
-    (``prior``: :func:`similarity_prior`, None for none)."""
+    (``prior``: :func:`retrieval_prior`, None for none)."""
     return alpha * torch.logsumexp(_masked(_logits(q, alpha, prior), mask), dim=-1)
 
 

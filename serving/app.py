@@ -262,6 +262,7 @@ class ServingService:
         self.metrics.policy_min_prob.set(options.min_prob)
         self.metrics.policy_top_k.set(options.top_k)
         self.metrics.policy_similarity_prior.set(options.similarity_prior)
+        self.metrics.policy_vote_prior.set(options.vote_prior)
 
     def _swap_in(self, checkpoint: Checkpoint, announcement: CheckpointAnnouncement) -> None:
         """Serve ``checkpoint`` with the μ it carries (serving's flags when it carries none)."""

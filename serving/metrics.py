@@ -48,7 +48,7 @@ class ServingMetrics:
                                         registry=r)
         self.policy_overrides = Counter(
             "memento_serving_policy_overrides",
-            "Reloads whose checkpoint set a policy option (alpha, min_prob, top_k, similarity_prior) to another value "
+            "Reloads whose checkpoint set a policy option (alpha, min_prob, top_k, similarity_prior, vote_prior) to another value "
             "than serving's flag, by option", ["option"], registry=r)
         self.policy_alpha = Gauge("memento_serving_policy_alpha", "Temperature alpha of the mu now sampled",
                                   registry=r)
@@ -57,7 +57,11 @@ class ServingMetrics:
         self.policy_top_k = Gauge("memento_serving_policy_top_k", "Candidates of the mu now sampled",
                                   registry=r)
         self.policy_similarity_prior = Gauge("memento_serving_policy_similarity_prior",
-                                             "Weight of the retrieval prior in the mu now sampled", registry=r)
+                                             "Weight of nearness in the retrieval prior of the mu now sampled",
+                                             registry=r)
+        self.policy_vote_prior = Gauge("memento_serving_policy_vote_prior",
+                                       "Weight of the neighbours' vote in the retrieval prior of the mu now sampled",
+                                       registry=r)
         self.mu_entropy = Histogram("memento_serving_mu_entropy_nats",
                                     "Entropy of the retrieval policy mu(.|s) per request",
                                     buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0),

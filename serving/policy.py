@@ -2,7 +2,7 @@
 
 For a state s, the policy takes the ``top_k`` nearest cases of the bank (cosine of states),
 scores them with the soft-Q network, forms μ(c|s) = softmax(Q(s, c)/α), times the retrieval
-prior when it has one (:func:`memento.softq.similarity_prior`), with a probability floor
+prior when it has one (:func:`memento.softq.retrieval_prior`), with a probability floor
 (:func:`memento.softq.policy_probs`), and samples one case from μ with a seeded generator. The
 propensity μ(c|s) of the chosen case is what the stream worker and the learner need for
 off-policy correction, so it is returned with the decision.
@@ -34,8 +34,8 @@ import numpy as np
 
 from memento.checkpoint import PolicyParams
 from memento.qnet import FrozenQ, QNetwork
-from memento.config import DEFAULT_ALPHA, DEFAULT_MIN_PROB, DEFAULT_SIMILARITY_PRIOR
-from memento.softq import entropy_numpy, policy_probs_numpy, similarity_prior_numpy
+from memento.config import DEFAULT_ALPHA, DEFAULT_MIN_PROB, DEFAULT_SIMILARITY_PRIOR, DEFAULT_TOP_K, DEFAULT_VOTE_PRIOR
+from memento.softq import entropy_numpy, policy_probs_numpy, retrieval_prior_numpy
 
 __all__ = ["PolicyOptions", "Decision", "RetrievalPolicy", "NoCandidatesError"]
 
@@ -63,17 +63,19 @@ class PolicyOptions:
     min_prob
         Floor on each candidate's probability (keeps every propensity away from 0 so that
         off-policy weights 1/μ stay bounded).
-    similarity_prior
-        Weight β of the retrieval prior: μ ∝ softmax(β·cos(s, c_state))·exp(Q/α)
-        (:func:`memento.softq.similarity_prior`; 0 = none).
+    similarity_prior, vote_prior
+        Weights β and w of the retrieval prior: μ ∝ softmax(β·cos(s, c_state) + w·log(1 + V(c)))·exp(Q/α),
+        V(c) what the retrieved cases that led to c's item paid (:func:`memento.softq.retrieval_prior`;
+        0 = none).
     seed
         Seed of the sampling generator (one per serving process; worker i uses seed + i).
     """
 
-    top_k: int = 16
+    top_k: int = DEFAULT_TOP_K
     alpha: float = DEFAULT_ALPHA
     min_prob: float = DEFAULT_MIN_PROB
     similarity_prior: float = DEFAULT_SIMILARITY_PRIOR
+    vote_prior: float = DEFAULT_VOTE_PRIOR
     seed: int = 0
 
     def __post_init__(self):
@@ -85,32 +87,34 @@ class PolicyOptions:
             raise ValueError(f"min_prob must be in [0, 1), got {self.min_prob}")
         if not (np.isfinite(self.similarity_prior) and self.similarity_prior >= 0):
             raise ValueError(f"similarity_prior must be a finite number >= 0, got {self.similarity_prior}")
+        if not (np.isfinite(self.vote_prior) and self.vote_prior >= 0):
+            raise ValueError(f"vote_prior must be a finite number >= 0, got {self.vote_prior}")
 
     def for_checkpoint(self, params: PolicyParams | None) -> "PolicyOptions":
-        """These options with μ's α, floor, K and prior weight taken from a checkpoint's
+        """These options with μ's α, floor, K and prior weights taken from a checkpoint's
         ``params`` (the seed stays); unchanged when the checkpoint does not carry them (None).
 
         >>> flags = PolicyOptions(top_k=16, alpha=0.1, min_prob=0.01, seed=3)
         >>> flags.for_checkpoint(PolicyParams(alpha=0.37, min_prob=0.0, top_k=8, similarity_prior=5.0))
-        PolicyOptions(top_k=8, alpha=0.37, min_prob=0.0, similarity_prior=5.0, seed=3)
+        PolicyOptions(top_k=8, alpha=0.37, min_prob=0.0, similarity_prior=5.0, vote_prior=0.0, seed=3)
         >>> flags.for_checkpoint(None) is flags
         True
         """
         if params is None:
             return self
         return dataclasses.replace(self, top_k=params.top_k, alpha=params.alpha, min_prob=params.min_prob,
-                                   similarity_prior=params.similarity_prior)
+                                   similarity_prior=params.similarity_prior, vote_prior=params.vote_prior)
 
     def overridden_by(self, params: PolicyParams | None) -> dict[str, tuple]:
         """The options a checkpoint's ``params`` set to another value: name → (this, checkpoint's).
 
-        >>> PolicyOptions(top_k=16, alpha=0.1, min_prob=0.01).overridden_by(PolicyParams(0.37, 0.01, 16))
+        >>> PolicyOptions(top_k=16, alpha=0.1, min_prob=0.01, vote_prior=0.0).overridden_by(PolicyParams(0.37, 0.01, 16))
         {'alpha': (0.1, 0.37)}
         """
         if params is None:
             return {}
         return {name: (getattr(self, name), getattr(params, name))
-                for name in ("top_k", "alpha", "min_prob", "similarity_prior")
+                for name in ("top_k", "alpha", "min_prob", "similarity_prior", "vote_prior")
                 if getattr(self, name) != getattr(params, name)}
 
 
@@ -210,7 +214,7 @@ class RetrievalPolicy:
         # Valid candidates come first in every row (best first) and padding after.
         feats = np.ascontiguousarray(features, dtype=np.float32)
         q_np = self._scores(states, feats)
-        prior = similarity_prior_numpy(states, feats, self.options.similarity_prior, mask)
+        prior = retrieval_prior_numpy(states, feats, self.options.similarity_prior, self.options.vote_prior, mask)
         mu = policy_probs_numpy(q_np, self.options.alpha, self.options.min_prob, mask=mask, prior=prior)
         ent = entropy_numpy(mu).tolist()
         mu_np = mu.astype(np.float64)

@@ -157,7 +157,8 @@ def _service(tmp_path, drift: DriftConfig | None = None) -> LearnerService:
 
 def test_the_published_checkpoint_carries_the_boosted_alpha_and_floor(tmp_path):
     service = _service(tmp_path)
-    base = PolicyParams(alpha=service.learner.alpha, min_prob=0.01, top_k=K)   # α ≈ 0.1 (float32 log α)
+    base = PolicyParams(alpha=service.learner.alpha, min_prob=0.01, top_k=K,   # α ≈ 0.1 (float32 log α)
+                        vote_prior=service.learner.config.vote_prior)
     ann = service.publish()
     assert read_checkpoint(ann.path, ann.sha256, expect_state_dim=D).policy == base
     service.loop.add(_drop_rows())

@@ -64,7 +64,7 @@ def test_td_target_with_similarity_prior_is_the_kl_regularised_soft_value():
     """V(s′) = α·log Σ n·π0(c)·exp(Q/α) with π0 = softmax(β·cos(s′, c_state)) over the valid
     candidates; equal Q values give the same V with or without the prior (V = Q + α·log n)."""
     beta = 5.0
-    learner = SoftQLearner(D, SoftQConfig(gamma=0.5, alpha=0.1, hidden=8, similarity_prior=beta))
+    learner = SoftQLearner(D, SoftQConfig(gamma=0.5, alpha=0.1, hidden=8, similarity_prior=beta, vote_prior=0.0))
     learner.target_net = FixedQ(torch.tensor([[1.0, 0.0], [0.3, 0.3]]))
     batch = _batch(reward=[0.0, 0.0], done=[False, False], next_mask=[[True, True], [True, True]])
     batch.next_state[:, 0] = 1.0                                   # s′ = e0
@@ -75,6 +75,27 @@ def test_td_target_with_similarity_prior_is_the_kl_regularised_soft_value():
     v = 0.1 * math.log(sum(2 * p * math.exp(q / 0.1) for p, q in zip(pi0, (1.0, 0.0))))
     np.testing.assert_allclose(y, [0.5 * v, 0.5 * (0.3 + 0.1 * math.log(2))], rtol=1e-5)
     assert learner.policy_params().similarity_prior == beta
+
+
+def test_td_target_with_vote_prior_weighs_what_the_neighbours_paid():
+    """With the neighbours' vote, π0 ∝ (1 + V(c))^w where V(c) sums the outcomes of the
+    candidates with c's item; the soft value is taken under π0 (the published μ carries w)."""
+    w = 2.0
+    learner = SoftQLearner(D, SoftQConfig(gamma=0.5, alpha=0.1, hidden=8, vote_prior=w))
+    learner.target_net = FixedQ(torch.tensor([[1.0, 0.0]]))
+    batch = _batch(reward=[0.0], done=[False], next_mask=[[True, True]])
+    batch.next_candidate_features[0, 0, D] = 1.0                  # candidate 0: item e0, paid 0
+    batch.next_candidate_features[0, 1, D + 1] = 1.0              # candidate 1: item e1, paid 3
+    batch.next_candidate_features[0, 1, 2 * D] = 3.0
+    y = learner.compute_td_target(batch).numpy()
+    pi0 = np.array([1.0, 4.0 ** w]) / (1.0 + 4.0 ** w)
+    v = 0.1 * math.log(sum(2 * p * math.exp(q / 0.1) for p, q in zip(pi0, (1.0, 0.0))))
+    np.testing.assert_allclose(y, [0.5 * v], rtol=1e-5)
+    assert learner.policy_params().vote_prior == w
+    learner0 = SoftQLearner(D, SoftQConfig(gamma=0.5, alpha=0.1, hidden=8, vote_prior=0.0))
+    learner0.target_net = learner.target_net
+    v0 = 0.1 * math.log(math.exp(1.0 / 0.1) + 1.0)
+    np.testing.assert_allclose(learner0.compute_td_target(batch).numpy(), [0.5 * v0], rtol=1e-5)
 
 
 def test_soft_value_tends_to_max_as_alpha_shrinks():
@@ -138,7 +159,7 @@ def test_importance_weight_uses_current_policy_over_the_candidates_of_s():
         def forward(self, state, cases):
             return torch.tensor([[2.0, 0.0]])
 
-    cfg = SoftQConfig(alpha=1.0, min_prob=0.0, importance_weight_clip=3.0, hidden=8)
+    cfg = SoftQConfig(alpha=1.0, min_prob=0.0, importance_weight_clip=3.0, hidden=8, vote_prior=0.0)
     learner = SoftQLearner(D, cfg)
     learner.q_net = CandidateQ()
     batch = _batch(reward=[0.0], done=[True], next_mask=[[False, False]], propensity=[0.25])
@@ -155,10 +176,11 @@ def test_importance_weight_uses_current_policy_over_the_candidates_of_s():
 
 def test_alpha_tuning_moves_entropy_toward_target():
     buffer, state, cands = _two_case_problem(200, seed=5)
-    learner = SoftQLearner(D, SoftQConfig(alpha=0.1, target_entropy=0.6, lr=1e-2, hidden=16, seed=0))
+    learner = SoftQLearner(D, SoftQConfig(alpha=0.1, target_entropy=0.6, lr=1e-2, hidden=16, seed=0, vote_prior=0.0))
     for _ in range(300):
         metrics = learner.update(buffer.sample(64))
-    # with two candidates the maximum entropy is log 2 = 0.69; the target 0.6 asks for a softer μ
+    # with two candidates the maximum entropy is log 2 = 0.69; the target 0.6 asks for a softer μ (no
+    # prior: its vote for the case that paid would cap the entropy below the target)
     assert learner.alpha > 0.1
     assert abs(metrics["entropy"] - 0.6) < 0.1
 

@@ -24,7 +24,7 @@ from memento.config import Settings
 from memento.encoder import ItemEncoder, case_feature_vector
 from memento.qnet import QNetwork
 from memento.schemas import Case, encode
-from memento.softq import policy_probs_numpy
+from memento.softq import policy_probs_numpy, retrieval_prior_numpy
 from memory_store import CaseBank
 from serving.app import ServingConfig, ServingService
 from serving.followers import CheckpointFollower
@@ -65,7 +65,7 @@ def _metadata(path) -> dict[str, str]:
 
 def test_published_checkpoint_carries_the_learners_tuned_alpha_floor_and_k(tmp_path):
     config = SoftQConfig(top_k=2, hidden=16, alpha=0.1, target_entropy=0.6, lr=1e-2, min_prob=0.05,
-                         batch_size=32, seed=0)
+                         batch_size=32, seed=0, vote_prior=4.0)
     service = LearnerService(_settings(tmp_path, top_k=2), config,
                              LearnerServiceConfig(learning_starts=32, publish_every=50, publish_min_interval_s=0.0))
     service.producer = RecordingProducer()
@@ -74,16 +74,17 @@ def test_published_checkpoint_carries_the_learners_tuned_alpha_floor_and_k(tmp_p
     ann = service.published[-1]
     assert ann.step == 200 == service.learner.steps           # the last update published
     policy = read_checkpoint(ann.path, ann.sha256, expect_state_dim=D).policy
-    assert policy == PolicyParams(alpha=service.learner.alpha, min_prob=0.05, top_k=2)
+    assert policy == PolicyParams(alpha=service.learner.alpha, min_prob=0.05, top_k=2, vote_prior=4.0)
     assert abs(policy.alpha - 0.1) > 0.01                     # tuned away from its initial value
     assert json.loads(_metadata(ann.path)["policy"]) == {"alpha": policy.alpha, "min_prob": 0.05, "top_k": 2,
-                                                         "similarity_prior": 0.0}
+                                                         "similarity_prior": 0.0, "vote_prior": 4.0}
 
 
-def _learner_checkpoint(directory: Path, version: int, *, alpha: float, min_prob: float, top_k: int):
+def _learner_checkpoint(directory: Path, version: int, *, alpha: float, min_prob: float, top_k: int,
+                        vote_prior: float = 2.0):
     """A learner whose α was tuned to ``alpha``, and its checkpoint, as the learner writes it."""
     learner = SoftQLearner(D, SoftQConfig(top_k=top_k, hidden=8, alpha=0.1, target_entropy=1.0,
-                                          min_prob=min_prob, seed=version))
+                                          min_prob=min_prob, seed=version, vote_prior=vote_prior))
     with torch.no_grad():
         learner.log_alpha.fill_(math.log(alpha))
     return learner, learner.save_checkpoint(directory, version=version)
@@ -119,18 +120,21 @@ def test_serving_reload_adopts_the_checkpoints_alpha_floor_and_k(tmp_path):
     _announce(follower, ann)
 
     assert service.policy.version == 1
-    assert service.policy.options == PolicyOptions(top_k=3, alpha=learner.alpha, min_prob=0.05, seed=FLAGS.seed)
-    for option in ("alpha", "min_prob", "top_k"):
+    assert service.policy.options == PolicyOptions(top_k=3, alpha=learner.alpha, min_prob=0.05, vote_prior=2.0,
+                                                   seed=FLAGS.seed)
+    for option in ("alpha", "min_prob", "top_k", "vote_prior"):
         assert _metric(service, "memento_serving_policy_overrides_total", option=option) == 1.0
     assert _metric(service, "memento_serving_policy_alpha") == pytest.approx(learner.alpha)
     assert _metric(service, "memento_serving_policy_min_prob") == 0.05
     assert _metric(service, "memento_serving_policy_top_k") == 3
+    assert _metric(service, "memento_serving_policy_vote_prior") == 2.0
 
-    # the μ serving samples is the learner's: its K candidates, softmax(Q/α) with its floor
+    # the μ serving samples is the learner's: its K candidates, softmax(Q/α) times its prior, with its floor
     state = np.asarray(bank.get("c5").state, np.float32)
     decision = service.policy.recommend(state, np.random.default_rng(0))
     assert len(decision.case_ids) == 3
-    expected = policy_probs_numpy(decision.q[None], learner.alpha, 0.05)[0]
+    prior = retrieval_prior_numpy(decision.state[None], decision.features[None], 0.0, 2.0)
+    expected = policy_probs_numpy(decision.q[None], learner.alpha, 0.05, prior=prior)[0]
     assert np.allclose(decision.probs, expected / expected.sum(), atol=1e-6)
 
 

@@ -51,7 +51,7 @@ def _bank(n: int = 40, seed: int = 0, items: int | None = None) -> CaseBank:
 def _policy(bank, top_k=8, alpha=0.5, min_prob=0.01, version=3) -> RetrievalPolicy:
     torch.manual_seed(0)
     return RetrievalPolicy(QNetwork(DIM, hidden=16), version, bank,
-                           PolicyOptions(top_k=top_k, alpha=alpha, min_prob=min_prob))
+                           PolicyOptions(top_k=top_k, alpha=alpha, min_prob=min_prob, vote_prior=0.0))
 
 
 def _state(seed=1) -> np.ndarray:
@@ -211,23 +211,53 @@ def test_similarity_prior_makes_an_untrained_q_plain_retrieval():
     """With Q equal on every candidate, μ is the prior softmax(β·cos(s, c_state)): the nearest
     case is the most probable and probabilities fall with similarity; the learner's μ (torch)
     gives the same numbers; β = 0 leaves μ uniform."""
-    from memento.softq import similarity_prior
+    from memento.softq import retrieval_prior
 
     bank = _bank()
     net = QNetwork(DIM, hidden=16)
     torch.nn.init.zeros_(net.mlp[-1].weight)
     torch.nn.init.zeros_(net.mlp[-1].bias)  # Q(s, c) = 0 for every pair
     state = _state()
-    flat = RetrievalPolicy(net, 1, bank, PolicyOptions(top_k=8, alpha=0.1, min_prob=0.0))
+    flat = RetrievalPolicy(net, 1, bank, PolicyOptions(top_k=8, alpha=0.1, min_prob=0.0, vote_prior=0.0))
     d = flat.recommend(state, np.random.default_rng(0))
     np.testing.assert_allclose(d.probs, 1 / 8, rtol=1e-5)
 
-    prior = RetrievalPolicy(net, 1, bank, PolicyOptions(top_k=8, alpha=0.1, min_prob=0.0, similarity_prior=20.0))
+    prior = RetrievalPolicy(net, 1, bank, PolicyOptions(top_k=8, alpha=0.1, min_prob=0.0, similarity_prior=20.0,
+                                                        vote_prior=0.0))
     d = prior.recommend(state, np.random.default_rng(0))
     assert (np.diff(d.similarities) <= 0).all()          # search order: most similar first
     assert (np.diff(d.probs) <= 1e-7).all() and d.probs[0] > 2 * d.probs[-1]
     expected = np.exp(20.0 * d.similarities) / np.exp(20.0 * d.similarities).sum()
     np.testing.assert_allclose(d.probs, expected, rtol=1e-4)
     s, c = torch.from_numpy(d.state)[None], torch.from_numpy(d.features)[None]
-    mu = policy_probs(net(s, c), 0.1, 0.0, prior=similarity_prior(s, c, 20.0))[0].detach().numpy()
+    mu = policy_probs(net(s, c), 0.1, 0.0, prior=retrieval_prior(s, c, 20.0))[0].detach().numpy()
+    np.testing.assert_allclose(d.probs, mu, rtol=1e-4)
+
+
+def test_vote_prior_ranks_an_untrained_q_by_what_the_neighbours_paid():
+    """With Q equal on every candidate, μ ∝ (1 + V(c))^w: a case whose item other retrieved
+    cases also led to, and that paid, is more probable; serving's numpy μ equals the learner's
+    torch μ; w = 0 leaves μ uniform."""
+    from memento.softq import neighbour_votes, retrieval_prior
+
+    bank = _bank(n=60, items=6)   # 6 items, 10 cases each, outcomes 0..3
+    net = QNetwork(DIM, hidden=16)
+    torch.nn.init.zeros_(net.mlp[-1].weight)
+    torch.nn.init.zeros_(net.mlp[-1].bias)
+    state = _state()
+    flat = RetrievalPolicy(net, 1, bank, PolicyOptions(top_k=16, alpha=0.1, min_prob=0.0, vote_prior=0.0))
+    np.testing.assert_allclose(flat.recommend(state, np.random.default_rng(0)).probs, 1 / 16, rtol=1e-5)
+
+    voted = RetrievalPolicy(net, 1, bank, PolicyOptions(top_k=16, alpha=0.1, min_prob=0.0, vote_prior=3.0))
+    d = voted.recommend(state, np.random.default_rng(0))
+    items = [bank.get(c).item_id for c in d.case_ids]
+    outcomes = d.features[:, 2 * DIM]
+    paid = {i: sum(float(o) for j, o in zip(items, outcomes) if j == i) for i in set(items)}
+    votes = np.array([paid[i] for i in items])
+    np.testing.assert_allclose(neighbour_votes(d.features[None])[0], votes, rtol=1e-6)
+    expected = (1 + votes) ** 3.0 / ((1 + votes) ** 3.0).sum()
+    np.testing.assert_allclose(d.probs, expected, rtol=1e-4)
+    assert len(set(votes.tolist())) > 1   # the bank gives the items different votes
+    s, c = torch.from_numpy(d.state)[None], torch.from_numpy(d.features)[None]
+    mu = policy_probs(net(s, c), 0.1, 0.0, prior=retrieval_prior(s, c, 0.0, 3.0))[0].detach().numpy()
     np.testing.assert_allclose(d.probs, mu, rtol=1e-4)

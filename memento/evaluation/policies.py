@@ -322,7 +322,7 @@ class SoftQPolicy(_TrainedCasePolicy):
         self.loop.drift = RewardDrift.from_config(drift)
         self.learner = SoftQLearner(state_dim, config, drift=self.loop.drift)
         self.options = PolicyOptions(top_k=config.top_k, alpha=config.alpha, min_prob=config.min_prob,
-                                     similarity_prior=config.similarity_prior)
+                                     similarity_prior=config.similarity_prior, vote_prior=config.vote_prior)
         self.policy = RetrievalPolicy(copy.deepcopy(self.learner.q_net), 0, bank, self.options)
 
     def _batch_size(self) -> int:

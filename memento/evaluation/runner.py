@@ -35,7 +35,7 @@ import numpy as np
 from learner.drift import DriftConfig
 from learner.service import LearnerServiceConfig
 from learner.trainer import SoftQConfig
-from memento.config import RewardWeights, Settings
+from memento.config import DEFAULT_TOP_K, RewardWeights, Settings
 from memento.encoder import ItemEncoder, case_feature_vector, text_encoder_from_path
 from memento.evaluation.baselines import DEFAULT_VW_ARGS, ItemKNNPolicy, RecentPolicy, VWPolicy
 from memento.evaluation.fastpath import BufferedCaseBank, ExactStateEncoder
@@ -103,7 +103,7 @@ class EvalConfig:
     source: str = "synthetic"
     events: int = 5000
     item_dim: int = 32
-    top_k: int = 16
+    top_k: int = DEFAULT_TOP_K
     list_size: int = 10
     window_s: float = 600.0
     allowed_lateness_s: float = 60.0
