@@ -57,7 +57,25 @@ def _broker(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _invoked(argv: list[str]) -> tuple[str | None, str | None]:
+    """The command and bench name ``argv`` asks for (None where it names none)."""
+    words = [a for a in argv if not a.startswith("-")]
+    command = words[0] if words else None
+    return command, (words[1] if command == "bench" and len(words) > 1 else None)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser of every command. With ``argv``, only the module of the command it invokes
+    is imported (``memento --help`` and ``memento broker status`` import neither torch nor
+    faiss; tests/test_cli_light.py); the others are listed with their help but take no
+    arguments of their own."""
+    command, bench_name = _invoked(argv) if argv is not None else (None, None)
+
+    def wanted(name: str, bench: bool = False) -> bool:
+        if argv is None:
+            return True
+        return command == "bench" and bench_name == name if bench else command == name
+
     parser = argparse.ArgumentParser(prog="memento", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -72,22 +90,26 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (module, help_text) in BENCHMARKS.items():
         p = bench_sub.add_parser(name, help=help_text)
         p.set_defaults(handler=_bench, bench_module=module)
-        try:
-            importlib.import_module(module).add_arguments(p)
-        except (ImportError, AttributeError) as exc:
-            p.set_defaults(import_error=exc)
+        if wanted(name, bench=True):
+            _add_arguments(p, module)
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text)
         p.set_defaults(module=module)
-        try:
-            importlib.import_module(module).add_arguments(p)
-        except (ImportError, AttributeError) as exc:
-            p.set_defaults(import_error=exc)
+        if wanted(name):
+            _add_arguments(p, module)
     return parser
 
 
+def _add_arguments(parser: argparse.ArgumentParser, module: str) -> None:
+    try:
+        importlib.import_module(module).add_arguments(parser)
+    except (ImportError, AttributeError) as exc:
+        parser.set_defaults(import_error=exc)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(logging.WARNING)
