@@ -8,29 +8,14 @@ JSON-serialisable scalars (written to ``<name>.json``). Loading uses
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["save_state", "load_state", "write_atomic"]
+from memento.atomic import atomic_file, write_atomic
 
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` by ``data`` durably: a synced temporary file renamed over it, then the
-    directory synced (so the rename survives a power loss too)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+__all__ = ["save_state", "load_state"]
 
 
 def save_state(directory: str | Path, name: str, arrays: dict[str, np.ndarray],
@@ -42,12 +27,8 @@ def save_state(directory: str | Path, name: str, arrays: dict[str, np.ndarray],
         if np.asarray(value).dtype == object:
             raise TypeError(f"{name}: array {key!r} has dtype object, which cannot be saved "
                             f"without pickle")
-    npz_tmp = directory / f"{name}.npz.tmp"
-    with open(npz_tmp, "wb") as fh:
+    with atomic_file(directory / f"{name}.npz") as fh:
         np.savez(fh, **arrays)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(npz_tmp, directory / f"{name}.npz")
     write_atomic(directory / f"{name}.json", json.dumps(meta).encode())
 
 

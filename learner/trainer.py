@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from learner._state import write_atomic
+from memento.atomic import write_atomic
 from learner.drift import RewardDrift
 from learner.storage import ReplayBatch
 from memento.checkpoint import PolicyParams, save_checkpoint

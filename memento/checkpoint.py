@@ -12,7 +12,8 @@ Reading verifies before it parses: the file's size is bounded, its sha256 must m
 announced one, then the header (bounded too) is parsed as safetensors only.
 
 >>> import tempfile, os
->>> from memento.qnet import QNetwork
+>>> from memento.atomic import write_atomic
+from memento.qnet import QNetwork
 >>> d = tempfile.mkdtemp()
 >>> ann = save_checkpoint(QNetwork(4, 8), d, version=3, step=10,
 ...                       policy=PolicyParams(alpha=0.25, min_prob=0.01, top_k=8))
@@ -40,6 +41,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from memento.atomic import write_atomic
 from memento.qnet import QNetwork
 from memento.schemas import CheckpointAnnouncement
 
@@ -196,16 +198,7 @@ def save_checkpoint(net: QNetwork, directory: str | Path, *, version: int, step:
         meta["policy"] = policy.to_json()
     data = st_save(tensors, metadata=meta)
     path = directory / checkpoint_file_name(version)
-    tmp = path.with_suffix(".tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # a full disk must not leave a partial file behind
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(path, data)  # a full disk leaves no partial file behind
     return CheckpointAnnouncement(
         version=version, path=str(path.resolve()), sha256=sha256_bytes(data), created_at=time.time(),
         step=step, state_dim=net.state_dim, item_dim=net.state_dim,

@@ -40,6 +40,7 @@ from typing import Sequence
 import faiss
 import numpy as np
 
+from memento.atomic import write_atomic
 from memento.encoder import case_feature_dim
 from memento.schemas import Case
 from memory_store import metrics
@@ -158,9 +159,7 @@ class CaseBank:
                     raise ValueError(f"CaseBank: {self.path} was created with {key}={found.get(key)}, "
                                      f"opened with {key}={wanted[key]}")
         else:
-            tmp = manifest.with_suffix(".tmp")
-            tmp.write_text(json.dumps(wanted, indent=2))
-            os.replace(tmp, manifest)
+            write_atomic(manifest, json.dumps(wanted, indent=2).encode())
 
     # ------------------------------------------------------------------ writes
     def add(self, cases: Sequence[Case]) -> int:

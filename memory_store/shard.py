@@ -36,6 +36,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from memento.atomic import atomic_file
 from memento.schemas import Case
 from memory_store.eviction import make_eviction_policy
 from memory_store.index import FlatIndex, HNSWIndex, IVFIndex, ShardIndex, make_index
@@ -514,18 +515,8 @@ class Shard:
                 arrays["index"] = index.serialize()
                 # Every record up to here is in the copy; later ones stay in the log.
                 covered = self.wal.size_bytes
-            path = self.directory / SNAPSHOT_FILE
-            tmp = path.with_suffix(".tmp")
-            with open(tmp, "wb") as f:
+            with atomic_file(self.directory / SNAPSHOT_FILE) as f:
                 np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            dir_fd = os.open(self.directory, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
             with self._write_lock:
                 self.wal.drop_prefix(covered)
             self.snapshot_time = time.time()
