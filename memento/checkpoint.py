@@ -12,8 +12,7 @@ Reading verifies before it parses: the file's size is bounded, its sha256 must m
 announced one, then the header (bounded too) is parsed as safetensors only.
 
 >>> import tempfile, os
->>> from memento.atomic import write_atomic
-from memento.qnet import QNetwork
+>>> from memento.qnet import QNetwork
 >>> d = tempfile.mkdtemp()
 >>> ann = save_checkpoint(QNetwork(4, 8), d, version=3, step=10,
 ...                       policy=PolicyParams(alpha=0.25, min_prob=0.01, top_k=8))
