@@ -24,6 +24,8 @@ True
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -50,9 +52,12 @@ def _cosine_to_case_states(states, cases, xp_sum, xp_norm):
 _ITEM_KEY_SEED = 20140901
 
 
+@functools.lru_cache(maxsize=None)
 def _item_key_multipliers(d: int) -> np.ndarray:
-    rng = np.random.default_rng(_ITEM_KEY_SEED + d)
-    return rng.integers(1, 2 ** 19, d, dtype=np.int64) * 2 + 1
+    # cached: item_key runs on every request and update, and seeding a generator costs more than the hash
+    mult = np.random.default_rng(_ITEM_KEY_SEED + d).integers(1, 2 ** 19, d, dtype=np.int64) * 2 + 1
+    mult.flags.writeable = False
+    return mult
 
 
 def item_key(item_vec):
@@ -71,7 +76,7 @@ def item_key(item_vec):
     mult = _item_key_multipliers(item_vec.shape[-1])
     if isinstance(item_vec, torch.Tensor):
         bits = item_vec.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-        h = (bits * torch.from_numpy(mult)).sum(-1)
+        h = (bits * torch.tensor(mult)).sum(-1)
     else:
         bits = np.ascontiguousarray(item_vec, np.float32).view(np.uint32).astype(np.int64)
         h = (bits * mult).sum(-1)
