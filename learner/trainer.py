@@ -112,10 +112,9 @@ class SoftQConfig:
             problems.append(f"grad_clip must be > 0 or None, got {self.grad_clip}")
         if not 0.0 <= self.min_prob < 1.0:
             problems.append(f"min_prob must be in [0, 1), got {self.min_prob}")
-        if not (math.isfinite(self.similarity_prior) and self.similarity_prior >= 0):
-            problems.append(f"similarity_prior must be a finite number >= 0, got {self.similarity_prior}")
-        if not (math.isfinite(self.vote_prior) and self.vote_prior >= 0):
-            problems.append(f"vote_prior must be a finite number >= 0, got {self.vote_prior}")
+        for name in ("similarity_prior", "vote_prior"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                problems.append(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
         if self.importance_weight_clip is not None and not self.importance_weight_clip > 0:
             problems.append(f"importance_weight_clip must be > 0 or None, got {self.importance_weight_clip}")
         if self.hidden < 1:

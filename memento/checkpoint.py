@@ -132,22 +132,20 @@ class PolicyParams:
     vote_prior: float = 0.0
 
     def __post_init__(self):
-        a, m, k, b = self.alpha, self.min_prob, self.top_k, self.similarity_prior
+        a, m, k = self.alpha, self.min_prob, self.top_k
         if isinstance(a, bool) or not isinstance(a, (int, float)) or not (math.isfinite(a) and a > 0):
             raise ValueError(f"policy alpha must be a finite number > 0, got {a!r}")
         if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0.0 <= m < 1.0:
             raise ValueError(f"policy min_prob must be a number in [0, 1), got {m!r}")
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_TOP_K:
             raise ValueError(f"policy top_k must be an integer in 1..{MAX_TOP_K}, got {k!r}")
-        if isinstance(b, bool) or not isinstance(b, (int, float)) or not (math.isfinite(b) and b >= 0):
-            raise ValueError(f"policy similarity_prior must be a finite number >= 0, got {b!r}")
-        w = self.vote_prior
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not (math.isfinite(w) and w >= 0):
-            raise ValueError(f"policy vote_prior must be a finite number >= 0, got {w!r}")
-        object.__setattr__(self, "vote_prior", float(w))
+        for name in ("similarity_prior", "vote_prior"):
+            b = getattr(self, name)
+            if isinstance(b, bool) or not isinstance(b, (int, float)) or not (math.isfinite(b) and b >= 0):
+                raise ValueError(f"policy {name} must be a finite number >= 0, got {b!r}")
+            object.__setattr__(self, name, float(b))
         object.__setattr__(self, "alpha", float(a))
         object.__setattr__(self, "min_prob", float(m))
-        object.__setattr__(self, "similarity_prior", float(b))
 
     def to_json(self) -> str:
         """The ``policy`` metadata entry (floats written exactly: they read back equal)."""

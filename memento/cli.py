@@ -69,12 +69,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     is imported (``memento --help`` and ``memento broker status`` import neither torch nor
     faiss; tests/test_cli_light.py); the others are listed with their help but take no
     arguments of their own."""
-    command, bench_name = _invoked(argv) if argv is not None else (None, None)
-
-    def wanted(name: str, bench: bool = False) -> bool:
-        if argv is None:
-            return True
-        return command == "bench" and bench_name == name if bench else command == name
+    load_all = argv is None
+    command, bench_name = _invoked(argv or [])
 
     parser = argparse.ArgumentParser(prog="memento", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -90,12 +86,12 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     for name, (module, help_text) in BENCHMARKS.items():
         p = bench_sub.add_parser(name, help=help_text)
         p.set_defaults(handler=_bench, bench_module=module)
-        if wanted(name, bench=True):
+        if load_all or (command == "bench" and bench_name == name):
             _add_arguments(p, module)
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text)
         p.set_defaults(module=module)
-        if wanted(name):
+        if load_all or command == name:
             _add_arguments(p, module)
     return parser
 

@@ -40,6 +40,10 @@ from memento.softq import entropy_numpy, policy_probs_numpy, retrieval_prior_num
 __all__ = ["PolicyOptions", "Decision", "RetrievalPolicy", "NoCandidatesError"]
 
 
+# the options a checkpoint carries (every PolicyParams field), which replace serving's flags
+_FROM_CHECKPOINT = tuple(f.name for f in dataclasses.fields(PolicyParams))
+
+
 class NoCandidatesError(LookupError):
     """The case bank returned no case for the state (the bank is empty)."""
 
@@ -85,10 +89,9 @@ class PolicyOptions:
             raise ValueError(f"alpha must be > 0, got {self.alpha}")
         if not 0.0 <= self.min_prob < 1.0:
             raise ValueError(f"min_prob must be in [0, 1), got {self.min_prob}")
-        if not (np.isfinite(self.similarity_prior) and self.similarity_prior >= 0):
-            raise ValueError(f"similarity_prior must be a finite number >= 0, got {self.similarity_prior}")
-        if not (np.isfinite(self.vote_prior) and self.vote_prior >= 0):
-            raise ValueError(f"vote_prior must be a finite number >= 0, got {self.vote_prior}")
+        for name in ("similarity_prior", "vote_prior"):
+            if not (np.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
 
     def for_checkpoint(self, params: PolicyParams | None) -> "PolicyOptions":
         """These options with μ's α, floor, K and prior weights taken from a checkpoint's
@@ -102,8 +105,7 @@ class PolicyOptions:
         """
         if params is None:
             return self
-        return dataclasses.replace(self, top_k=params.top_k, alpha=params.alpha, min_prob=params.min_prob,
-                                   similarity_prior=params.similarity_prior, vote_prior=params.vote_prior)
+        return dataclasses.replace(self, **{name: getattr(params, name) for name in _FROM_CHECKPOINT})
 
     def overridden_by(self, params: PolicyParams | None) -> dict[str, tuple]:
         """The options a checkpoint's ``params`` set to another value: name → (this, checkpoint's).
@@ -114,8 +116,7 @@ class PolicyOptions:
         if params is None:
             return {}
         return {name: (getattr(self, name), getattr(params, name))
-                for name in ("top_k", "alpha", "min_prob", "similarity_prior", "vote_prior")
-                if getattr(self, name) != getattr(params, name)}
+                for name in _FROM_CHECKPOINT if getattr(self, name) != getattr(params, name)}
 
 
 @dataclass(frozen=True)
