@@ -116,13 +116,16 @@ class TrainingLoop:
         """Whole updates the credit pays for now."""
         return int(self.credit)
 
-    def add(self, rows: Iterable[ReplayTransition]) -> int:
+    def add(self, rows: Iterable[ReplayTransition], on_new: Callable[[int], object] | None = None) -> int:
         """Store ``rows`` (a known transition id is ignored) and accrue the credit they buy;
-        returns how many were new. Each new row's reward goes to the drift detector."""
+        returns how many were new. Each new row's reward goes to the drift detector, and its
+        position in ``rows`` to ``on_new`` (the learner counts its reward for its prior)."""
         added = 0
-        for row in rows:
+        for i, row in enumerate(rows):
             if self.buffer.add(row):
                 added += 1
+                if on_new is not None:
+                    on_new(i)
                 if self.drift is not None and self.drift.update(float(row.reward)):
                     self.drift_pending = True
         if len(self.buffer) >= self.pacing.learning_starts:

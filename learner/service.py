@@ -155,6 +155,10 @@ class LearnerMetrics:
                                      "(the boosted one while exploring)", registry=r)
         self.published_min_prob = Gauge(p + "published_min_prob", "per-candidate floor of the "
                                         "last published μ", registry=r)
+        self.prior_share = Gauge(p + "prior_share", "share of requests drawn under each retrieval prior "
+                                 "(similarity:vote) in the last published μ", ["prior"], registry=r)
+        self.prior_reward_mean = Gauge(p + "prior_reward_mean", "discounted mean reward of the requests "
+                                       "drawn under each retrieval prior", ["prior"], registry=r)
         self.state_restore_failures = Counter(p + "state_restore_failures", "saved learner states "
                                               "that could not be read at start-up (skipped)", registry=r)
         self.committed_offsets = Counter(p + "offset_commits", "input offset commits (each after a state "
@@ -371,6 +375,11 @@ class LearnerService:
         published = self.learner.policy_params()
         self.metrics.published_alpha.set(published.alpha)
         self.metrics.published_min_prob.set(published.min_prob)
+        selector = self.learner.prior_selector
+        if selector is not None:
+            for prior, (_, _, share), mean in zip(selector.priors, published.priors, selector.means()):
+                self.metrics.prior_share.labels(prior.key).set(share)
+                self.metrics.prior_reward_mean.labels(prior.key).set(mean)
         log.info("published policy v%d (step %d) %s", version, ann.step, ann.path)
         self._prune_checkpoints()
         return ann
@@ -432,7 +441,8 @@ class LearnerService:
     def _ingest(self, transitions: list[Transition]) -> int:
         n = len(transitions)
         dropped = self.loop.dropped
-        added = self.loop.add(with_candidates(transitions, self.bank, self.config.top_k))
+        added = self.loop.add(with_candidates(transitions, self.bank, self.config.top_k),
+                              on_new=lambda i: self.learner.observe_priors(transitions[i:i + 1]))
         self._drift_metrics()
         self.duplicates += n - added
         self.metrics.duplicates.inc(n - added)

@@ -42,7 +42,9 @@ from learner.storage import ReplayBatch
 from memento.checkpoint import PolicyParams, save_checkpoint
 from memento.qnet import QNetwork
 from memento.schemas import CheckpointAnnouncement
-from memento.config import DEFAULT_ALPHA, DEFAULT_MIN_PROB, DEFAULT_SIMILARITY_PRIOR, DEFAULT_TOP_K, DEFAULT_VOTE_PRIOR
+from memento.config import (DEFAULT_ALPHA, DEFAULT_ALTERNATIVE_PRIORS, DEFAULT_MIN_PROB, DEFAULT_SIMILARITY_PRIOR,
+                            DEFAULT_TOP_K, DEFAULT_VOTE_PRIOR)
+from memento.priors import PriorSelector, RetrievalPrior, parse_priors
 from memento.softq import entropy, histogram_mean, histogram_target, policy_probs, retrieval_prior, td_target
 
 __all__ = ["SoftQConfig", "SoftQLearner", "UnhealthyLearnerError"]
@@ -75,6 +77,11 @@ class SoftQConfig:
     vote_prior: float = _opt(DEFAULT_VOTE_PRIOR, "weight w of the neighbours' vote in the retrieval prior: V(c) "
                              "is what the retrieved cases that led to c's item paid "
                              "(memento.softq.neighbour_votes; 0 = none)")
+    alternative_priors: str = _opt(DEFAULT_ALTERNATIVE_PRIORS, "retrieval priors μ may use instead of the one above, "
+                                   "'similarity:vote' pairs, comma-separated: each request's prior is drawn by "
+                                   "Thompson sampling on the priors' rewards (memento.priors; '' = the one prior only)")
+    prior_half_life: float = _opt(2000.0, "transitions after which a reward counts half in the choice of prior")
+    prior_min_share: float = _opt(0.005, "least share of requests each retrieval prior keeps (when there are several)")
     importance_weight_clip: float | None = _opt(None, "None = no off-policy correction; else each "
                                                       "sample's loss is weighted by "
                                                       "min(μ(c|s)/propensity, this)")
@@ -115,6 +122,15 @@ class SoftQConfig:
         for name in ("similarity_prior", "vote_prior"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 problems.append(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+        try:
+            priors = self.priors()
+            if not 0.0 <= self.prior_min_share <= 1.0 / len(priors):
+                problems.append(f"prior_min_share must be in [0, 1/{len(priors)}] with {len(priors)} priors, "
+                                f"got {self.prior_min_share}")
+        except ValueError as exc:
+            problems.append(f"alternative_priors: {exc}")
+        if not self.prior_half_life > 0:
+            problems.append(f"prior_half_life must be > 0, got {self.prior_half_life}")
         if self.importance_weight_clip is not None and not self.importance_weight_clip > 0:
             problems.append(f"importance_weight_clip must be > 0 or None, got {self.importance_weight_clip}")
         if self.hidden < 1:
@@ -126,6 +142,16 @@ class SoftQConfig:
             problems.append(f"item_buckets and item_embed must be >= 0, got {self.item_buckets}, {self.item_embed}")
         if problems:
             raise ValueError("bad SoftQConfig: " + "; ".join(problems))
+
+    def priors(self) -> tuple[RetrievalPrior, ...]:
+        """The retrieval priors μ may use: (``similarity_prior``, ``vote_prior``) first, then the
+        ``alternative_priors`` that differ from it (ValueError on a malformed list).
+
+        >>> [p.key for p in SoftQConfig(vote_prior=20.0, alternative_priors="1000:0, 0:20").priors()]
+        ['0:20', '1000:0']
+        """
+        first = RetrievalPrior(self.similarity_prior, self.vote_prior)
+        return (first,) + tuple(p for p in parse_priors(self.alternative_priors) if p != first)
 
     def network(self) -> dict:
         """The Q network's options (:class:`memento.qnet.QNetwork` keyword arguments)."""
@@ -177,17 +203,38 @@ class SoftQLearner:
         self.skipped_updates = 0    # updates skipped because something was not finite
         self._last_update_finite = True
         self.last_td_errors: np.ndarray | None = None
+        priors = config.priors()
+        # which prior each request uses, from the rewards; None with one prior
+        self.prior_selector = PriorSelector(priors, half_life=config.prior_half_life,
+                                            min_share=config.prior_min_share, seed=config.seed) \
+            if len(priors) > 1 else None
+        self.td_prior = priors[0]   # the prior the soft value is taken under: the leading one at the last publication
 
     @property
     def alpha(self) -> float:
         return float(self.log_alpha.detach().exp())
 
+    def observe_priors(self, transitions) -> int:
+        """Give each transition's reward to the prior its recommendation was drawn under
+        (:mod:`memento.priors`); returns how many counted (none with a single prior)."""
+        if self.prior_selector is None:
+            return 0
+        return sum(self.prior_selector.observe(t.prior, float(t.reward)) for t in transitions if t.prior)
+
     def policy_params(self) -> PolicyParams:
-        """The μ this learner assumes (its current α, the floor, K, the prior's weight), raised by the drift
-        detector's exploration boost when it has one (:meth:`learner.drift.RewardDrift.apply`):
-        what a checkpoint carries and what serving samples after loading it."""
+        """The μ this learner assumes (its current α, the floor, K, the priors and their shares),
+        raised by the drift detector's exploration boost when it has one
+        (:meth:`learner.drift.RewardDrift.apply`): what a checkpoint carries and what serving
+        samples after loading it. With several priors, the shares are drawn afresh from their
+        evidence, and the leading one becomes the prior of the TD target's soft value."""
+        mix: tuple = ()
+        if self.prior_selector is not None:
+            shares = self.prior_selector.shares()
+            self.td_prior = self.prior_selector.priors[int(np.argmax(shares))]
+            mix = tuple((p.similarity, p.vote, float(s)) for p, s in zip(self.prior_selector.priors, shares))
         params = PolicyParams(alpha=self.alpha, min_prob=self.config.min_prob, top_k=self.config.top_k,
-                              similarity_prior=self.config.similarity_prior, vote_prior=self.config.vote_prior)
+                              similarity_prior=self.td_prior.similarity, vote_prior=self.td_prior.vote,
+                              priors=mix)
         return params if self.drift is None else self.drift.apply(params)
 
     @property
@@ -202,7 +249,7 @@ class SoftQLearner:
             "candidate_features", "candidate_mask", "next_candidate_features", "next_candidate_mask")}
 
     def _prior(self, states: torch.Tensor, cases: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
-        return retrieval_prior(states, cases, self.config.similarity_prior, self.config.vote_prior, mask)
+        return retrieval_prior(states, cases, self.td_prior.similarity, self.td_prior.vote, mask)
 
     @torch.no_grad()
     def compute_td_target(self, batch: ReplayBatch) -> torch.Tensor:
@@ -322,7 +369,9 @@ class SoftQLearner:
                 "optimizer": self.optimizer.state_dict(), "log_alpha": self.log_alpha.detach().clone(),
                 "alpha_optimizer": self.alpha_optimizer.state_dict() if self.alpha_optimizer else None,
                 "steps": self.steps, "skipped_updates": self.skipped_updates,
-                "config": {k: v for k, v in asdict(self.config).items()}, "state_dim": self.state_dim}
+                "config": {k: v for k, v in asdict(self.config).items()}, "state_dim": self.state_dim,
+                "prior_selector": None if self.prior_selector is None else self.prior_selector.state_dict(),
+                "td_prior": self.td_prior.key}
 
     def load_state_dict(self, state: dict) -> None:
         mine = self.q_net.config()
@@ -339,6 +388,10 @@ class SoftQLearner:
         if self.alpha_optimizer is not None and state["alpha_optimizer"] is not None:
             self.alpha_optimizer.load_state_dict(state["alpha_optimizer"])
         self.steps, self.skipped_updates = int(state["steps"]), int(state["skipped_updates"])
+        if self.prior_selector is not None and state.get("prior_selector"):  # absent in older saves
+            self.prior_selector.load_state_dict(state["prior_selector"])
+        priors = {p.key: p for p in self.config.priors()}
+        self.td_prior = priors.get(state.get("td_prior", ""), self.td_prior)
 
     def save(self, path: str | Path) -> None:
         """Save :meth:`state_dict` with ``torch.save`` (read back with ``weights_only=True``),

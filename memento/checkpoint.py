@@ -3,9 +3,10 @@
 A checkpoint holds the Q network's tensors and, in the safetensors header's ``__metadata__``
 (string to string), ``version``, ``step``, ``config`` (the network's options, JSON) and
 ``policy``: the μ the network was trained for, as JSON ``{"alpha": α, "min_prob": floor,
-"top_k": K, "similarity_prior": β, "vote_prior": w}`` (:class:`PolicyParams`): the learner's
-current temperature (tuned when ``target_entropy`` is set), the probability floor, the number of
-candidates and the weights of the retrieval prior. Serving samples exactly that μ. A checkpoint written before
+"top_k": K, "similarity_prior": β, "vote_prior": w, "priors": [[β, w, share], ...]}``
+(:class:`PolicyParams`): the learner's current temperature (tuned when ``target_entropy`` is
+set), the probability floor, the number of candidates, the weights of the retrieval prior and,
+when μ mixes several priors (:mod:`memento.priors`), each one's share. Serving samples exactly that μ. A checkpoint written before
 ``policy`` existed loads with ``policy`` None, and serving keeps its own flags.
 
 Reading verifies before it parses: the file's size is bounded, its sha256 must match the
@@ -20,7 +21,7 @@ announced one, then the header (bounded too) is parsed as safetensors only.
 >>> net.state_dim, ann.version
 (4, 3)
 >>> read_checkpoint(ann.path, ann.sha256, expect_state_dim=4).policy
-PolicyParams(alpha=0.25, min_prob=0.01, top_k=8, similarity_prior=0.0, vote_prior=0.0)
+PolicyParams(alpha=0.25, min_prob=0.01, top_k=8, similarity_prior=0.0, vote_prior=0.0, priors=())
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from memento.atomic import write_atomic
+from memento.priors import check_prior_mix
 from memento.qnet import QNetwork
 from memento.schemas import CheckpointAnnouncement
 
@@ -112,13 +114,17 @@ class PolicyParams:
     (:func:`memento.softq.policy_probs`); the prior ranks by nearness with weight
     ``similarity_prior`` and by the neighbours' vote with weight ``vote_prior``
     (:func:`memento.softq.retrieval_prior`; 0 = none, and what a checkpoint that does not say it
-    means).
+    means). ``priors``, when not empty, is the mix μ samples instead: ``(β, w, share)`` for each
+    prior (:mod:`memento.priors`), a request's prior drawn with probability ``share``; the
+    single prior is then the leading one, which the TD target's soft value was taken under.
 
     >>> p = PolicyParams(alpha=0.1, min_prob=0.01, top_k=16)
     >>> PolicyParams.from_json(p.to_json()) == p
     True
     >>> PolicyParams.from_json('{"alpha": 0.1, "min_prob": 0.01, "top_k": 16}').similarity_prior  # older
     0.0
+    >>> PolicyParams.from_json(PolicyParams(0.1, 0.0, 16, 0.0, 20.0, ((0, 20, 0.9), (1000, 0, 0.1))).to_json()).priors
+    ((0.0, 20.0, 0.9), (1000.0, 0.0, 0.1))
     >>> PolicyParams.from_json('{"alpha": 0, "min_prob": 0.01, "top_k": 16}')
     Traceback (most recent call last):
     ...
@@ -130,6 +136,7 @@ class PolicyParams:
     top_k: int
     similarity_prior: float = 0.0
     vote_prior: float = 0.0
+    priors: tuple[tuple[float, float, float], ...] = ()
 
     def __post_init__(self):
         a, m, k = self.alpha, self.min_prob, self.top_k
@@ -146,6 +153,7 @@ class PolicyParams:
             object.__setattr__(self, name, float(b))
         object.__setattr__(self, "alpha", float(a))
         object.__setattr__(self, "min_prob", float(m))
+        object.__setattr__(self, "priors", check_prior_mix(self.priors))
 
     def to_json(self) -> str:
         """The ``policy`` metadata entry (floats written exactly: they read back equal)."""
@@ -155,7 +163,7 @@ class PolicyParams:
     def from_json(cls, text: str) -> "PolicyParams":
         """Parse a ``policy`` entry; ValueError when it is too long, not an object, or lacks or
         mistypes ``alpha``, ``min_prob`` or ``top_k`` (``similarity_prior`` and ``vote_prior`` are
-        optional, 0 when absent; other keys are ignored)."""
+        optional, 0 when absent, ``priors`` too, none when absent; other keys are ignored)."""
         if len(text) > MAX_POLICY_JSON:
             raise ValueError(f"policy metadata is {len(text)} characters, more than {MAX_POLICY_JSON}")
         value = json.loads(text)
@@ -166,7 +174,7 @@ class PolicyParams:
             raise ValueError(f"policy metadata lacks {', '.join(missing)}")
         return cls(alpha=value["alpha"], min_prob=value["min_prob"], top_k=value["top_k"],
                    similarity_prior=value.get("similarity_prior", 0.0),
-                   vote_prior=value.get("vote_prior", 0.0))
+                   vote_prior=value.get("vote_prior", 0.0), priors=value.get("priors", ()))
 
 
 @dataclass(frozen=True)

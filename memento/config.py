@@ -16,6 +16,7 @@ from pathlib import Path
 
 __all__ = ["Settings", "TopicNames", "RewardWeights", "parse_reward_mapping", "TOPIC_PARTITIONS",
            "DEFAULT_ALPHA", "DEFAULT_MIN_PROB", "DEFAULT_SIMILARITY_PRIOR", "DEFAULT_VOTE_PRIOR", "DEFAULT_TOP_K",
+           "DEFAULT_ALTERNATIVE_PRIORS",
            "add_settings_arguments", "settings_from_args"]
 
 
@@ -30,6 +31,9 @@ DEFAULT_MIN_PROB = 0.0005
 # (memento.softq.retrieval_prior): nearness β, and the neighbours' vote w.
 DEFAULT_SIMILARITY_PRIOR = 0.0
 DEFAULT_VOTE_PRIOR = 20.0
+# The priors μ may move to, drawn per request by Thompson sampling on their rewards
+# (memento.priors): nearness alone, strong enough to rank as plain RAG does until Q has learned.
+DEFAULT_ALTERNATIVE_PRIORS = "1000:0"
 
 @dataclass(frozen=True)
 class TopicNames:

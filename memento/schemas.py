@@ -115,7 +115,9 @@ class Action:
 
 @dataclass(frozen=True)
 class Recommendation:
-    """What serving answered: the chosen case, its propensity μ(c|s) and the state s it saw."""
+    """What serving answered: the chosen case, its propensity μ(c|s) and the state s it saw;
+    ``prior`` names the retrieval prior the case was drawn under when μ mixes several
+    (:mod:`memento.priors`; None otherwise)."""
 
     request_id: str
     user_id: str
@@ -127,6 +129,7 @@ class Recommendation:
     state: list[float]
     case_features: list[float]
     served_at: float = 0.0
+    prior: str | None = None
 
     def validate(self) -> None:
         if not 0.0 < self.propensity <= 1.0:
@@ -136,7 +139,8 @@ class Recommendation:
 
 @dataclass(frozen=True)
 class Transition:
-    """(s, c, μ(c|s), r, s′, done) for one recommendation; ``transition_id`` = request id."""
+    """(s, c, μ(c|s), r, s′, done) for one recommendation; ``transition_id`` = request id;
+    ``prior``: the recommendation's."""
 
     transition_id: str
     user_id: str
@@ -151,6 +155,7 @@ class Transition:
     policy_version: int
     ts: float
     closed_at: float = 0.0
+    prior: str | None = None
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,13 @@ SERVICE_KEY = web.AppKey("serving_service", object)
 _START_TASK = web.AppKey("serving_start_task", object)
 
 
+def _option_text(value) -> str:
+    """A policy option for a log line: numbers short, the priors' mix as similarity:vote=share."""
+    if isinstance(value, tuple):
+        return "[" + " ".join(f"{b:g}:{w:g}={share:.3f}" for b, w, share in value) + "]"
+    return f"{value:g}"
+
+
 @dataclass(frozen=True)
 class ServingConfig:
     """Serving options beyond the shared :class:`~memento.config.Settings`.
@@ -263,6 +270,9 @@ class ServingService:
         self.metrics.policy_top_k.set(options.top_k)
         self.metrics.policy_similarity_prior.set(options.similarity_prior)
         self.metrics.policy_vote_prior.set(options.vote_prior)
+        self.metrics.policy_prior_share.clear()   # a prior no longer mixed must not keep its last share
+        for prior, share in options.prior_mix():
+            self.metrics.policy_prior_share.labels(prior.key).set(share)
 
     def _swap_in(self, checkpoint: Checkpoint, announcement: CheckpointAnnouncement) -> None:
         """Serve ``checkpoint`` with the μ it carries (serving's flags when it carries none)."""
@@ -277,8 +287,8 @@ class ServingService:
                      options.min_prob, options.top_k)
         elif overrides:
             log.info("policy version %d sets %s (serving's flags: %s)", announcement.version,
-                     ", ".join(f"{k}={v[1]:g}" for k, v in overrides.items()),
-                     ", ".join(f"{k}={v[0]:g}" for k, v in overrides.items()))
+                     ", ".join(f"{k}={_option_text(v[1])}" for k, v in overrides.items()),
+                     ", ".join(f"{k}={_option_text(v[0])}" for k, v in overrides.items()))
             if "top_k" in overrides and (self.policy is None or self.policy.options.top_k != options.top_k):
                 log.warning("policy version %d samples among top_k=%d cases; the bank's IVF probes "
                             "were tuned for serving's top_k=%d", announcement.version, options.top_k,
@@ -407,7 +417,7 @@ def make_app(service: ServingService) -> web.Application:
             request_id=request_id, user_id=req.user_id, item_id=items[0], case_id=decision.case_id,
             propensity=decision.propensity, policy_version=decision.policy_version, ts=req.ts,
             state=decision.state.tolist(), case_features=decision.case_features.tolist(),
-            served_at=served_at)
+            served_at=served_at, prior=decision.prior)
         service.publisher.publish(settings.topics.recommendations, req.user_id, record)
         metrics.published.inc()
         service.recommendations_served += 1

@@ -62,6 +62,9 @@ class ServingMetrics:
         self.policy_vote_prior = Gauge("memento_serving_policy_vote_prior",
                                        "Weight of the neighbours' vote in the retrieval prior of the mu now sampled",
                                        registry=r)
+        self.policy_prior_share = Gauge("memento_serving_policy_prior_share",
+                                        "Share of requests drawn under each retrieval prior (similarity:vote) "
+                                        "by the mu now sampled", ["prior"], registry=r)
         self.mu_entropy = Histogram("memento_serving_mu_entropy_nats",
                                     "Entropy of the retrieval policy mu(.|s) per request",
                                     buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0),

@@ -35,6 +35,7 @@ import numpy as np
 from memento.checkpoint import PolicyParams
 from memento.qnet import FrozenQ, QNetwork
 from memento.config import DEFAULT_ALPHA, DEFAULT_MIN_PROB, DEFAULT_SIMILARITY_PRIOR, DEFAULT_TOP_K, DEFAULT_VOTE_PRIOR
+from memento.priors import RetrievalPrior, check_prior_mix
 from memento.softq import entropy_numpy, policy_probs_numpy, retrieval_prior_numpy
 
 __all__ = ["PolicyOptions", "Decision", "RetrievalPolicy", "NoCandidatesError"]
@@ -71,6 +72,11 @@ class PolicyOptions:
         Weights β and w of the retrieval prior: μ ∝ softmax(β·cos(s, c_state) + w·log(1 + V(c)))·exp(Q/α),
         V(c) what the retrieved cases that led to c's item paid (:func:`memento.softq.retrieval_prior`;
         0 = none).
+    priors
+        When not empty, μ mixes several retrieval priors instead of the one above: ``(β, w,
+        share)`` each (:mod:`memento.priors`); a request's prior is drawn with probability
+        ``share``, then its case from μ under that prior, and the propensity is the mixture's,
+        Σ share·μ_prior(c|s). Set by the learner's checkpoints.
     seed
         Seed of the sampling generator (one per serving process; worker i uses seed + i).
     """
@@ -80,6 +86,7 @@ class PolicyOptions:
     min_prob: float = DEFAULT_MIN_PROB
     similarity_prior: float = DEFAULT_SIMILARITY_PRIOR
     vote_prior: float = DEFAULT_VOTE_PRIOR
+    priors: tuple[tuple[float, float, float], ...] = ()
     seed: int = 0
 
     def __post_init__(self):
@@ -92,6 +99,18 @@ class PolicyOptions:
         for name in ("similarity_prior", "vote_prior"):
             if not (np.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+        object.__setattr__(self, "priors", check_prior_mix(self.priors))
+
+    def prior_mix(self) -> list[tuple[RetrievalPrior, float]]:
+        """The priors μ samples from, with their shares: :attr:`priors`, or else the single
+        prior of ``similarity_prior`` and ``vote_prior`` with share 1.
+
+        >>> [(p.key, s) for p, s in PolicyOptions(vote_prior=20.0).prior_mix()]
+        [('0:20', 1.0)]
+        """
+        if not self.priors:
+            return [(RetrievalPrior(self.similarity_prior, self.vote_prior), 1.0)]
+        return [(RetrievalPrior(b, w), share) for b, w, share in self.priors]
 
     def for_checkpoint(self, params: PolicyParams | None) -> "PolicyOptions":
         """These options with μ's α, floor, K and prior weights taken from a checkpoint's
@@ -99,7 +118,7 @@ class PolicyOptions:
 
         >>> flags = PolicyOptions(top_k=16, alpha=0.1, min_prob=0.01, seed=3)
         >>> flags.for_checkpoint(PolicyParams(alpha=0.37, min_prob=0.0, top_k=8, similarity_prior=5.0))
-        PolicyOptions(top_k=8, alpha=0.37, min_prob=0.0, similarity_prior=5.0, vote_prior=0.0, seed=3)
+        PolicyOptions(top_k=8, alpha=0.37, min_prob=0.0, similarity_prior=5.0, vote_prior=0.0, priors=(), seed=3)
         >>> flags.for_checkpoint(None) is flags
         True
         """
@@ -135,6 +154,7 @@ class Decision:
     chosen: int                # index of the sampled case
     policy_version: int
     entropy: float = field(default=0.0)
+    prior: str | None = None   # key of the retrieval prior the case was drawn under, when μ mixes several
 
     @property
     def case_id(self) -> str:
@@ -215,21 +235,31 @@ class RetrievalPolicy:
         # Valid candidates come first in every row (best first) and padding after.
         feats = np.ascontiguousarray(features, dtype=np.float32)
         q_np = self._scores(states, feats)
-        prior = retrieval_prior_numpy(states, feats, self.options.similarity_prior, self.options.vote_prior, mask)
-        mu = policy_probs_numpy(q_np, self.options.alpha, self.options.min_prob, mask=mask, prior=prior)
-        ent = entropy_numpy(mu).tolist()
-        mu_np = mu.astype(np.float64)
+        mix = self.options.prior_mix()
+        # μ under each prior [P, B, K]; the mixture's marginal is what a propensity must be
+        per_prior = np.stack([policy_probs_numpy(
+            q_np, self.options.alpha, self.options.min_prob, mask=mask,
+            prior=retrieval_prior_numpy(states, feats, prior.similarity, prior.vote, mask)).astype(np.float64)
+            for prior, _ in mix])
+        shares = np.array([share for _, share in mix])
+        marginal = np.tensordot(shares, per_prior, axes=1)
+        ent = entropy_numpy(marginal).tolist()
         draws = rng.random(len(states))
+        # drawn only when there is a choice of prior, so a single prior samples as it always did
+        prior_draws = rng.random(len(states)) if len(mix) > 1 else np.zeros(len(states))
         out: list[Decision | None] = []
         for b, case_ids in enumerate(id_lists):
             n = len(case_ids)
             if n == 0:
                 out.append(None)
                 continue
-            probs = mu_np[b, :n] / mu_np[b, :n].sum()
-            chosen = min(int(np.searchsorted(np.cumsum(probs), draws[b], side="right")), n - 1)
+            k = min(int(np.searchsorted(np.cumsum(shares), prior_draws[b], side="right")), len(mix) - 1)
+            drawn = per_prior[k, b, :n] / per_prior[k, b, :n].sum()
+            chosen = min(int(np.searchsorted(np.cumsum(drawn), draws[b], side="right")), n - 1)
+            probs = marginal[b, :n] / marginal[b, :n].sum()
             out.append(Decision(state=states[b].copy(), case_ids=list(case_ids),
                                 similarities=np.array(similarities[b, :n], copy=True),
                                 features=feats[b, :n].copy(), q=q_np[b, :n].copy(), probs=probs,
-                                chosen=chosen, policy_version=self.version, entropy=float(ent[b])))
+                                chosen=chosen, policy_version=self.version, entropy=float(ent[b]),
+                                prior=mix[k][0].key if len(mix) > 1 else None))
         return out

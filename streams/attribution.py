@@ -251,7 +251,8 @@ class RewardAttribution:
             transition_id=rec["request_id"], user_id=rec["user_id"], state=state_vec,
             case_id=rec["case_id"], case_features=_unpack(rec["case_features"]), item_id=rec["item_id"],
             propensity=rec["propensity"], reward=reward, next_state=_unpack(held["next_state"]),
-            done=done, policy_version=rec["policy_version"], ts=rec["ts"], closed_at=now)
+            done=done, policy_version=rec["policy_version"], ts=rec["ts"], closed_at=now,
+            prior=rec.get("prior"))  # windows kept before priors were recorded have none
         case = Case(case_id=f"rec:{rec['request_id']}", state=state_vec, item_id=rec["item_id"],
                     item_vec=[float(x) for x in self.encoder.items.encode(rec["item_id"])],
                     outcome=reward, ts=rec["ts"], source="recommendation")
@@ -280,7 +281,7 @@ class RewardAttribution:
         return {"request_id": rec.request_id, "user_id": rec.user_id, "item_id": rec.item_id,
                 "case_id": rec.case_id, "propensity": rec.propensity,
                 "policy_version": rec.policy_version, "ts": rec.ts, "state": _pack(rec.state),
-                "case_features": _pack(rec.case_features)}
+                "case_features": _pack(rec.case_features), "prior": rec.prior}
 
 
 def _pack(vector) -> str:

@@ -27,6 +27,9 @@ PANELS = [
         "memento_learner_exploration_boost", "memento_learner_published_alpha",
         "memento_learner_published_min_prob", "sum(increase(memento_learner_drift_detections_total[15m]))"], "short"),
     ("Learner reward (drift detector's window mean)", "memento_learner_drift_reward_mean", "short"),
+    ("Retrieval priors: share of requests (learner and serving) and mean reward, by prior", [
+        "memento_learner_prior_share", "avg by (prior) (memento_serving_policy_prior_share)",
+        "memento_learner_prior_reward_mean"], "short"),
 ]
 
 

@@ -120,6 +120,9 @@ class Choice:
         μ's most probable candidate: the argmax of Q/α plus the prior); None when ``items[0]``
         is already its best. The simulator reports
         its expected reward beside the sampled one, separating ranking from exploration cost.
+    prior
+        The retrieval prior the choice was drawn under, when the policy mixes several (softq;
+        :mod:`memento.priors`), carried by the recommendation; None otherwise.
     """
 
     items: list[str]
@@ -128,6 +131,7 @@ class Choice:
     distribution: dict[str, float] | None
     catalogue_size: int = 0
     greedy_item: str | None = None
+    prior: str | None = None
 
     def prob_of(self, item: str) -> float:
         """π(item | s): the probability that the policy recommends ``item``."""
@@ -287,8 +291,11 @@ class _TrainedCasePolicy(EvalPolicy):
                 for t in transitions]
 
     def learn(self, transitions: Sequence[Transition]) -> None:
-        self.loop.add(self._replay_rows(transitions))
+        self.loop.add(self._replay_rows(transitions), on_new=lambda i: self._new_transition(transitions[i]))
         self.loop.step(self._update, self._publish, batch_size=self._batch_size())
+
+    def _new_transition(self, transition: Transition) -> None:
+        """A transition the buffer had not seen (for what a policy learns outside the buffer)."""
 
     @abc.abstractmethod
     def _batch_size(self) -> int: ...
@@ -323,10 +330,15 @@ class SoftQPolicy(_TrainedCasePolicy):
         self.learner = SoftQLearner(state_dim, config, drift=self.loop.drift)
         self.options = PolicyOptions(top_k=config.top_k, alpha=config.alpha, min_prob=config.min_prob,
                                      similarity_prior=config.similarity_prior, vote_prior=config.vote_prior)
-        self.policy = RetrievalPolicy(copy.deepcopy(self.learner.q_net), 0, bank, self.options)
+        # version 0 already mixes the priors evenly, as the learner's first checkpoint does
+        self.policy = RetrievalPolicy(copy.deepcopy(self.learner.q_net), 0, bank,
+                                      self.options.for_checkpoint(self.learner.policy_params()))
 
     def _batch_size(self) -> int:
         return self.learner.config.batch_size
+
+    def _new_transition(self, transition: Transition) -> None:
+        self.learner.observe_priors([transition])
 
     def _update(self, batch) -> np.ndarray | None:
         if self.learner.update(batch)["skipped"]:
@@ -349,13 +361,17 @@ class SoftQPolicy(_TrainedCasePolicy):
         for item, p in zip(request.case_items, decision.probs):
             by_item[item] = by_item.get(item, 0.0) + float(p)
         return Choice(items, decision.chosen, decision.propensity, by_item,
-                      greedy_item=request.case_items[int(np.argmax(decision.probs))])
+                      greedy_item=request.case_items[int(np.argmax(decision.probs))], prior=decision.prior)
 
     def stats(self) -> dict[str, float]:
         drift = self.loop.drift
-        return super().stats() if drift is None else {
-            **super().stats(), "drift_detections": float(drift.detections),
-            "drift_suppressed": float(drift.suppressed)}
+        out = super().stats()
+        if drift is not None:
+            out.update(drift_detections=float(drift.detections), drift_suppressed=float(drift.suppressed))
+        # the last published share of each retrieval prior (what the learner chose)
+        out.update({f"prior_share[{prior.key}]": share for prior, share in self.policy.options.prior_mix()
+                    if len(self.policy.options.priors) > 1})
+        return out
 
 
 class GreedyQPolicy(_TrainedCasePolicy):

@@ -223,7 +223,7 @@ class _Stream:
         # recommendation_dict packs the vectors as float32: arrays need no list of floats
         rec = Recommendation(request_id=request_id, user_id=user_id, item_id=item, case_id=case_id,
                              propensity=float(min(1.0, max(choice.propensity, 1e-9))),
-                             policy_version=0, ts=ts, state=state, case_features=features)
+                             policy_version=0, ts=ts, state=state, case_features=features, prior=choice.prior)
         self.attribution.add_recommendation(self._user(user_id), RewardAttribution.recommendation_dict(rec))
         heapq.heappush(self._due, (self.attribution.close_time(ts), user_id))
 
