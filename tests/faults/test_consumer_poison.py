@@ -77,5 +77,5 @@ def test_worker_dead_letters_records_that_would_grow_its_state(tmp_path):
     worker.handle(t.actions, 0, 1, b"u", encode(long_id))
     letters = [decode(DeadLetter, value).reason for topic, _, value in worker._outbox if topic == t.dead_letter]
     assert letters == ["Recommendation: fields 'state' and 'case_features' must have 4 and 9 values, got 100000 "
-                       "and 9 (original: first 65536 of 400186 bytes)",
+                       f"and 9 (original: first 65536 of {len(encode(big))} bytes)",
                        "Action: field 'event_id' is 300 characters long, more than 256"]
