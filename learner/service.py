@@ -357,8 +357,10 @@ class LearnerService:
                         self.learner.skipped_updates)
             return None
         version = self.version + 1
+        published = self.learner.policy_params()   # once: the checkpoint and the gauges show the same μ
         try:
-            ann = self.learner.save_checkpoint(self.checkpoint_dir, version=version, metrics=self._last_metrics)
+            ann = self.learner.save_checkpoint(self.checkpoint_dir, version=version, metrics=self._last_metrics,
+                                               policy=published)
         except OSError as exc:  # disk full, I/O error: serving keeps the last version; retried later
             self.metrics.publish_failures.inc()
             log.error("could not write policy v%d (%r); serving keeps v%d, retrying after the next update",
@@ -372,7 +374,6 @@ class LearnerService:
         self.published.append(ann)
         self.metrics.checkpoints.inc()
         self.metrics.version.set(version)
-        published = self.learner.policy_params()
         self.metrics.published_alpha.set(published.alpha)
         self.metrics.published_min_prob.set(published.min_prob)
         selector = self.learner.prior_selector

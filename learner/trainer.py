@@ -351,17 +351,18 @@ class SoftQLearner:
         self.last_td_errors = td_error.detach().abs().numpy()
         return metrics
 
-    def save_checkpoint(self, directory: str | Path, *, version: int,
-                        metrics: dict[str, float] | None = None) -> CheckpointAnnouncement:
-        """Write the online network as policy version ``version``, with :meth:`policy_params`;
-        refuses when not :attr:`healthy`."""
+    def save_checkpoint(self, directory: str | Path, *, version: int, metrics: dict[str, float] | None = None,
+                        policy: PolicyParams | None = None) -> CheckpointAnnouncement:
+        """Write the online network as policy version ``version``, with ``policy`` (None:
+        :meth:`policy_params`, which draws the priors' shares afresh); refuses when not
+        :attr:`healthy`."""
         if not self.healthy:
             raise UnhealthyLearnerError(
                 f"refusing to publish policy v{version}: the last update was skipped as non-finite "
                 f"({self.skipped_updates} skipped so far) or the network holds non-finite weights")
         clean = {k: float(v) for k, v in (metrics or {}).items() if math.isfinite(float(v))}
         return save_checkpoint(self.q_net, directory, version=version, step=self.steps, metrics=clean,
-                               policy=self.policy_params())
+                               policy=self.policy_params() if policy is None else policy)
 
     def state_dict(self) -> dict:
         """Everything needed to resume training (tensors, numbers and strings only)."""

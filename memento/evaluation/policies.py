@@ -368,9 +368,8 @@ class SoftQPolicy(_TrainedCasePolicy):
         out = super().stats()
         if drift is not None:
             out.update(drift_detections=float(drift.detections), drift_suppressed=float(drift.suppressed))
-        # the last published share of each retrieval prior (what the learner chose)
-        out.update({f"prior_share[{prior.key}]": share for prior, share in self.policy.options.prior_mix()
-                    if len(self.policy.options.priors) > 1})
+        if self.policy.options.priors:   # the last published share of each retrieval prior
+            out.update({f"prior_share[{prior.key}]": share for prior, share in self.policy.options.prior_mix()})
         return out
 
 
