@@ -156,7 +156,7 @@ class LearnerMetrics:
         self.published_min_prob = Gauge(p + "published_min_prob", "per-candidate floor of the "
                                         "last published μ", registry=r)
         self.prior_share = Gauge(p + "prior_share", "share of requests drawn under each retrieval prior "
-                                 "(similarity:vote) in the last published μ", ["prior"], registry=r)
+                                 "(similarity:vote[:recency]) in the last published μ", ["prior"], registry=r)
         self.prior_reward_mean = Gauge(p + "prior_reward_mean", "discounted mean reward of the requests "
                                        "drawn under each retrieval prior", ["prior"], registry=r)
         self.state_restore_failures = Counter(p + "state_restore_failures", "saved learner states "
@@ -378,8 +378,8 @@ class LearnerService:
         self.metrics.published_min_prob.set(published.min_prob)
         selector = self.learner.prior_selector
         if selector is not None:
-            for prior, (_, _, share), mean in zip(selector.priors, published.priors, selector.means()):
-                self.metrics.prior_share.labels(prior.key).set(share)
+            for prior, entry, mean in zip(selector.priors, published.priors, selector.means()):
+                self.metrics.prior_share.labels(prior.key).set(entry[-1])
                 self.metrics.prior_reward_mean.labels(prior.key).set(mean)
         log.info("published policy v%d (step %d) %s", version, ann.step, ann.path)
         self._prune_checkpoints()

@@ -78,8 +78,10 @@ class SoftQConfig:
                              "is what the retrieved cases that led to c's item paid "
                              "(memento.softq.neighbour_votes; 0 = none)")
     alternative_priors: str = _opt(DEFAULT_ALTERNATIVE_PRIORS, "retrieval priors μ may use instead of the one above, "
-                                   "'similarity:vote' pairs, comma-separated: each request's prior is drawn by "
-                                   "Thompson sampling on the priors' rewards (memento.priors; '' = the one prior only)")
+                                   "'similarity:vote[:recency]', comma-separated (recency weighs the user's own recent "
+                                   "items; at the TD target's s′ it is absent: the learner keeps no histories): each "
+                                   "request's prior is drawn by Thompson sampling on the priors' rewards "
+                                   "(memento.priors; '' = the one prior only)")
     prior_half_life: float = _opt(2000.0, "transitions after which a reward counts half in the choice of prior")
     prior_min_share: float = _opt(0.005, "least share of requests each retrieval prior keeps (when there are several)")
     importance_weight_clip: float | None = _opt(None, "None = no off-policy correction; else each "
@@ -231,7 +233,7 @@ class SoftQLearner:
         if self.prior_selector is not None:
             shares = self.prior_selector.shares()
             self.td_prior = self.prior_selector.priors[int(np.argmax(shares))]
-            mix = tuple((p.similarity, p.vote, float(s)) for p, s in zip(self.prior_selector.priors, shares))
+            mix = tuple(p.entry(s) for p, s in zip(self.prior_selector.priors, shares))
         params = PolicyParams(alpha=self.alpha, min_prob=self.config.min_prob, top_k=self.config.top_k,
                               similarity_prior=self.td_prior.similarity, vote_prior=self.td_prior.vote,
                               priors=mix)

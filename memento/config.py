@@ -16,7 +16,7 @@ from pathlib import Path
 
 __all__ = ["Settings", "TopicNames", "RewardWeights", "parse_reward_mapping", "TOPIC_PARTITIONS",
            "DEFAULT_ALPHA", "DEFAULT_MIN_PROB", "DEFAULT_SIMILARITY_PRIOR", "DEFAULT_VOTE_PRIOR", "DEFAULT_TOP_K",
-           "DEFAULT_ALTERNATIVE_PRIORS",
+           "DEFAULT_ALTERNATIVE_PRIORS", "DEFAULT_OWN_CASES",
            "add_settings_arguments", "settings_from_args"]
 
 
@@ -32,8 +32,12 @@ DEFAULT_MIN_PROB = 0.0005
 DEFAULT_SIMILARITY_PRIOR = 0.0
 DEFAULT_VOTE_PRIOR = 20.0
 # The priors μ may move to, drawn per request by Thompson sampling on their rewards
-# (memento.priors): nearness alone, strong enough to rank as plain RAG does until Q has learned.
-DEFAULT_ALTERNATIVE_PRIORS = "1000:0"
+# (memento.priors): the user's own recent items first, newest first, then nearness, each strong
+# enough to rank as plain RAG over the user's own memory does until Q has learned.
+DEFAULT_ALTERNATIVE_PRIORS = "1000:0:1000"
+# The user's own newest cases (one per distinct item) added to the nearest ones as candidates,
+# and the recent items the prior's recency term ranks (memento.personal); 0 = none.
+DEFAULT_OWN_CASES = 16
 
 @dataclass(frozen=True)
 class TopicNames:

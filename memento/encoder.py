@@ -55,9 +55,13 @@ class ItemMeta:
 
 @dataclass(frozen=True)
 class HistoryEntry:
+    """One action of a user's history; ``event_id`` names its organic case in the bank
+    (:func:`memento.schemas.organic_case_id`), empty when unknown (items a request lists)."""
+
     item_id: str
     action: str
     ts: float
+    event_id: str = ""
 
 
 def _hash(token: str) -> int:

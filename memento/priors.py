@@ -1,11 +1,11 @@
 """Which retrieval prior μ uses: several priors, each request's drawn by Thompson sampling.
 
 μ's retrieval prior π0 (:func:`memento.softq.retrieval_prior`) says how the retrieved cases
-rank themselves before Q has learned anything: by nearness (plain RAG's choice: on data where
-users come back to what they just had, the nearest case is the user's own last one) or by the
-neighbours' vote (a k-nearest-neighbour estimate over all K candidates: on data where similar
-users' outcomes say what pays). Which one pays depends on the data, and a fixed choice serves
-one kind and loses on the other (docs/evaluation.md has both).
+rank themselves before Q has learned anything: by nearness (plain RAG's choice), by the user's
+own recent items (on data where users come back to what they just had; :mod:`memento.personal`)
+or by the neighbours' vote (a k-nearest-neighbour estimate over all K candidates: on data where
+similar users' outcomes say what pays). Which one pays depends on the data, and a fixed choice
+serves one kind and loses on the other (docs/evaluation.md has both).
 
 So μ may hold several priors and choose among them from the rewards, the way one chooses among
 models online: each prior is an arm of a discounted Gaussian Thompson sampler.
@@ -54,21 +54,25 @@ def _number_text(x: float) -> str:
 @dataclass(frozen=True)
 class RetrievalPrior:
     """The weights of one retrieval prior π0 = softmax(``similarity``·cos(s, c_state) +
-    ``vote``·log(1 + V(c))) (:func:`memento.softq.retrieval_prior`); both 0 is no prior.
+    ``vote``·log(1 + V(c)) + ``recency``·R(c)) (:func:`memento.softq.retrieval_prior`; R is the
+    user's own recent items, :func:`memento.softq.own_recency`); all 0 is no prior.
 
     >>> RetrievalPrior(1000.0, 0.0).key, RetrievalPrior.parse(" 0.5 : 20 ")
-    ('1000:0', RetrievalPrior(similarity=0.5, vote=20.0))
+    ('1000:0', RetrievalPrior(similarity=0.5, vote=20.0, recency=0.0))
+    >>> RetrievalPrior.parse("1000:0:1000").key
+    '1000:0:1000'
     >>> RetrievalPrior.parse("20")
     Traceback (most recent call last):
     ...
-    ValueError: a retrieval prior is 'similarity:vote' (two numbers >= 0, e.g. 1000:0), got '20'
+    ValueError: a retrieval prior is 'similarity:vote' or 'similarity:vote:recency' (numbers >= 0, e.g. 1000:0), got '20'
     """
 
     similarity: float = 0.0
     vote: float = 0.0
+    recency: float = 0.0
 
     def __post_init__(self):
-        for name in ("similarity", "vote"):
+        for name in ("similarity", "vote", "recency"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or \
                     not (math.isfinite(value) and value >= 0):
@@ -77,23 +81,36 @@ class RetrievalPrior:
 
     @property
     def key(self) -> str:
-        """``similarity:vote``: how recommendations name the prior they were drawn under."""
-        return f"{_number_text(self.similarity)}:{_number_text(self.vote)}"
+        """``similarity:vote``, or ``similarity:vote:recency`` when it has a recency term: how
+        recommendations name the prior they were drawn under."""
+        key = f"{_number_text(self.similarity)}:{_number_text(self.vote)}"
+        return key + f":{_number_text(self.recency)}" if self.recency else key
 
     @classmethod
     def parse(cls, text: str) -> "RetrievalPrior":
         parts = text.split(":")
         try:
-            if len(parts) != 2:
+            if len(parts) not in (2, 3):
                 raise ValueError
-            return cls(float(parts[0]), float(parts[1]))
+            return cls(*(float(part) for part in parts))
         except ValueError:
-            raise ValueError(f"a retrieval prior is 'similarity:vote' (two numbers >= 0, e.g. 1000:0), "
-                             f"got {text.strip()!r}") from None
+            raise ValueError(f"a retrieval prior is 'similarity:vote' or 'similarity:vote:recency' (numbers "
+                             f">= 0, e.g. 1000:0), got {text.strip()!r}") from None
+
+    def entry(self, share: float) -> tuple[float, ...]:
+        """This prior and its share as a checkpoint's mix holds it: ``(β, w, share)``, or
+        ``(β, w, ρ, share)`` with a recency term (so older readers still read the others)."""
+        weights = (self.similarity, self.vote, self.recency) if self.recency else (self.similarity, self.vote)
+        return weights + (float(share),)
+
+    @classmethod
+    def from_entry(cls, entry) -> tuple["RetrievalPrior", float]:
+        """The prior and share of one mix entry (:meth:`entry`'s inverse)."""
+        return cls(*entry[:-1]), entry[-1]
 
 
 def parse_priors(text: str) -> tuple[RetrievalPrior, ...]:
-    """Comma-separated ``similarity:vote`` pairs (an empty string is none); repeats refused.
+    """Comma-separated ``similarity:vote[:recency]`` priors (an empty string is none); repeats refused.
 
     >>> parse_priors(""), len(parse_priors("0:20, 1000:0"))
     ((), 2)
@@ -207,14 +224,15 @@ class PriorSelector:
         self.observed = int(state["observed"])
 
 
-def check_prior_mix(mix) -> tuple[tuple[float, float, float], ...]:
-    """Validate a mix of priors, ``((similarity, vote, share), ...)``, as a checkpoint carries
-    it (:class:`memento.checkpoint.PolicyParams`): at most :data:`MAX_PRIORS` distinct priors,
-    shares in [0, 1] summing to 1. Returns it as a tuple of float triples; empty is allowed
-    (μ then has the single prior of ``similarity_prior``/``vote_prior``).
+def check_prior_mix(mix) -> tuple[tuple[float, ...], ...]:
+    """Validate a mix of priors, ``((similarity, vote, share), ...)`` or with a recency weight
+    before the share (:meth:`RetrievalPrior.entry`), as a checkpoint carries it
+    (:class:`memento.checkpoint.PolicyParams`): at most :data:`MAX_PRIORS` distinct priors,
+    shares in [0, 1] summing to 1. Returns it as a tuple of float tuples; empty is allowed (μ
+    then has the single prior of ``similarity_prior``/``vote_prior``/``recency_prior``).
 
-    >>> check_prior_mix([[0, 20, 0.75], [1000, 0, 0.25]])
-    ((0.0, 20.0, 0.75), (1000.0, 0.0, 0.25))
+    >>> check_prior_mix([[0, 20, 0.75], [1000, 0, 1000, 0.25]])
+    ((0.0, 20.0, 0.75), (1000.0, 0.0, 1000.0, 0.25))
     >>> check_prior_mix([[0, 20, 0.5]])
     Traceback (most recent call last):
     ...
@@ -222,19 +240,19 @@ def check_prior_mix(mix) -> tuple[tuple[float, float, float], ...]:
     """
     if not isinstance(mix, (list, tuple)) or len(mix) > MAX_PRIORS:
         raise ValueError(f"policy priors must be a list of at most {MAX_PRIORS} [similarity, vote, share] "
-                         f"triples, got {mix!r}"[:300])
+                         f"entries, got {mix!r}"[:300])
     out, keys = [], set()
     for entry in mix:
-        if not isinstance(entry, (list, tuple)) or len(entry) != 3:
-            raise ValueError(f"policy priors: each entry is [similarity, vote, share], got {entry!r}"[:300])
-        prior = RetrievalPrior(entry[0], entry[1])
-        share = entry[2]
+        if not isinstance(entry, (list, tuple)) or len(entry) not in (3, 4):
+            raise ValueError(f"policy priors: each entry is [similarity, vote, share] or [similarity, vote, "
+                             f"recency, share], got {entry!r}"[:300])
+        prior, share = RetrievalPrior.from_entry(entry)
         if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= share <= 1.0:
             raise ValueError(f"policy priors: share of {prior.key} must be a number in [0, 1], got {share!r}")
         if prior.key in keys:
             raise ValueError(f"policy priors: {prior.key} is listed twice")
         keys.add(prior.key)
-        out.append((prior.similarity, prior.vote, float(share)))
-    if out and abs(sum(s for _, _, s in out) - 1.0) > 1e-6:
-        raise ValueError(f"policy priors: the shares must sum to 1, got {sum(s for _, _, s in out):g}")
+        out.append(prior.entry(share))
+    if out and abs(sum(e[-1] for e in out) - 1.0) > 1e-6:
+        raise ValueError(f"policy priors: the shares must sum to 1, got {sum(e[-1] for e in out):g}")
     return tuple(out)

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 __all__ = [
     "ACTIONS", "ACTION_ALIASES", "SchemaError", "Action", "Recommendation", "Transition", "Case",
-    "CheckpointAnnouncement", "DeadLetter", "encode", "decode", "from_dict", "to_dict",
+    "CheckpointAnnouncement", "DeadLetter", "organic_case_id", "encode", "decode", "from_dict", "to_dict",
     "load_json", "finite_float", "short_repr", "future_time_problem", "MAX_INT", "MAX_STRING_LENGTH", "MAX_ORIGINAL_BYTES",
 ]
 
@@ -156,6 +156,15 @@ class Transition:
     ts: float
     closed_at: float = 0.0
     prior: str | None = None
+
+
+def organic_case_id(event_id: str) -> str:
+    """The id of the case a user's own action becomes (state before it, item, its weight).
+
+    >>> organic_case_id("e1")
+    'act:e1'
+    """
+    return f"act:{event_id}"
 
 
 @dataclass(frozen=True)

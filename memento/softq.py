@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 __all__ = ["soft_value", "policy_probs", "td_target", "entropy", "policy_probs_numpy", "entropy_numpy",
-           "retrieval_prior", "retrieval_prior_numpy", "neighbour_votes", "item_key",
+           "retrieval_prior", "retrieval_prior_numpy", "neighbour_votes", "own_recency", "item_key",
            "histogram_support", "histogram_mean", "histogram_target"]
 
 _NEG = -1e30
@@ -110,15 +110,57 @@ def neighbour_votes(cases, mask=None):
     return (same * paid[..., None, :]).sum(-1).astype(np.float32)
 
 
-def retrieval_prior(states: torch.Tensor, cases: torch.Tensor, similarity: float, vote: float = 0.0,
-                    mask: torch.Tensor | None = None) -> torch.Tensor | None:
-    """log(n·π0(c|s)) of the retrieval prior π0 = softmax(``similarity``·cos(s, c_state) +
-    ``vote``·log(1 + V(c))) over each row's n valid candidates (0 where ``mask`` is False; V:
-    :func:`neighbour_votes`); None when both weights are 0 (no prior).
+def own_recency(cases, recent, recent_mask=None):
+    """R(c) = 1/(1 + r) when c's item is the user's r-th most recent distinct item (newest: r = 0),
+    else 0 (numpy): the recency term of the retrieval prior, from the case features alone (items
+    compared by :func:`item_key`, as the vote does).
 
-    The two terms are the two ways the retrieved cases themselves rank: nearness (plain RAG's
-    choice) and the neighbours' vote (a k-nearest-neighbour estimate of what pays for states
-    like s: an item that several of the K cases led to, and that paid, ranks high).
+    ``cases`` [B, K, 2D+1]; ``recent`` [B, R, D] the item vectors of each row's user's most
+    recent distinct items, newest first; ``recent_mask`` [B, R] (False: padding) → [B, K].
+
+    >>> c = np.zeros((1, 3, 5), np.float32); c[0, :, 2:4] = [[1, 0], [0, 1], [1, 1]]
+    >>> own_recency(c, np.array([[[0, 1], [1, 0]]], np.float32)).tolist()   # newest item 2, then 1
+    [[0.5, 1.0, 0.0]]
+    """
+    d = (cases.shape[-1] - 1) // 2
+    keys = item_key(cases[..., d:2 * d])
+    recent_keys = item_key(np.asarray(recent, np.float32))
+    match = keys[..., :, None] == recent_keys[..., None, :]          # [B, K, R]
+    if recent_mask is not None:
+        match &= np.asarray(recent_mask, bool)[..., None, :]
+    weight = 1.0 / (1.0 + np.arange(recent_keys.shape[-1], dtype=np.float32))
+    return (match * weight).max(axis=-1, initial=0.0).astype(np.float32)
+
+
+def _prior_logits(xp, states, cases, similarity, vote, mask, recency, own):
+    """β·cos(s, c_state) + w·log(1 + V(c)) + ρ·R(c) (``xp``: torch or numpy)."""
+    if xp is torch:
+        logits = torch.zeros(cases.shape[:-1], dtype=cases.dtype)
+        norm, total, log1p = (lambda x: torch.linalg.vector_norm(x, dim=-1)), torch.sum, torch.log1p
+    else:
+        logits = np.zeros(cases.shape[:-1], np.float32)
+        norm, total, log1p = (lambda x: np.linalg.norm(x, axis=-1)), np.sum, np.log1p
+        similarity, vote, recency = np.float32(similarity), np.float32(vote), np.float32(recency)
+    if similarity:
+        logits = logits + similarity * _cosine_to_case_states(states, cases, total, norm)
+    if vote:
+        logits = logits + vote * log1p(neighbour_votes(cases, mask))
+    if recency and own is not None:
+        logits = logits + recency * (torch.as_tensor(own, dtype=cases.dtype) if xp is torch else own)
+    return logits
+
+
+def retrieval_prior(states: torch.Tensor, cases: torch.Tensor, similarity: float, vote: float = 0.0,
+                    mask: torch.Tensor | None = None, recency: float = 0.0, own=None) -> torch.Tensor | None:
+    """log(n·π0(c|s)) of the retrieval prior π0 = softmax(``similarity``·cos(s, c_state) +
+    ``vote``·log(1 + V(c)) + ``recency``·R(c)) over each row's n valid candidates (0 where
+    ``mask`` is False; V: :func:`neighbour_votes`; R: :func:`own_recency`, given as ``own``
+    [B, K], absent (0) when None); None when every weight is 0 (no prior).
+
+    The terms are the ways the retrieved cases themselves rank: nearness (plain RAG's choice),
+    the neighbours' vote (a k-nearest-neighbour estimate of what pays for states like s: an item
+    that several of the K cases led to, and that paid, ranks high) and the user's own recent
+    items (newest first: users come back to what they just had).
 
     ``states`` [B, D], ``cases`` [B, K, 2D+1] → [B, K].
 
@@ -131,16 +173,12 @@ def retrieval_prior(states: torch.Tensor, cases: torch.Tensor, similarity: float
     >>> c[0, 0, 2] = c[0, 1, 3] = 1.0; c[0, 1, 4] = 2.0   # two items; the second case's paid 2
     >>> [round(float(x), 3) for x in retrieval_prior(s, c, 0.0, 1.0)[0].exp() / 2]
     [0.25, 0.75]
+    >>> [round(float(x), 3) for x in retrieval_prior(s, c, 0.0, 0.0, recency=2.0, own=[[0.0, 1.0]])[0].exp() / 2]
+    [0.119, 0.881]
     """
-    if not similarity and not vote:
+    if not similarity and not vote and not recency:
         return None
-    logits = torch.zeros(cases.shape[:-1], dtype=cases.dtype)
-    if similarity:
-        logits = logits + similarity * _cosine_to_case_states(
-            states, cases, torch.sum, lambda x: torch.linalg.vector_norm(x, dim=-1))
-    if vote:
-        logits = logits + vote * torch.log1p(neighbour_votes(cases, mask))
-    logits = _masked(logits, mask)
+    logits = _masked(_prior_logits(torch, states, cases, similarity, vote, mask, recency, own), mask)
     n = logits.new_full(logits.shape[:-1] + (1,), logits.shape[-1]) if mask is None else \
         mask.sum(-1, keepdim=True).to(logits.dtype).clamp(min=1)
     prior = torch.log_softmax(logits, dim=-1) + torch.log(n)
@@ -148,23 +186,19 @@ def retrieval_prior(states: torch.Tensor, cases: torch.Tensor, similarity: float
 
 
 def retrieval_prior_numpy(states: np.ndarray, cases: np.ndarray, similarity: float, vote: float = 0.0,
-                          mask: np.ndarray | None = None) -> np.ndarray | None:
+                          mask: np.ndarray | None = None, recency: float = 0.0,
+                          own: np.ndarray | None = None) -> np.ndarray | None:
     """:func:`retrieval_prior` on numpy arrays (the same arithmetic; serving's side).
 
     >>> s = np.array([[0.6, 0.8]], np.float32); c = np.random.default_rng(0).random((1, 3, 5), np.float32)
-    >>> c[0, 2, 2:4] = c[0, 0, 2:4]; m = np.array([[True, True, True]])
-    >>> t = retrieval_prior(torch.from_numpy(s), torch.from_numpy(c), 3.0, 2.0, torch.from_numpy(m)).numpy()
-    >>> bool(np.allclose(retrieval_prior_numpy(s, c, 3.0, 2.0, m), t, atol=1e-5))
+    >>> c[0, 2, 2:4] = c[0, 0, 2:4]; m = np.array([[True, True, True]]); r = np.array([[0, 0.5, 1]], np.float32)
+    >>> t = retrieval_prior(torch.from_numpy(s), torch.from_numpy(c), 3.0, 2.0, torch.from_numpy(m), 4.0, r).numpy()
+    >>> bool(np.allclose(retrieval_prior_numpy(s, c, 3.0, 2.0, m, 4.0, r), t, atol=1e-5))
     True
     """
-    if not similarity and not vote:
+    if not similarity and not vote and not recency:
         return None
-    logits = np.zeros(cases.shape[:-1], np.float32)
-    if similarity:
-        logits = logits + np.float32(similarity) * _cosine_to_case_states(
-            states, cases, np.sum, lambda x: np.linalg.norm(x, axis=-1))
-    if vote:
-        logits = logits + np.float32(vote) * np.log1p(neighbour_votes(cases, mask))
+    logits = _prior_logits(np, states, cases, similarity, vote, mask, recency, own)
     if mask is not None:
         logits = np.where(mask, logits, np.float32(_NEG))
     z = logits - logits.max(axis=-1, keepdims=True)

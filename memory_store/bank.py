@@ -319,6 +319,44 @@ class CaseBank:
         mask = np.isfinite(scores)
         return id_lists, scores, features, mask
 
+    def append_cases(self, queries: np.ndarray, id_lists: list[list[str]], scores: np.ndarray,
+                     features: np.ndarray, mask: np.ndarray, extra: Sequence[Sequence[str]]
+                     ) -> tuple[list[list[str]], np.ndarray, np.ndarray, np.ndarray]:
+        """A search's results (:meth:`search_with_features`) with, after each row's hits, the cases
+        of ``extra[b]`` that the bank holds and the row lacks, in order, scored as a search scores
+        (inner product with the query). Rows widen to the longest; padding as in a search.
+
+        >>> bank = CaseBank(None, dim=2)
+        >>> states = [[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]]
+        >>> _ = bank.add([Case(f"c{i}", s, "x", [1.0, 0.0], 1.0, 0.0) for i, s in enumerate(states)])
+        >>> q = np.array([[1.0, 0.0]], np.float32)
+        >>> ids, scores, feats, mask = bank.append_cases(q, *bank.search_with_features(q, 1), [["c1", "c0", "nope"]])
+        >>> ids, scores.tolist(), mask.tolist(), feats.shape
+        ([['c0', 'c1']], [[1.0, 0.0]], [[True, True]], (1, 2, 5))
+        """
+        self._check_open()
+        added = []
+        for row, wanted in zip(id_lists, extra):
+            have = set(row)
+            new = [c for c in dict.fromkeys(wanted) if c not in have and c in self]
+            added.append(new)
+        width = max([len(r) + len(a) for r, a in zip(id_lists, added)] + [scores.shape[1]])
+        if all(not a for a in added):
+            return id_lists, scores, features, mask
+        batch = len(id_lists)
+        out_scores = np.full((batch, width), -np.inf, np.float32)
+        out_features = np.zeros((batch, width, features.shape[2]), np.float32)
+        out_ids = []
+        for b, (row, new) in enumerate(zip(id_lists, added)):
+            n = len(row)
+            out_scores[b, :n], out_features[b, :n] = scores[b, :n], features[b, :n]
+            if new:
+                f = self.features(new)
+                out_features[b, n:n + len(new)] = f
+                out_scores[b, n:n + len(new)] = f[:, :self.dim] @ np.asarray(queries[b], np.float32)
+            out_ids.append(list(row) + new)
+        return out_ids, out_scores, out_features, np.isfinite(out_scores)
+
     def get(self, case_id: str) -> Case | None:
         self._check_open()
         return self.shards[shard_of(case_id, self.num_shards)].get(case_id)

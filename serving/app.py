@@ -36,6 +36,8 @@ from memento.config import Settings
 from memento.encoder import ItemEncoder, StateEncoder, load_products
 from memento.history import UserHistories
 from memento.kafka_io import DeadLetterWriter, make_producer
+from memento.personal import UserMemory, recent_vectors, user_memory
+from memento.priors import RetrievalPrior
 from memento.schemas import CheckpointAnnouncement, Recommendation, to_dict
 from serving.batching import MicroBatcher
 from serving.followers import ActionFollower, CaseFollower, CheckpointFollower
@@ -58,7 +60,7 @@ _START_TASK = web.AppKey("serving_start_task", object)
 def _option_text(value) -> str:
     """A policy option for a log line: numbers short, the priors' mix as similarity:vote=share."""
     if isinstance(value, tuple):
-        return "[" + " ".join(f"{b:g}:{w:g}={share:.3f}" for b, w, share in value) + "]"
+        return "[" + " ".join(f"{prior.key}={share:.3f}" for prior, share in map(RetrievalPrior.from_entry, value)) + "]"
     return f"{value:g}"
 
 
@@ -301,12 +303,14 @@ class ServingService:
         log.info("policy version %d swapped in (was %s; announced %.3fs ago)", announcement.version,
                  previous, time.time() - announcement.created_at)
 
-    def _decide_batch(self, states: list[np.ndarray]) -> list:
-        """Decisions for a batch of states: one policy for all."""
+    def _decide_batch(self, queries: list[tuple[np.ndarray, UserMemory]]) -> list:
+        """Decisions for a batch of (state, the user's memory): one policy for all."""
         policy = self.policy
         if policy is None:
-            return [NoCandidatesError("no policy loaded yet") for _ in states]
-        decisions = policy.recommend_many(np.stack(states), self.rng)
+            return [NoCandidatesError("no policy loaded yet") for _ in queries]
+        memories = [memory for _, memory in queries]
+        decisions = policy.recommend_many(np.stack([state for state, _ in queries]), self.rng, memories,
+                                          recent_vectors(memories, self.items))
         out: list = []
         for decision in decisions:
             if decision is None:
@@ -402,7 +406,7 @@ def make_app(service: ServingService) -> web.Application:
         history = service.histories.get(req.user_id) + req.recent_items
         state = service.states.encode(history, until=req.ts)
         try:
-            decision = await service.batcher.submit(state)
+            decision = await service.batcher.submit((state, user_memory(history, service.options.own_cases)))
         except NoCandidatesError as exc:
             return not_ready(str(exc))
         generator = service.generator

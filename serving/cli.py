@@ -23,7 +23,8 @@ import signal
 import sys
 from typing import Callable
 
-from memento.config import DEFAULT_ALPHA, DEFAULT_MIN_PROB, DEFAULT_SIMILARITY_PRIOR, DEFAULT_VOTE_PRIOR, Settings
+from memento.config import (DEFAULT_ALPHA, DEFAULT_MIN_PROB, DEFAULT_OWN_CASES, DEFAULT_SIMILARITY_PRIOR,
+                            DEFAULT_VOTE_PRIOR, Settings)
 
 __all__ = ["add_arguments", "run_from_args", "settings_from_args", "config_from_args", "serve_app",
            "run_workers", "new_event_loop"]
@@ -57,6 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vote-prior", type=float, default=DEFAULT_VOTE_PRIOR,
                         help="weight w of the neighbours' vote V(c) in the retrieval prior until a checkpoint "
                         f"sets it (default {DEFAULT_VOTE_PRIOR}; 0 = none)")
+    parser.add_argument("--own-cases", type=int, default=DEFAULT_OWN_CASES,
+                        help="the user's own newest cases (one per distinct recent item) added to the nearest "
+                        f"as candidates, and the recent items the priors' recency term ranks (default {DEFAULT_OWN_CASES}; 0 = none)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling generator (worker i uses seed+i)")
     parser.add_argument("--api-token", default=None, help="bearer token for write endpoints (env MEMENTO_API_TOKEN)")
     parser.add_argument("--max-body-bytes", type=int, default=64 * 1024, help="largest request body (default 65536)")
@@ -91,7 +95,7 @@ def config_from_args(args: argparse.Namespace, settings: Settings, worker_index:
     return ServingConfig(
         options=PolicyOptions(top_k=settings.top_k, alpha=args.alpha, min_prob=args.min_prob,
                               similarity_prior=args.similarity_prior, vote_prior=args.vote_prior,
-                              seed=args.seed),
+                              own_cases=args.own_cases, seed=args.seed),
         api_token=args.api_token if args.api_token is not None else os.environ.get("MEMENTO_API_TOKEN", ""),
         max_body_bytes=args.max_body_bytes, generator=args.generator, chat_url=args.chat_url,
         chat_model=args.chat_model, chat_api_key=os.environ.get("MEMENTO_CHAT_API_KEY", ""),

@@ -126,7 +126,7 @@ class ActionFollower(TopicFollower):
                 self.metrics.malformed.labels(self.topic).inc()
                 log.debug("actions[%d]@%d malformed: %s", record.partition, record.offset, exc)
                 continue
-            self.histories.add(action.user_id, HistoryEntry(action.item_id, action.action, action.ts))
+            self.histories.add(action.user_id, HistoryEntry(action.item_id, action.action, action.ts, action.event_id))
             self.metrics.actions_seen.inc()
 
 

@@ -63,7 +63,7 @@ class ServingMetrics:
                                        "Weight of the neighbours' vote in the retrieval prior of the mu now sampled",
                                        registry=r)
         self.policy_prior_share = Gauge("memento_serving_policy_prior_share",
-                                        "Share of requests drawn under each retrieval prior (similarity:vote) "
+                                        "Share of requests drawn under each retrieval prior (similarity:vote[:recency]) "
                                         "by the mu now sampled", ["prior"], registry=r)
         self.mu_entropy = Histogram("memento_serving_mu_entropy_nats",
                                     "Entropy of the retrieval policy mu(.|s) per request",

@@ -1,6 +1,7 @@
 """The retrieval policy μ(c|s): nearest cases, scored by Q, sampled from softmax(Q/α).
 
-For a state s, the policy takes the ``top_k`` nearest cases of the bank (cosine of states),
+For a state s, the policy takes the ``top_k`` nearest cases of the bank (cosine of states) and,
+when the request carries the user's memory, the user's own newest cases (:mod:`memento.personal`),
 scores them with the soft-Q network, forms μ(c|s) = softmax(Q(s, c)/α), times the retrieval
 prior when it has one (:func:`memento.softq.retrieval_prior`), with a probability floor
 (:func:`memento.softq.policy_probs`), and samples one case from μ with a seeded generator. The
@@ -34,9 +35,11 @@ import numpy as np
 
 from memento.checkpoint import PolicyParams
 from memento.qnet import FrozenQ, QNetwork
-from memento.config import DEFAULT_ALPHA, DEFAULT_MIN_PROB, DEFAULT_SIMILARITY_PRIOR, DEFAULT_TOP_K, DEFAULT_VOTE_PRIOR
+from memento.config import (DEFAULT_ALPHA, DEFAULT_MIN_PROB, DEFAULT_OWN_CASES, DEFAULT_SIMILARITY_PRIOR, DEFAULT_TOP_K,
+                            DEFAULT_VOTE_PRIOR)
+from memento.personal import UserMemory
 from memento.priors import RetrievalPrior, check_prior_mix
-from memento.softq import entropy_numpy, policy_probs_numpy, retrieval_prior_numpy
+from memento.softq import entropy_numpy, own_recency, policy_probs_numpy, retrieval_prior_numpy
 
 __all__ = ["PolicyOptions", "Decision", "RetrievalPolicy", "NoCandidatesError"]
 
@@ -74,9 +77,15 @@ class PolicyOptions:
         0 = none).
     priors
         When not empty, μ mixes several retrieval priors instead of the one above: ``(β, w,
-        share)`` each (:mod:`memento.priors`); a request's prior is drawn with probability
-        ``share``, then its case from μ under that prior, and the propensity is the mixture's,
-        Σ share·μ_prior(c|s). Set by the learner's checkpoints.
+        share)`` or ``(β, w, ρ, share)`` each (:mod:`memento.priors`; ρ weighs the user's own
+        recent items); a request's prior is drawn with probability ``share``, then its case
+        from μ under that prior, and the propensity is the mixture's, Σ share·μ_prior(c|s). Set
+        by the learner's checkpoints.
+    own_cases
+        The user's own newest cases (one per distinct recent item) added to the ``top_k``
+        nearest as candidates, and how many recent items the recency term ranks
+        (:mod:`memento.personal`); 0 = none. Serving's own option: the learner does not keep
+        users' histories.
     seed
         Seed of the sampling generator (one per serving process; worker i uses seed + i).
     """
@@ -86,12 +95,15 @@ class PolicyOptions:
     min_prob: float = DEFAULT_MIN_PROB
     similarity_prior: float = DEFAULT_SIMILARITY_PRIOR
     vote_prior: float = DEFAULT_VOTE_PRIOR
-    priors: tuple[tuple[float, float, float], ...] = ()
+    priors: tuple[tuple[float, ...], ...] = ()
+    own_cases: int = DEFAULT_OWN_CASES
     seed: int = 0
 
     def __post_init__(self):
         if self.top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.own_cases < 0:
+            raise ValueError(f"own_cases must be >= 0, got {self.own_cases}")
         if not self.alpha > 0:
             raise ValueError(f"alpha must be > 0, got {self.alpha}")
         if not 0.0 <= self.min_prob < 1.0:
@@ -110,7 +122,7 @@ class PolicyOptions:
         """
         if not self.priors:
             return [(RetrievalPrior(self.similarity_prior, self.vote_prior), 1.0)]
-        return [(RetrievalPrior(b, w), share) for b, w, share in self.priors]
+        return [RetrievalPrior.from_entry(entry) for entry in self.priors]
 
     def for_checkpoint(self, params: PolicyParams | None) -> "PolicyOptions":
         """These options with μ's α, floor, K and prior weights taken from a checkpoint's
@@ -118,7 +130,7 @@ class PolicyOptions:
 
         >>> flags = PolicyOptions(top_k=16, alpha=0.1, min_prob=0.01, seed=3)
         >>> flags.for_checkpoint(PolicyParams(alpha=0.37, min_prob=0.0, top_k=8, similarity_prior=5.0))
-        PolicyOptions(top_k=8, alpha=0.37, min_prob=0.0, similarity_prior=5.0, vote_prior=0.0, priors=(), seed=3)
+        PolicyOptions(top_k=8, alpha=0.37, min_prob=0.0, similarity_prior=5.0, vote_prior=0.0, priors=(), own_cases=16, seed=3)
         >>> flags.for_checkpoint(None) is flags
         True
         """
@@ -210,37 +222,52 @@ class RetrievalPolicy:
             raise NoCandidatesError("the case bank has no case to choose from")
         return decision
 
-    def recommend_many(self, states: np.ndarray, rng: np.random.Generator) -> list[Decision | None]:
+    def recommend_many(self, states: np.ndarray, rng: np.random.Generator,
+                       memories: list[UserMemory | None] | None = None,
+                       recent: tuple[np.ndarray, np.ndarray] | None = None) -> list[Decision | None]:
         """One decision per row of ``states`` [B, D], from one bank search and one forward pass
-        of the Q network for the whole batch; ``None`` for a row with no candidate."""
+        of the Q network for the whole batch; ``None`` for a row with no candidate.
+
+        ``memories`` (one per row, :func:`memento.personal.user_memory`) add each user's own
+        newest cases to the nearest ones; ``recent`` (:func:`memento.personal.recent_vectors` of
+        the same memories) feeds the priors' recency term."""
         states = np.ascontiguousarray(states, dtype=np.float32)
         if states.ndim != 2:
             raise ValueError(f"states must be [B, D], got shape {states.shape}")
         ids, scores, features, mask = self.bank.search_with_features(states, self.options.top_k)
-        return self._decide(states, ids, scores, features, mask, rng)
+        if memories is not None and self.options.own_cases:
+            own = [() if m is None else m.case_ids[:self.options.own_cases] for m in memories]
+            ids, scores, features, mask = self.bank.append_cases(states, ids, scores, features, mask, own)
+        return self._decide(states, ids, scores, features, mask, rng, recent)
 
     def decide(self, state: np.ndarray, case_ids: list[str], similarities: np.ndarray,
-               features: np.ndarray, rng: np.random.Generator) -> Decision:
-        """Score already retrieved candidates with Q and sample one from μ."""
+               features: np.ndarray, rng: np.random.Generator,
+               recent: tuple[np.ndarray, np.ndarray] | None = None) -> Decision:
+        """Score already retrieved candidates with Q and sample one from μ (``recent``: the
+        user's recent item vectors [R, D] and their mask [R], for the recency term)."""
         n = len(case_ids)
         if n == 0:
             raise NoCandidatesError("the case bank has no case to choose from")
         state = np.ascontiguousarray(state, dtype=np.float32).reshape(1, -1)
         feats = np.ascontiguousarray(features[:n], dtype=np.float32)[None]
         sims = np.asarray(similarities[:n], dtype=np.float32)[None]
-        return self._decide(state, [list(case_ids)], sims, feats, np.ones((1, n), bool), rng)[0]
+        if recent is not None:
+            recent = (recent[0][None], recent[1][None])
+        return self._decide(state, [list(case_ids)], sims, feats, np.ones((1, n), bool), rng, recent)[0]
 
     def _decide(self, states: np.ndarray, id_lists: list[list[str]], similarities: np.ndarray,
-                features: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> list[Decision | None]:
+                features: np.ndarray, mask: np.ndarray, rng: np.random.Generator,
+                recent: tuple[np.ndarray, np.ndarray] | None = None) -> list[Decision | None]:
         # Valid candidates come first in every row (best first) and padding after.
         feats = np.ascontiguousarray(features, dtype=np.float32)
         q_np = self._scores(states, feats)
         mix = self.options.prior_mix()
+        own = own_recency(feats, *recent) if recent is not None and any(p.recency for p, _ in mix) else None
         # μ under each prior [P, B, K]; the mixture's marginal is what a propensity must be
         per_prior = np.stack([policy_probs_numpy(
             q_np, self.options.alpha, self.options.min_prob, mask=mask,
-            prior=retrieval_prior_numpy(states, feats, prior.similarity, prior.vote, mask)).astype(np.float64)
-            for prior, _ in mix])
+            prior=retrieval_prior_numpy(states, feats, prior.similarity, prior.vote, mask, prior.recency, own)
+        ).astype(np.float64) for prior, _ in mix])
         shares = np.array([share for _, share in mix])
         marginal = np.tensordot(shares, per_prior, axes=1)
         ent = entropy_numpy(marginal).tolist()

@@ -13,6 +13,14 @@ event arrives. The rules themselves, session ends (``done``) included, are in
 each changed user state is written to the table once per batch, and the batch's outputs are sent
 together (:meth:`TransitionWorker.handle_batch`).
 
+A consumer can get stuck without failing (seen after a broker restart: the worker went on
+reading its ticks and never again its input partitions, whose unread records it knew of). Two
+signals say so, each after ``stall_timeout_s``: the worker's own ticks, accepted by the broker,
+stop coming back (:func:`consumer_stalled`), or an input partition holds unread records and none
+is read (:class:`StallWatch`). The worker then stops (gracefully: it leaves its group and
+commits only what it processed) and the process exits with :data:`EXIT_CANNOT_DELIVER`, so that
+the orchestrator restarts it.
+
 Delivery is at-least-once; transition ids are request ids and case ids derive from request and
 event ids, so every consumer downstream is idempotent (docs/streams.md).
 """
@@ -26,7 +34,9 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 import time
 import weakref
 from collections import OrderedDict
@@ -68,6 +78,8 @@ READ_LAG = Gauge("memento_stream_consumer_read_lag", "Input messages not yet pro
 ASSIGNED = Gauge("memento_stream_assigned_partitions", "Input partitions assigned to this worker", ["topic"])
 COMMIT_REFUSALS = Counter("memento_stream_commit_refusals_total", "Offset commits the broker refused (e.g. the "
                           "group had rebalanced): those records are read again after a restart or rebalance")
+STALLS = Counter("memento_stream_stalls_total", "Times the worker found its consumer stuck (its ticks not "
+                 "coming back, or unread input not read) and stopped to be restarted", ["signal"])
 # children bound once: ``labels()`` is a lock and a dict lookup on every event otherwise
 _ACTION_EVENTS, _RECOMMENDATION_EVENTS, _TICK_EVENTS = (EVENTS.labels(k) for k in ("action", "recommendation", "tick"))
 _ORGANIC_CASES, _RECOMMENDATION_CASES = CASES.labels("action"), CASES.labels("recommendation")
@@ -140,6 +152,58 @@ def consumer_lags(assignment: Iterable[tuple[str, int]], highwater, committed, r
 EXIT_CANNOT_DELIVER = 70
 
 
+def consumer_stalled(tick_seen_at: float | None, tick_delivered_at: float | None, stall_timeout_s: float) -> bool:
+    """Whether the worker's consumer is stuck: the broker accepted a tick sent more than
+    ``stall_timeout_s`` after the last tick the worker handled (times on one monotonic clock).
+    Never before the first tick was handled (start-up recovery may take long) nor when the
+    broker accepts nothing (a broker that is down is waited for, not a reason to restart);
+    ``stall_timeout_s`` 0 turns the check off.
+
+    >>> consumer_stalled(100.0, 150.0, 60.0), consumer_stalled(100.0, 161.0, 60.0)
+    (False, True)
+    >>> consumer_stalled(None, 500.0, 60.0), consumer_stalled(100.0, None, 60.0), consumer_stalled(100.0, 500.0, 0)
+    (False, False, False)
+    """
+    if not stall_timeout_s or tick_seen_at is None or tick_delivered_at is None:
+        return False
+    return tick_delivered_at - tick_seen_at > stall_timeout_s
+
+
+class StallWatch:
+    """Which input partitions have held unread records for ``stall_timeout_s`` while their read
+    position did not move (0 = never any).
+
+    >>> watch = StallWatch(10.0)
+    >>> watch.update(0.0, {("a", 0): (5, 100), ("a", 1): (0, 7)})
+    []
+    >>> watch.update(8.0, {("a", 0): (5, 100)}), watch.update(11.0, {("a", 0): (5, 100)})
+    ([], [('a', 0)])
+    >>> watch.update(12.0, {("a", 0): (4, 101)}), watch.update(21.0, {("a", 0): (4, 101)})   # it moved
+    ([], [])
+    """
+
+    def __init__(self, stall_timeout_s: float):
+        self.stall_timeout_s = stall_timeout_s
+        self._since: dict[tuple[str, int], tuple[float, int | None]] = {}
+
+    def update(self, now: float, lags: dict[tuple[str, int], tuple[int, int | None]]) -> list[tuple[str, int]]:
+        """``lags``: partition → (read lag, read position) now; returns the stuck partitions."""
+        stuck = []
+        for key in list(self._since):
+            if key not in lags or lags[key][0] <= 0:
+                del self._since[key]
+        for key, (read_lag, position) in lags.items():
+            if read_lag <= 0:
+                continue
+            since, seen = self._since.get(key, (now, position))
+            if seen != position:
+                since, seen = now, position
+            self._since[key] = (since, seen)
+            if self.stall_timeout_s and now - since > self.stall_timeout_s:
+                stuck.append(key)
+        return stuck
+
+
 def _reason_kind(reason: str) -> str:
     if "not valid JSON" in reason:
         return "invalid_json"
@@ -183,6 +247,10 @@ class TransitionWorker:
         ``batch_within_s`` for a batch to fill: events are processed one by one, in arrival
         order, but each user's table entry is written once per batch and the batch's
         transitions and cases are sent together after it.
+    stall_timeout_s
+        Seconds the worker's own ticks may go unhandled, while the broker accepts new ones and
+        the worker holds a ticks partition, before it ends itself to be restarted
+        (:func:`consumer_stalled`); 0 = never.
 
     >>> from memento.config import Settings
     >>> w = TransitionWorker(Settings(data_dir="/tmp/memento-doctest"), store="memory://")
@@ -195,7 +263,7 @@ class TransitionWorker:
     def __init__(self, settings: Settings, *, worker_id: str = "0", store: str = "rocksdb://",
                  tick_interval_s: float = 0.5, idle_timeout_s: float = 5.0, app_id: str = "memento-worker",
                  tansu_safe_recovery: bool = True, lag_interval_s: float = 1.0, cache_size: int = 100_000,
-                 batch_size: int = 1000, batch_within_s: float = 0.05):
+                 batch_size: int = 1000, batch_within_s: float = 0.05, stall_timeout_s: float = 300.0):
         if batch_size < 1 or not batch_within_s > 0:
             raise ValueError(f"TransitionWorker: batch_size must be >= 1 and batch_within_s > 0, got "
                              f"{batch_size} and {batch_within_s}")
@@ -204,6 +272,14 @@ class TransitionWorker:
         self.batch_within_s = batch_within_s
         self.tick_interval_s = tick_interval_s
         self.lag_interval_s = lag_interval_s
+        if stall_timeout_s < 0:
+            raise ValueError(f"TransitionWorker: stall_timeout_s must be >= 0, got {stall_timeout_s}")
+        self.stall_timeout_s = stall_timeout_s
+        # monotonic times: the last tick handled, and the send time of the last tick the broker accepted
+        self._tick_seen_at: float | None = None
+        self._tick_delivered_at: float | None = None
+        self._stall_watch = StallWatch(stall_timeout_s)
+        self.stalled = False  # set when it stopped itself on a stall: the process then exits 70
         catalogue = load_products(settings.products) if settings.products else {}
         encoder = StateEncoder(ItemEncoder(settings.item_dim, catalogue), max_len=settings.history_len)
         self.attribution = RewardAttribution(
@@ -275,12 +351,14 @@ class TransitionWorker:
 
         @app.timer(interval=self.tick_interval_s)
         async def tick():
+            sent_at = time.monotonic()
             for p in range(self.partitions):
-                await self.ticks_topic.send(value=b"{}", partition=p)
+                pending = await self.ticks_topic.send(value=b"{}", partition=p)
+            self._on_tick_delivery(pending, sent_at)
 
         @app.timer(interval=self.lag_interval_s)
         async def lag():
-            self.update_lag_metrics()
+            self.check_stalled(self.update_lag_metrics())
 
         @app.on_partitions_revoked.connect
         async def on_revoked(app, revoked, **kwargs):
@@ -341,15 +419,82 @@ class TransitionWorker:
             return self._broker_committed[tp]
         return (self._watched_consumer or self.app.consumer)._committed_offset.get(tp)
 
-    def update_lag_metrics(self) -> None:
-        """Set the lag gauges of every assigned input partition (:func:`consumer_lags`)."""
+    def _on_tick_delivery(self, pending, sent_at: float) -> None:
+        """Record ``sent_at`` once the broker has accepted the tick (``pending``: Faust's future
+        of the send, or its result)."""
+        def accepted(future) -> None:
+            if not future.cancelled() and future.exception() is None:
+                self._tick_delivered_at = max(self._tick_delivered_at or sent_at, sent_at)
+
+        if isinstance(pending, asyncio.Future):
+            pending.add_done_callback(accepted)
+        else:
+            self._tick_delivered_at = sent_at
+
+    def _holds_a_ticks_partition(self) -> bool:
+        try:
+            return any(tp.topic == self.settings.topics.ticks for tp in self.app.consumer.assignment())
+        except Exception:  # between generations: as if it held one (a stuck rejoin is the case to catch)
+            return True
+
+    def check_stalled(self, lags: dict | None = None) -> bool:
+        """Stop the worker (:meth:`_stop_stalled`) when its consumer is stuck: its ticks stopped
+        coming back (:func:`consumer_stalled`; a worker that holds no ticks partition expects
+        none, and one restoring its tables is not stalled) or input partitions of ``lags`` (:meth:`update_lag_metrics`) hold unread records
+        that are not read (:class:`StallWatch`)."""
+        now = time.monotonic()
+        if getattr(self.app, "in_recovery", False):   # restoring tables may take long: not a stall
+            if self._tick_seen_at is not None:
+                self._tick_seen_at = now
+            self._stall_watch.update(now, {})
+            return False
+        if self._tick_seen_at is not None and not self._holds_a_ticks_partition():
+            self._tick_seen_at = now
+        if consumer_stalled(self._tick_seen_at, self._tick_delivered_at, self.stall_timeout_s):
+            STALLS.labels("ticks").inc()
+            self._stop_stalled(f"none of its own ticks came back for "
+                               f"{self._tick_delivered_at - self._tick_seen_at:.0f} s while the broker accepted new ones")
+            return True
+        stuck = self._stall_watch.update(now, {key: (read_lag, self._read_position(key))
+                                              for key, (_, read_lag) in (lags or {}).items()})
+        if stuck:
+            STALLS.labels("input").inc()
+            self._stop_stalled(f"input partitions {sorted(stuck)} hold unread records and none was read for "
+                               f"{self.stall_timeout_s:g} s")
+            return True
+        return False
+
+    def _read_position(self, key: tuple[str, int]) -> int | None:
+        try:
+            return self.app.consumer._read_offset.get(TP(*key))
+        except Exception:
+            return None
+
+    def _stop_stalled(self, reason: str) -> None:
+        """Stop gracefully (Faust's SIGTERM path: the worker leaves its group and commits only
+        what it processed; a batch cut short is not acknowledged, :meth:`process_batch`), and
+        let ``memento worker`` exit with :data:`EXIT_CANNOT_DELIVER`; if the stop itself hangs,
+        end the process after 30 s."""
+        if self.stalled:
+            return
+        self.stalled = True
+        log.critical("stream worker stops: its consumer is stuck (%s); a restart reads the uncommitted input "
+                     "again", reason)
+        timer = threading.Timer(30.0, os._exit, args=(EXIT_CANNOT_DELIVER,))
+        timer.daemon = True
+        timer.start()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def update_lag_metrics(self) -> dict:
+        """Set the lag gauges of every assigned input partition and return the lags
+        (:func:`consumer_lags`; empty while the assignment is unknown)."""
         t = self.settings.topics
         consumer = self.app.consumer
         inputs = (t.actions, t.recommendations)
         try:
             assignment = [tp for tp in consumer.assignment() if tp.topic in inputs]
         except Exception:  # not started or between generations: try again next time
-            return
+            return {}
         for topic in inputs:
             ASSIGNED.labels(topic).set(sum(tp.topic == topic for tp in assignment))
         lags = consumer_lags(assignment, consumer.highwater, self.committed_offset,
@@ -357,6 +502,7 @@ class TransitionWorker:
         for (topic, partition), (committed_lag, read_lag) in lags.items():
             CONSUMER_LAG.labels(topic, str(partition)).set(committed_lag)
             READ_LAG.labels(topic, str(partition)).set(read_lag)
+        return lags
 
     async def process_batch(self, events: Sequence[EventT]) -> None:
         """:meth:`handle_batch`, and what a failure of it means: Faust's ``take_events`` acknowledges
@@ -419,6 +565,7 @@ class TransitionWorker:
         try:
             if topic == t.ticks:
                 _TICK_EVENTS.inc()
+                self._tick_seen_at = time.monotonic()
             elif topic == t.actions:
                 self._on_action(partition, decode(Action, value))
             elif topic == t.recommendations:

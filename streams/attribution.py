@@ -66,7 +66,7 @@ import numpy as np
 
 from memento.config import RewardWeights
 from memento.encoder import HistoryEntry, StateEncoder
-from memento.schemas import Case, Recommendation, Transition
+from memento.schemas import Case, Recommendation, Transition, organic_case_id
 
 __all__ = ["RewardAttribution", "AttributionStats"]
 
@@ -149,7 +149,7 @@ class RewardAttribution:
         return end < ts <= end + self.session_gap_s
 
     def history(self, state: dict[str, Any]) -> list[HistoryEntry]:
-        return [HistoryEntry(h[0], h[1], h[2]) for h in state["history"]]
+        return [HistoryEntry(h[0], h[1], h[2], h[3] if len(h) > 3 else "") for h in state["history"]]
 
     def add_action(self, state: dict[str, Any], event_id: str, item_id: str, action: str, ts: float,
                    watermark: float | None = None) -> str:
@@ -260,7 +260,7 @@ class RewardAttribution:
 
     def organic_case(self, state: dict[str, Any], event_id: str, item_id: str, action: str, ts: float) -> Case:
         """A case from an action the user took on their own: (state before it, item, its weight)."""
-        return Case(case_id=f"act:{event_id}", state=[float(x) for x in self.state_before(state, ts)],
+        return Case(case_id=organic_case_id(event_id), state=[float(x) for x in self.state_before(state, ts)],
                     item_id=item_id, item_vec=[float(x) for x in self.encoder.items.encode(item_id)],
                     outcome=self.rewards.weight(action), ts=ts, source="action")
 

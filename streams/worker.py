@@ -45,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="events processed per batch: each user's table entry is written once per batch")
     parser.add_argument("--batch-within", type=float, default=0.05,
                         help="seconds the worker waits for a batch to fill before processing what it has")
+    parser.add_argument("--stall-timeout", type=float, default=300.0,
+                        help="seconds the worker's own ticks may go unhandled while the broker accepts new ones "
+                             "before it exits (status 70) to be restarted: a stuck consumer; 0 = never (default 300)")
     parser.add_argument("--loglevel", default="info")
     parser.add_argument("--no-tansu-safe-recovery", dest="tansu_safe_recovery", action="store_false",
                         help="embedded Tansu only: batch producer records normally (fast) at the price of "
@@ -59,7 +62,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         settings = dataclasses.replace(settings, max_windows_per_user=args.max_windows_per_user)
     from faust import Worker
 
-    from streams.app import TransitionWorker
+    from streams.app import EXIT_CANNOT_DELIVER, TransitionWorker
 
     wait_for_broker(settings, timeout=60)
     ensure_topics(settings)
@@ -69,11 +72,17 @@ def run_from_args(args: argparse.Namespace) -> int:
     worker = TransitionWorker(settings, worker_id=args.worker_id, store=args.store, app_id=args.app_id,
                               tick_interval_s=args.tick_interval, idle_timeout_s=args.idle_timeout,
                               tansu_safe_recovery=args.tansu_safe_recovery, batch_size=args.batch_size,
-                              batch_within_s=args.batch_within)
+                              batch_within_s=args.batch_within, stall_timeout_s=args.stall_timeout)
     logging.getLogger("kafka").setLevel(logging.WARNING)
     faust_worker = Worker(worker.app, loglevel=args.loglevel, quiet=True)
     # At --loglevel warning or above Faust's progress spinner sets the root logger to DEBUG for
     # good, so that every aiokafka debug call builds a log record (measured: ~7% of the worker).
     faust_worker.spinner = None
-    faust_worker.execute_from_commandline()
-    return 0
+    try:
+        faust_worker.execute_from_commandline()
+    except SystemExit as exc:
+        if not worker.stalled:
+            raise
+        logging.getLogger(__name__).info("stopped after a stall (Faust's exit status %s); exiting %d",
+                                         exc.code, EXIT_CANNOT_DELIVER)
+    return EXIT_CANNOT_DELIVER if worker.stalled else 0

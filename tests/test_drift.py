@@ -159,7 +159,7 @@ def test_the_published_checkpoint_carries_the_boosted_alpha_and_floor(tmp_path):
     service = _service(tmp_path)
     vote = service.learner.config.vote_prior
     base = PolicyParams(alpha=service.learner.alpha, min_prob=0.01, top_k=K,   # α ≈ 0.1 (float32 log α)
-                        vote_prior=vote, priors=((0.0, vote, 0.5), (1000.0, 0.0, 0.5)))
+                        vote_prior=vote, priors=((0.0, vote, 0.5), (1000.0, 0.0, 1000.0, 0.5)))
     ann = service.publish()
     assert read_checkpoint(ann.path, ann.sha256, expect_state_dim=D).policy == base
     service.loop.add(_drop_rows())

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # in a layer listed in ISOLATED_LAYERS it may import only its own top-level package (streams must
 # not import learner, etc.).  The top layer may import anything.
 KERNEL_NAMES = ("config", "schemas", "encoder", "qnet", "softq", "priors", "checkpoint", "history",
-                "kafka_io", "atomic", "prometheus")
+                "kafka_io", "atomic", "prometheus", "personal")
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("kernel", tuple(f"memento.{name}" for name in KERNEL_NAMES
                      if (ROOT / "memento" / f"{name}.py").exists() or (ROOT / "memento" / name).is_dir())),

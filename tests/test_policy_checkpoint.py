@@ -76,11 +76,11 @@ def test_published_checkpoint_carries_the_learners_tuned_alpha_floor_and_k(tmp_p
     policy = read_checkpoint(ann.path, ann.sha256, expect_state_dim=D).policy
     # the default alternative prior (nearness) is mixed in; no reward has come for either: even shares
     assert policy == PolicyParams(alpha=service.learner.alpha, min_prob=0.05, top_k=2, vote_prior=4.0,
-                                  priors=((0.0, 4.0, 0.5), (1000.0, 0.0, 0.5)))
+                                  priors=((0.0, 4.0, 0.5), (1000.0, 0.0, 1000.0, 0.5)))
     assert abs(policy.alpha - 0.1) > 0.01                     # tuned away from its initial value
     assert json.loads(_metadata(ann.path)["policy"]) == {"alpha": policy.alpha, "min_prob": 0.05, "top_k": 2,
                                                          "similarity_prior": 0.0, "vote_prior": 4.0,
-                                                         "priors": [[0.0, 4.0, 0.5], [1000.0, 0.0, 0.5]]}
+                                                         "priors": [[0.0, 4.0, 0.5], [1000.0, 0.0, 1000.0, 0.5]]}
 
 
 def _learner_checkpoint(directory: Path, version: int, *, alpha: float, min_prob: float, top_k: int,
@@ -124,11 +124,11 @@ def test_serving_reload_adopts_the_checkpoints_alpha_floor_and_k(tmp_path):
 
     assert service.policy.version == 1
     assert service.policy.options == PolicyOptions(top_k=3, alpha=learner.alpha, min_prob=0.05, vote_prior=2.0,
-                                                   priors=((0.0, 2.0, 0.5), (1000.0, 0.0, 0.5)), seed=FLAGS.seed)
+                                                   priors=((0.0, 2.0, 0.5), (1000.0, 0.0, 1000.0, 0.5)), seed=FLAGS.seed)
     for option in ("alpha", "min_prob", "top_k", "vote_prior", "priors"):
         assert _metric(service, "memento_serving_policy_overrides_total", option=option) == 1.0
     # the mix of retrieval priors the learner published, by prior
-    assert _metric(service, "memento_serving_policy_prior_share", prior="1000:0") == 0.5
+    assert _metric(service, "memento_serving_policy_prior_share", prior="1000:0:1000") == 0.5
     assert _metric(service, "memento_serving_policy_prior_share", prior="0:2") == 0.5
     assert _metric(service, "memento_serving_policy_alpha") == pytest.approx(learner.alpha)
     assert _metric(service, "memento_serving_policy_min_prob") == 0.05
@@ -139,7 +139,7 @@ def test_serving_reload_adopts_the_checkpoints_alpha_floor_and_k(tmp_path):
     # priors, with its floor, mixed in the published shares (the propensity is the mixture's)
     state = np.asarray(bank.get("c5").state, np.float32)
     decision = service.policy.recommend(state, np.random.default_rng(0))
-    assert len(decision.case_ids) == 3 and decision.prior in ("0:2", "1000:0")
+    assert len(decision.case_ids) == 3 and decision.prior in ("0:2", "1000:0:1000")
     expected = sum(0.5 * policy_probs_numpy(decision.q[None], learner.alpha, 0.05, prior=retrieval_prior_numpy(
         decision.state[None], decision.features[None], beta, w))[0] for beta, w in ((0.0, 2.0), (1000.0, 0.0)))
     assert np.allclose(decision.probs, expected / expected.sum(), atol=1e-6)

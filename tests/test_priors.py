@@ -54,7 +54,7 @@ def test_an_even_race_stays_near_even_and_evidence_survives_a_restart():
 
 
 @pytest.mark.parametrize("text, message", [
-    ("0:20,abc", "similarity:vote"), ("-1:0", ">= 0"), ("1:2:3", "similarity:vote"), ("0:1,0:1.0", "twice"),
+    ("0:20,abc", "similarity:vote"), ("-1:0", ">= 0"), ("1:2:3:4", "similarity:vote"), ("0:1,0:1.0", "twice"),
     (",".join(f"{i}:0" for i in range(9)), "at most 8")])
 def test_a_malformed_prior_list_is_refused_with_its_reason(text, message):
     with pytest.raises(ValueError, match=message):
@@ -160,9 +160,9 @@ def test_memento_eval_mixes_the_priors_and_the_learner_hears_every_reward():
     config = EvalConfig(source="synthetic", events=300)
     result = run_policy(config, "softq", seed=0)
     shares = {k: v for k, v in result.metrics.items() if k.startswith("prior_share[")}
-    assert set(shares) == {"prior_share[0:20]", "prior_share[1000:0]"}
+    assert set(shares) == {"prior_share[0:20]", "prior_share[1000:0:1000]"}
     assert sum(shares.values()) == pytest.approx(1.0)
-    assert shares != {"prior_share[0:20]": 0.5, "prior_share[1000:0]": 0.5}   # evidence moved them
+    assert shares != {"prior_share[0:20]": 0.5, "prior_share[1000:0:1000]": 0.5}   # evidence moved them
 
 
 def test_the_prior_travels_in_recommendation_and_transition_records_and_older_ones_have_none():
@@ -188,12 +188,12 @@ def test_the_learner_service_counts_each_new_transition_once_and_exports_the_mix
     service.bank, _ = _bank_and_net()                         # the bank replica run() would open
     topic = settings.topics.transitions
     records = [SimpleNamespace(topic=topic, partition=0, offset=i, value=encode(
-        _transition(f"t{i}", "1000:0" if i % 2 else "0:20", float(i % 2)))) for i in range(40)]
+        _transition(f"t{i}", "1000:0:1000" if i % 2 else "0:20", float(i % 2)))) for i in range(40)]
     assert service.handle(records) == 40
     assert service.handle(records[:10]) == 0                  # redelivered: already in the buffer
     selector = service.learner.prior_selector
     assert selector.observed == 40 and selector.means().tolist() == [0.0, 1.0]
     service.publish()
     share = lambda prior: service.metrics.registry.get_sample_value("memento_learner_prior_share", {"prior": prior})
-    assert share("1000:0") == pytest.approx(1 - 0.005) and share("0:20") == pytest.approx(0.005)
-    assert service.metrics.registry.get_sample_value("memento_learner_prior_reward_mean", {"prior": "1000:0"}) == 1.0
+    assert share("1000:0:1000") == pytest.approx(1 - 0.005) and share("0:20") == pytest.approx(0.005)
+    assert service.metrics.registry.get_sample_value("memento_learner_prior_reward_mean", {"prior": "1000:0:1000"}) == 1.0

@@ -115,11 +115,12 @@ def produce(settings: Settings, events: list[tuple[str, str, bytes]]) -> None:
 
 
 def start_worker(group: ProcessGroup, settings: Settings, tmp_path: Path, *, name: str, app_id: str,
-                 worker_id: str = "0") -> tuple[ManagedProcess, int]:
-    """``memento worker`` as a process with fast ticks; returns it and its metrics port."""
+                 worker_id: str = "0", extra: tuple[str, ...] = ()) -> tuple[ManagedProcess, int]:
+    """``memento worker`` as a process with fast ticks (and ``extra`` arguments); returns it and
+    its metrics port."""
     port = free_port()
     cmd = memento_command("worker", "--app-id", app_id, "--worker-id", worker_id, "--metrics-port", str(port),
-                          "--tick-interval", "0.2")
+                          "--tick-interval", "0.2", *extra)
     return group.start(name, cmd, env=settings.to_env(), log_dir=tmp_path / "logs"), port
 
 

@@ -56,6 +56,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="requests per run (logs: after the warm-up; 0 = all)")
     parser.add_argument("--item-dim", type=int, default=d.item_dim, help="dimension of item and state vectors")
     parser.add_argument("--list-size", type=int, default=d.list_size, help="length of each ranked list")
+    parser.add_argument("--own-cases", type=int, default=d.own_cases,
+                        help="the user's own newest cases (one per distinct recent item) added to the nearest as "
+                        "every case policy's candidates, and the recent items softq's recency prior ranks "
+                        f"(serving's --own-cases; default {d.own_cases}; 0 = none)")
     parser.add_argument("--window", dest="window_s", type=float, default=d.window_s,
                         help="reward attribution window, event seconds")
     parser.add_argument("--session-gap", dest="session_gap_s", type=float, default=d.session_gap_s,
@@ -103,7 +107,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
                                 shift_strength=args.shift_strength)
     rewards = RewardWeights.parse(args.reward) if args.reward and args.source != "interactions" else RewardWeights()
     return EvalConfig(source=args.source, events=args.events, item_dim=args.item_dim, top_k=softq.top_k,
-                      list_size=args.list_size, window_s=args.window_s,
+                      own_cases=args.own_cases, list_size=args.list_size, window_s=args.window_s,
                       allowed_lateness_s=args.allowed_lateness_s,
                       session_gap_s=args.session_gap_s, warmup_moments=args.warmup_moments,
                       warmup_events=args.warmup_events, softq=softq, pacing=pacing, drift=drift,

@@ -79,6 +79,9 @@ class Request:
         ``[n, 2D+1]`` (kept as C-contiguous float32) and items.
     extra_items
         Items of the next nearest cases beyond the top K, nearest first (to fill a list).
+    recent
+        The user's recent distinct items' vectors [R, D], newest first, and their mask [R]
+        (:func:`memento.personal.recent_vectors`): the recency term of softq's prior; None: none.
 
     States and case features are float32 everywhere (the Q networks' dtype); a request is where
     every policy reads them, so a float64 state from any source is converted here once.
@@ -92,6 +95,7 @@ class Request:
     features: np.ndarray
     case_items: list[str]
     extra_items: list[str] = field(default_factory=list)
+    recent: tuple[np.ndarray, np.ndarray] | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "state", np.ascontiguousarray(self.state, dtype=np.float32))
@@ -355,7 +359,7 @@ class SoftQPolicy(_TrainedCasePolicy):
 
     def _choose(self, request: Request, rng: np.random.Generator, list_size: int) -> Choice:
         decision = self.policy.decide(request.state, request.case_ids, request.similarities,
-                                      request.features, rng)
+                                      request.features, rng, request.recent)
         items = items_in_order(request, decision.ranked(), list_size)
         by_item: dict[str, float] = {}
         for item, p in zip(request.case_items, decision.probs):

@@ -35,7 +35,7 @@ import numpy as np
 from learner.drift import DriftConfig
 from learner.service import LearnerServiceConfig
 from learner.trainer import SoftQConfig
-from memento.config import DEFAULT_TOP_K, RewardWeights, Settings
+from memento.config import DEFAULT_OWN_CASES, DEFAULT_TOP_K, RewardWeights, Settings
 from memento.encoder import ItemEncoder, case_feature_vector, text_encoder_from_path
 from memento.evaluation.baselines import DEFAULT_VW_ARGS, ItemKNNPolicy, RecentPolicy, VWPolicy
 from memento.evaluation.fastpath import BufferedCaseBank, ExactStateEncoder
@@ -44,7 +44,8 @@ from memento.evaluation.metrics import RunMetrics
 from memento.evaluation.offpolicy import OffPolicyAccumulator
 from memento.evaluation.policies import (POLICY_NAMES, Choice, CosinePolicy, EvalPolicy, GreedyQPolicy,
                                          LinUCBPolicy, PopularityPolicy, RandomPolicy, Request, SoftQPolicy)
-from memento.schemas import Case, Recommendation, Transition
+from memento.personal import recent_vectors, user_memory
+from memento.schemas import Case, Recommendation, Transition, organic_case_id
 from memento.simulator import WorldConfig
 from streams.attribution import RewardAttribution
 
@@ -69,6 +70,10 @@ class EvalConfig:
         Dimension of item vectors and states.
     top_k
         Nearest cases per request (the policies choose among them).
+    own_cases
+        The user's own newest cases (one per distinct recent item) added to the nearest as
+        candidates, and the recent items softq's recency prior ranks (:mod:`memento.personal`;
+        serving's ``--own-cases``); 0 = none.
     list_size
         Length of each ranked list (hit@10 and NDCG@10 need 10).
     window_s, allowed_lateness_s
@@ -104,6 +109,7 @@ class EvalConfig:
     events: int = 5000
     item_dim: int = 32
     top_k: int = DEFAULT_TOP_K
+    own_cases: int = DEFAULT_OWN_CASES
     list_size: int = 10
     window_s: float = 600.0
     allowed_lateness_s: float = 60.0
@@ -123,8 +129,8 @@ class EvalConfig:
     def __post_init__(self):
         if self.source not in SOURCES:
             raise ValueError(f"source must be one of {list(SOURCES)}, got {self.source!r}")
-        if self.events < 0 or self.top_k < 1 or self.list_size < 1 or self.item_dim < 2:
-            raise ValueError("events must be >= 0, top_k and list_size >= 1, item_dim >= 2")
+        if self.events < 0 or self.top_k < 1 or self.list_size < 1 or self.item_dim < 2 or self.own_cases < 0:
+            raise ValueError("events and own_cases must be >= 0, top_k and list_size >= 1, item_dim >= 2")
         if not self.window_s > 0 or self.allowed_lateness_s < 0 or self.session_gap_s < 0:
             raise ValueError("window_s must be > 0, allowed_lateness_s and session_gap_s >= 0")
         if self.source == "synthetic" and self.warmup_moments < 1:
@@ -194,7 +200,7 @@ class _Stream:
         if organic:  # the case of RewardAttribution.organic_case (or of the logged context)
             case_state = self.encoder.state_before(state["history"], ts) if context_state is None else \
                 np.asarray(context_state, np.float32)
-            self.bank.add_case(f"act:{event_id}", case_state, item_id, self.items.encode(item_id),
+            self.bank.add_case(organic_case_id(event_id), case_state, item_id, self.items.encode(item_id),
                                weight, ts, "action")
 
     def state(self, user_id: str, ts: float) -> np.ndarray:
@@ -202,14 +208,22 @@ class _Stream:
         return self.encoder.state_before(self._user(user_id)["history"], ts)
 
     def request(self, user_id: str, ts: float, state: np.ndarray) -> Request:
+        """The ``top_k`` nearest cases and the user's own newest ones (as serving's
+        :meth:`serving.policy.RetrievalPolicy.recommend_many`), then the next nearest cases' items."""
         k = self.config.top_k
         fill = k + 4 * self.config.list_size
         ids, scores, features, mask = self.bank.search_with_features(state[None], fill)
         n = int(mask[0].sum())
-        items = self.bank.items_of(ids[0][:n])
         m = min(n, k)
-        return Request(user_id, ts, state, list(ids[0][:m]), scores[0, :m].astype(np.float64),
-                       np.ascontiguousarray(features[0, :m], np.float32), items[:m], items[m:])
+        memory = user_memory([h for h in self.attribution.history(self._user(user_id)) if h.ts < ts],
+                             self.config.own_cases)
+        ids_k, scores_k, features_k, mask_k = self.bank.append_cases(
+            state[None], [ids[0][:m]], scores[:, :m], features[:, :m], mask[:, :m], [memory.case_ids])
+        c = int(mask_k[0].sum())
+        vecs, valid = recent_vectors([memory], self.items)
+        return Request(user_id, ts, state, list(ids_k[0]), scores_k[0, :c].astype(np.float64),
+                       np.ascontiguousarray(features_k[0, :c], np.float32), self.bank.items_of(ids_k[0]),
+                       self.bank.items_of(ids[0][m:n]), recent=(vecs[0], valid[0]))
 
     def open(self, request_id: str, user_id: str, ts: float, state: np.ndarray, choice: Choice,
              request: Request) -> None:
