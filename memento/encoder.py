@@ -34,7 +34,8 @@ import numpy as np
 
 __all__ = [
     "ItemMeta", "HistoryEntry", "ItemEncoder", "StateEncoder", "load_products", "normalise_item_id",
-    "ACTION_STRENGTH", "case_feature_vector", "case_feature_dim", "signed_hash",
+    "ACTION_STRENGTH", "case_feature_vector", "case_feature_dim", "case_state", "case_item", "case_outcome",
+    "signed_hash",
     "TextEncoder", "SentenceTransformerTextEncoder", "text_encoder_from_path", "TEXT_PROJECTION_SEED",
 ]
 
@@ -431,7 +432,29 @@ def case_feature_dim(dim: int) -> int:
     return 2 * dim + 1
 
 
+def case_state(cases):
+    """The case states of case features ``[..., 2D+1]`` (numpy or torch; a view): ``[..., D]``."""
+    return cases[..., :(cases.shape[-1] - 1) // 2]
+
+
+def case_item(cases):
+    """The item vectors of case features ``[..., 2D+1]`` (numpy or torch; a view): ``[..., D]``."""
+    d = (cases.shape[-1] - 1) // 2
+    return cases[..., d:2 * d]
+
+
+def case_outcome(cases):
+    """The outcomes of case features ``[..., 2D+1]`` (numpy or torch; a view): ``[...]``.
+
+    >>> f = case_feature_vector([1, 2], [3, 4], 5.0)
+    >>> case_state(f).tolist(), case_item(f).tolist(), float(case_outcome(f))
+    ([1.0, 2.0], [3.0, 4.0], 5.0)
+    """
+    return cases[..., -1]
+
+
 def case_feature_vector(state: Sequence[float], item_vec: Sequence[float], outcome: float) -> np.ndarray:
-    """The features the Q network sees for a case: [case state, item vector, outcome]."""
+    """The features the Q network sees for a case: [case state, item vector, outcome], the one
+    layout every consumer reads with :func:`case_state`, :func:`case_item` and :func:`case_outcome`."""
     return np.concatenate([np.asarray(state, np.float32), np.asarray(item_vec, np.float32),
                            np.asarray([outcome], np.float32)])

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from memento.encoder import case_feature_dim
+from memento.encoder import case_feature_dim, case_item, case_outcome, case_state
 from memento.schemas import finite_float, short_repr
 from memento.softq import histogram_mean, histogram_support, item_key
 
@@ -45,7 +45,7 @@ def _pair_inputs(s, cases, d: int, unit_scale: bool = False) -> list:
     multiplied by √D and D. Gradient steps of a fixed size (Adam) then move every weight at
     the same pace instead of leaving the similarity features 30× slower to learn.
     """
-    c_state, c_item, outcome = cases[..., :d], cases[..., d:2 * d], cases[..., 2 * d:]
+    c_state, c_item, outcome = case_state(cases), case_item(cases), case_outcome(cases)[..., None]
     if unit_scale:
         r = float(np.sqrt(d))
         s, c_state, c_item = s * r, c_state * r, c_item * r
@@ -138,7 +138,7 @@ class QNetwork(nn.Module):
         parts = _pair_inputs(s, cases, d, self.unit_scale)
         item = None
         if self.item_buckets:  # one lookup: the embedding feeds the MLP, the rest adds to its output
-            item = self.item_table(item_bucket(cases[..., d:2 * d], self.item_buckets))
+            item = self.item_table(item_bucket(case_item(cases), self.item_buckets))
             parts.append(item[..., :self.item_embed])
         out = self.mlp(torch.cat(parts, dim=-1))
         if item is not None:
@@ -236,7 +236,7 @@ class FrozenQ:
         parts = _pair_inputs(s, cases, d, self.unit_scale)
         item = None
         if self.item_table is not None:
-            item = self.item_table[item_bucket(cases[..., d:2 * d], self.item_buckets)]
+            item = self.item_table[item_bucket(case_item(cases), self.item_buckets)]
             parts.append(item[..., :self.item_embed])
         x = np.concatenate(parts, axis=-1)
         wide_in = x[..., 3 * d:5 * d + 1] if self.wide is not None else None

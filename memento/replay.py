@@ -49,6 +49,7 @@ import numpy as np
 from memento.config import RewardWeights, Settings
 from memento.schemas import Action, encode
 from memento.simulator import SYNTHETIC_EPOCH, SyntheticWorld, WorldConfig
+from streams.attribution import RewardWindow
 
 __all__ = [
     "ReplayConfig", "Moment", "Outcome", "ReplaySource", "SyntheticSource", "TmallSource",
@@ -392,6 +393,7 @@ class RewardTracker:
     def __init__(self, rewards: RewardWeights, window_s: float):
         self.rewards = rewards
         self.window_s = window_s
+        self.window = RewardWindow(window_s)
         self._open: dict[str, dict[str, Any]] = {}
         self._by_user: dict[str, list[str]] = {}
 
@@ -407,12 +409,12 @@ class RewardTracker:
     def observe(self, action: Action) -> None:
         for rid in self._by_user.get(action.user_id, ()):
             rec = self._open[rid]
-            if rec["item"] == action.item_id and rec["ts"] <= action.ts <= rec["ts"] + self.window_s:
+            if rec["item"] == action.item_id and self.window.covers(rec["ts"], action.ts):
                 rec["reward"] = max(rec["reward"], self.rewards.weight(action.action))
 
     def close_due(self, now: float) -> list[tuple[str, float]]:
         """Close the windows that end before event time ``now``; ``(request_id, reward)``."""
-        return self._close([rid for rid, rec in self._open.items() if rec["ts"] + self.window_s < now])
+        return self._close([rid for rid, rec in self._open.items() if self.window.end(rec["ts"]) < now])
 
     def close_all(self) -> list[tuple[str, float]]:
         return self._close(list(self._open))

@@ -29,6 +29,8 @@ import functools
 import numpy as np
 import torch
 
+from memento.encoder import case_item, case_outcome, case_state
+
 __all__ = ["soft_value", "policy_probs", "td_target", "entropy", "policy_probs_numpy", "entropy_numpy",
            "retrieval_prior", "retrieval_prior_numpy", "neighbour_votes", "own_recency", "item_key",
            "histogram_support", "histogram_mean", "histogram_target"]
@@ -41,8 +43,7 @@ def _masked(q: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 
 def _cosine_to_case_states(states, cases, xp_sum, xp_norm):
-    d = states.shape[-1]
-    c_state = cases[..., :d]
+    c_state = case_state(cases)
     dots = xp_sum(states[..., None, :] * c_state, -1)
     return dots / (xp_norm(states)[..., None] * xp_norm(c_state) + 1e-12)
 
@@ -95,15 +96,14 @@ def neighbour_votes(cases, mask=None):
     >>> c[0, 1, 2] = 1; neighbour_votes(c, np.array([[True, True, False]])).tolist()
     [[4.0, 4.0, 4.0]]
     """
-    d = (cases.shape[-1] - 1) // 2
-    keys = item_key(cases[..., d:2 * d])
+    keys = item_key(case_item(cases))
     if isinstance(cases, torch.Tensor):
-        paid = cases[..., 2 * d].clamp(min=0)
+        paid = case_outcome(cases).clamp(min=0)
         if mask is not None:
             paid = paid * mask
         same = (keys.unsqueeze(-1) == keys.unsqueeze(-2)).to(paid.dtype)
         return (same * paid.unsqueeze(-2)).sum(-1)
-    paid = np.maximum(cases[..., 2 * d], np.float32(0))
+    paid = np.maximum(case_outcome(cases), np.float32(0))
     if mask is not None:
         paid = paid * mask
     same = keys[..., :, None] == keys[..., None, :]
@@ -122,8 +122,7 @@ def own_recency(cases, recent, recent_mask=None):
     >>> own_recency(c, np.array([[[0, 1], [1, 0]]], np.float32)).tolist()   # newest item 2, then 1
     [[0.5, 1.0, 0.0]]
     """
-    d = (cases.shape[-1] - 1) // 2
-    keys = item_key(cases[..., d:2 * d])
+    keys = item_key(case_item(cases))
     recent_keys = item_key(np.asarray(recent, np.float32))
     match = keys[..., :, None] == recent_keys[..., None, :]          # [B, K, R]
     if recent_mask is not None:

@@ -41,7 +41,7 @@ import faiss
 import numpy as np
 
 from memento.atomic import write_atomic
-from memento.encoder import case_feature_dim
+from memento.encoder import case_feature_dim, case_state
 from memento.schemas import Case
 from memory_store import metrics
 from memory_store.options import BankOptions
@@ -353,7 +353,7 @@ class CaseBank:
             if new:
                 f = self.features(new)
                 out_features[b, n:n + len(new)] = f
-                out_scores[b, n:n + len(new)] = f[:, :self.dim] @ np.asarray(queries[b], np.float32)
+                out_scores[b, n:n + len(new)] = case_state(f) @ np.asarray(queries[b], np.float32)
             out_ids.append(list(row) + new)
         return out_ids, out_scores, out_features, np.isfinite(out_scores)
 

@@ -39,6 +39,7 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
+from memento.measure import percentile
 from memento.schemas import Case
 from memory_store.bank import CaseBank
 
@@ -101,12 +102,12 @@ def _latencies(search, queries: np.ndarray, desc: str, quiet: bool) -> dict:
         search(q)
         times[i] = time.perf_counter() - t0
         cpu[i] = time.thread_time() - c0
-    return {"search_p50_ms": float(np.percentile(times, 50) * 1e3),
-            "search_p99_ms": float(np.percentile(times, 99) * 1e3),
+    return {"search_p50_ms": float(percentile(times, 50) * 1e3),
+            "search_p99_ms": float(percentile(times, 99) * 1e3),
             "search_mean_ms": float(times.mean() * 1e3),
             "search_max_ms": float(times.max() * 1e3),
-            "search_cpu_p50_ms": float(np.percentile(cpu, 50) * 1e3),
-            "search_cpu_p99_ms": float(np.percentile(cpu, 99) * 1e3)}
+            "search_cpu_p50_ms": float(percentile(cpu, 50) * 1e3),
+            "search_cpu_p99_ms": float(percentile(cpu, 99) * 1e3)}
 
 
 def _batch_search(search, queries: np.ndarray, batch: int) -> tuple[float, list]:

@@ -37,6 +37,7 @@ import faiss
 import numpy as np
 
 from memento.atomic import atomic_file
+from memento.encoder import case_item, case_outcome, case_state
 from memento.schemas import Case
 from memory_store.eviction import make_eviction_policy
 from memory_store.index import FlatIndex, HNSWIndex, IVFIndex, ShardIndex, make_index
@@ -227,9 +228,11 @@ class Shard:
         now = time.time()
         with self._lock:
             slots = self._allocate(n)
-            self.features[slots, :self.dim] = batch.states
-            self.features[slots, self.dim:2 * self.dim] = batch.item_vecs
-            self.features[slots, -1] = batch.outcomes
+            rows = self.features[slots]
+            case_state(rows)[:] = batch.states
+            case_item(rows)[:] = batch.item_vecs
+            case_outcome(rows)[:] = batch.outcomes
+            self.features[slots] = rows
             self.ts[slots] = batch.ts
             self.added_at[slots] = now
             self.seq[slots] = np.arange(self.next_seq, self.next_seq + n)
@@ -321,8 +324,8 @@ class Shard:
             if slot is None:
                 return None
             row = self.features[slot]
-            return Case(case_id=case_id, state=row[:self.dim].tolist(), item_id=self.item_ids[slot],
-                        item_vec=row[self.dim:2 * self.dim].tolist(), outcome=float(row[-1]),
+            return Case(case_id=case_id, state=case_state(row).tolist(), item_id=self.item_ids[slot],
+                        item_vec=case_item(row).tolist(), outcome=float(case_outcome(row)),
                         ts=float(self.ts[slot]), source=self.sources[slot])
 
     def features_of(self, case_ids: list[str]) -> np.ndarray:

@@ -48,6 +48,8 @@ from pathlib import Path
 
 import numpy as np
 
+from memento.measure import percentile
+
 __all__ = ["add_arguments", "run", "drive", "summarise", "request_bodies", "serve_baseline"]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -210,8 +212,8 @@ def summarise(log: list, duration: float) -> dict:
     span = max(t for t, _, _, _ in log) - min(t - lat for t, lat, _, _ in log) if log else duration
     out = {"requests": len(log), "errors": errors, "throughput_per_s": len(ok) / max(span, 1e-9)}
     if len(ok):
-        out.update({"p50_ms": float(np.percentile(ok, 50)), "p95_ms": float(np.percentile(ok, 95)),
-                    "p99_ms": float(np.percentile(ok, 99)), "max_ms": float(ok.max())})
+        out.update({"p50_ms": float(percentile(ok, 50)), "p95_ms": float(percentile(ok, 95)),
+                    "p99_ms": float(percentile(ok, 99)), "max_ms": float(ok.max())})
     return out
 
 

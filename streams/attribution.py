@@ -68,7 +68,7 @@ from memento.config import RewardWeights
 from memento.encoder import HistoryEntry, StateEncoder
 from memento.schemas import Case, Recommendation, Transition, organic_case_id
 
-__all__ = ["RewardAttribution", "AttributionStats"]
+__all__ = ["RewardAttribution", "RewardWindow", "AttributionStats"]
 
 _MAX_HISTORY = 1000
 _MAX_REMEMBERED_IDS = 200
@@ -84,6 +84,45 @@ class AttributionStats:
     late: int = 0
     duplicate: int = 0
     session_end: int = 0
+
+
+@dataclass(frozen=True)
+class RewardWindow:
+    """The reward window rule, in event time: a recommendation at ``t`` is credited with the
+    actions on its item at times in ``[t, t + window_s]``; its window closes when the watermark
+    passes ``t + window_s + allowed_lateness_s``; with a session gap g, the user's session goes on
+    when they have an event in ``(t + window_s, t + window_s + g]``. The one statement of the rule
+    (the stream worker, the replay's reward tracker and the stream bench's oracle all use it).
+
+    >>> w = RewardWindow(60.0, allowed_lateness_s=5.0, session_gap_s=100.0)
+    >>> w.covers(10.0, 70.0), w.covers(10.0, 70.5), w.close_time(10.0), w.hold_time(10.0), w.in_gap(10.0, 170.0)
+    (True, False, 75.0, 175.0, True)
+    """
+
+    window_s: float
+    allowed_lateness_s: float = 0.0
+    session_gap_s: float = 0.0
+
+    def end(self, rec_ts: float) -> float:
+        """The last event time whose actions count for a recommendation made at ``rec_ts``."""
+        return rec_ts + self.window_s
+
+    def covers(self, rec_ts: float, ts: float) -> bool:
+        """Whether an action at ``ts`` falls in the window of a recommendation made at ``rec_ts``."""
+        return rec_ts <= ts <= rec_ts + self.window_s
+
+    def close_time(self, rec_ts: float) -> float:
+        """Watermark at which the window closes: its reward and s′ are fixed then."""
+        return rec_ts + self.window_s + self.allowed_lateness_s
+
+    def hold_time(self, rec_ts: float) -> float:
+        """Watermark after which a closed window with no user event in its session gap is done."""
+        return rec_ts + self.window_s + self.session_gap_s + self.allowed_lateness_s
+
+    def in_gap(self, rec_ts: float, ts: float) -> bool:
+        """Whether an event at ``ts`` continues the session after the window (``done=False``)."""
+        end = rec_ts + self.window_s
+        return end < ts <= end + self.session_gap_s
 
 
 class RewardAttribution:
@@ -127,6 +166,7 @@ class RewardAttribution:
         self.allowed_lateness_s = allowed_lateness_s
         self.history_len = history_len
         self.session_gap_s = session_gap_s
+        self.window = RewardWindow(window_s, allowed_lateness_s, session_gap_s)
         self.stats = AttributionStats()
 
     @staticmethod
@@ -137,16 +177,12 @@ class RewardAttribution:
         """Watermark at which the window of a recommendation made at ``rec_ts`` closes: its reward
         and s′ are fixed then. Without a session gap the transition is emitted then too; with
         one it may be held longer (:meth:`hold_time`, :meth:`next_close`)."""
-        return rec_ts + self.window_s + self.allowed_lateness_s
+        return self.window.close_time(rec_ts)
 
     def hold_time(self, rec_ts: float) -> float:
         """Watermark after which a held window is emitted with ``done=True`` (no user event in
         its session gap)."""
-        return rec_ts + self.window_s + self.session_gap_s + self.allowed_lateness_s
-
-    def _in_gap(self, rec_ts: float, ts: float) -> bool:
-        end = rec_ts + self.window_s
-        return end < ts <= end + self.session_gap_s
+        return self.window.hold_time(rec_ts)
 
     def history(self, state: dict[str, Any]) -> list[HistoryEntry]:
         return [HistoryEntry(h[0], h[1], h[2], h[3] if len(h) > 3 else "") for h in state["history"]]
@@ -165,7 +201,7 @@ class RewardAttribution:
             history.sort(key=lambda h: h[2])
         self._mark_active(state, ts)
         self._prune(state)
-        if watermark is not None and ts < watermark - self.window_s - self.allowed_lateness_s:
+        if watermark is not None and self.window.close_time(ts) < watermark:
             self.stats.late += 1
             return "late"
         return "new"
@@ -187,7 +223,7 @@ class RewardAttribution:
 
     def _mark_active(self, state: dict[str, Any], ts: float) -> None:
         for h in state.get("held", ()):
-            if not h["active"] and self._in_gap(h["ts"], ts):
+            if not h["active"] and self.window.in_gap(h["ts"], ts):
                 h["active"] = True
 
     def next_close(self, state: dict[str, Any]) -> float | None:
@@ -226,14 +262,14 @@ class RewardAttribution:
     def _fix(self, state: dict[str, Any], rec: dict[str, Any]) -> dict[str, Any]:
         """The window's reward and s′, from the history as it is when the window closes, and
         whether a user event is already known in its session gap."""
-        start, end = rec["ts"], rec["ts"] + self.window_s
+        start, end = rec["ts"], self.window.end(rec["ts"])
         weights = [self.rewards.weight(h[1]) for h in state["history"]
-                   if h[0] == rec["item_id"] and start <= h[2] <= end]
+                   if h[0] == rec["item_id"] and self.window.covers(start, h[2])]
         next_state = self.encoder.encode(self.history(state), until=end)
         active = self.session_gap_s > 0 and (
-            any(self._in_gap(start, h[2]) for h in state["history"])
-            or any(self._in_gap(start, p["ts"]) for p in state["pending"])
-            or any(self._in_gap(start, h["ts"]) for h in state["held"]))
+            any(self.window.in_gap(start, h[2]) for h in state["history"])
+            or any(self.window.in_gap(start, p["ts"]) for p in state["pending"])
+            or any(self.window.in_gap(start, h["ts"]) for h in state["held"]))
         return {**rec, "reward": max(weights, default=0.0), "next_state": _pack(next_state), "active": active}
 
     def _emit(self, state: dict[str, Any], held: dict[str, Any], now: float) -> tuple[Transition, Case]:

@@ -61,6 +61,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
+from memento.measure import percentile
+
 __all__ = ["add_arguments", "run", "main", "BenchEvents", "Produced", "partition_of", "emission_times", "sustained_span", "sustained_rate", "percentile",
            "parse_metrics", "trivial_app", "summarise_profile", "wait_until_assigned", "Output",
            "measure_outputs"]
@@ -150,6 +152,7 @@ class BenchEvents:
 
     def moment(self, ts: float) -> list[tuple[str, bytes, bytes, Produced]]:
         """One user moment at event time ``ts``: ``[(role, key, value, Produced)]``."""
+        from memento.encoder import case_feature_dim
         from memento.schemas import Action, Recommendation, encode
 
         rng, d = self._rng, self.item_dim
@@ -162,7 +165,7 @@ class BenchEvents:
         rec = Recommendation(request_id=rid, user_id=user, item_id=item, case_id=f"c{item}",
                              propensity=0.1, policy_version=1, ts=ts,
                              state=[round(rng.random(), 4) for _ in range(d)],
-                             case_features=[round(rng.random(), 4) for _ in range(2 * d + 1)])
+                             case_features=[round(rng.random(), 4) for _ in range(case_feature_dim(d))])
         out = [("recommendation", encode(rec), None)]
         if rng.random() < 0.5:
             out.append(("action", encode(Action(self._next_event(), user, item, "click", ts, rid)), rid))
@@ -219,15 +222,17 @@ def emission_times(produced: Iterable[Produced], *, window_s: float, lateness_s:
             when = max(when, times[i])
         return when
 
+    from streams.attribution import RewardWindow
+
+    window = RewardWindow(window_s, lateness_s, session_gap_s)
     out = {}
     for rec in recs:
-        end = rec.ts + window_s
-        when = crossing(rec.partition, end + lateness_s)
+        when = crossing(rec.partition, window.close_time(rec.ts))
         if session_gap_s > 0:
             times = activity[rec.user]
-            i = bisect.bisect_right(times, end)
-            active = times[i] if i < len(times) and times[i] <= end + session_gap_s else math.inf
-            when = max(when, min(active, crossing(rec.partition, end + session_gap_s + lateness_s)))
+            i = bisect.bisect_right(times, window.end(rec.ts))
+            active = times[i] if i < len(times) and window.in_gap(rec.ts, times[i]) else math.inf
+            when = max(when, min(active, crossing(rec.partition, window.hold_time(rec.ts))))
         if when < math.inf:
             out[rec.request_id] = when
     return out
@@ -259,18 +264,6 @@ def sustained_rate(samples: list[tuple[float, float]], total: int) -> float:
     """
     start, end = sustained_span(samples, total)
     return 0.8 * total / (end - start)
-
-
-def percentile(values: list[float], q: float) -> float:
-    """The ``q``-th percentile (0–100) by the nearest-rank method.
-
-    >>> percentile([5, 1, 4, 2, 3], 50), percentile(list(range(1, 101)), 99)
-    (3, 99)
-    """
-    if not values:
-        raise ValueError("percentile: no values")
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
 
 
 _SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)')

@@ -35,6 +35,7 @@ import numpy as np
 
 from memento.evaluation.policies import (Choice, EvalPolicy, PopularityPolicy, Request, _deterministic,
                                          items_in_order)
+from memento.encoder import case_item, case_outcome, case_state
 from memento.schemas import Transition
 
 __all__ = ["RecentHistory", "RecentPolicy", "ItemKNNPolicy", "VWPolicy", "DEFAULT_VW_ARGS"]
@@ -264,9 +265,8 @@ class VWPolicy(EvalPolicy):
     @staticmethod
     def _action(features, item_id: str) -> str:
         f = np.asarray(features, np.float64)
-        d = (len(f) - 1) // 2
         item = _VW_UNSAFE.sub("_", item_id) or "_"
-        return (f"|c {_vw_features(f[:d])} |v {_vw_features(f[d:2 * d])} |o outcome:{f[2 * d]:.6g} "
+        return (f"|c {_vw_features(case_state(f))} |v {_vw_features(case_item(f))} |o outcome:{case_outcome(f):.6g} "
                 f"|i {item}")
 
     def _choose(self, request: Request, rng: np.random.Generator, list_size: int) -> Choice:

@@ -53,6 +53,7 @@ from learner.loop import TrainingLoop, replay_buffer
 from learner.service import LearnerServiceConfig
 from learner.storage import ReplayTransition
 from learner.trainer import SoftQConfig, SoftQLearner
+from memento.encoder import case_item, case_outcome, case_state
 from memento.qnet import QNetwork
 from memento.schemas import Transition
 from serving.generator import first_distinct
@@ -463,10 +464,9 @@ class LinUCBPolicy(EvalPolicy):
         self.updates = 0
 
     def _x(self, state: np.ndarray, cases: np.ndarray) -> np.ndarray:
-        d = self.d
         cases = np.atleast_2d(cases).astype(np.float64)
         s = np.asarray(state, np.float64)
-        return np.concatenate([cases[:, :d] * s, cases[:, d:2 * d] * s, cases[:, 2 * d:2 * d + 1],
+        return np.concatenate([case_state(cases) * s, case_item(cases) * s, case_outcome(cases)[:, None],
                                np.ones((len(cases), 1))], axis=1)
 
     def _choose(self, request: Request, rng: np.random.Generator, list_size: int) -> Choice:
