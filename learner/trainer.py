@@ -260,13 +260,31 @@ class SoftQLearner:
 
     @torch.no_grad()
     def _td_target(self, t: dict[str, torch.Tensor], alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """The TD target and the mean entropy of μ(·|s′) under the target network (rows of s′
-        with at least one candidate; NaN when there are none)."""
-        next_q = self.target_net(t["next_state"], t["next_candidate_features"])
-        next_mask = t["next_candidate_mask"].bool()
-        next_prior = self._prior(t["next_state"], t["next_candidate_features"], next_mask)
-        y = td_target(t["reward"].float(), t["done"], next_q, gamma=self.config.gamma,
-                      alpha=alpha, next_mask=next_mask, next_prior=next_prior)
+        """The TD target and the mean entropy of μ(·|s′) under the target network over the rows
+        it was computed for that have a candidate (NaN when there are none).
+
+        With α fixed the target network only scores the s′ of rows that bootstrap (not ``done``,
+        γ > 0): a ``done`` row's target is its reward whatever V(s′) is, and on data where most
+        sessions end after one step (the simulator) that is most of the update's work. Tuning α
+        needs μ's entropy at every s′, so then every row is scored."""
+        reward = t["reward"].float()
+        done = t["done"].bool()
+        if self.alpha_optimizer is not None:
+            rows = torch.ones_like(done)
+        elif self.config.gamma > 0:
+            rows = ~done
+        else:
+            rows = torch.zeros_like(done)
+        y = reward.clone()
+        if not rows.any():
+            return y, torch.tensor(float("nan"))
+        index = rows.nonzero().squeeze(1)
+        next_state, next_cases = t["next_state"][index], t["next_candidate_features"][index]
+        next_q = self.target_net(next_state, next_cases)
+        next_mask = t["next_candidate_mask"][index].bool()
+        next_prior = self._prior(next_state, next_cases, next_mask)
+        y[index] = td_target(reward[index], done[index], next_q, gamma=self.config.gamma,
+                             alpha=alpha, next_mask=next_mask, next_prior=next_prior)
         has_candidates = next_mask.any(-1)
         if has_candidates.any():
             probs = policy_probs(next_q[has_candidates], alpha, self.config.min_prob, next_mask[has_candidates],

@@ -22,14 +22,19 @@ D, K = 4, 2
 
 
 class FixedQ(nn.Module):
-    """A stand-in target network whose Q values are given."""
+    """A stand-in target network whose Q values are given, one row per state of ``keys`` (the
+    batch's s′, distinct rows): the learner may score only some of them."""
 
-    def __init__(self, q: torch.Tensor):
+    def __init__(self, q: torch.Tensor, keys: np.ndarray | None = None):
         super().__init__()
         self.q = q
+        self.keys = None if keys is None else torch.as_tensor(keys)
 
     def forward(self, state, cases):
-        return self.q
+        if len(state) == len(self.q):
+            return self.q
+        rows = [int((self.keys == s).all(-1).nonzero()[0]) for s in state]
+        return self.q[rows]
 
 
 def _batch(reward, done, next_mask, propensity=None) -> ReplayBatch:
@@ -48,9 +53,10 @@ def _batch(reward, done, next_mask, propensity=None) -> ReplayBatch:
 
 def test_td_target_matches_hand_computation():
     learner = SoftQLearner(D, SoftQConfig(gamma=0.5, alpha=0.1, hidden=8))
-    learner.target_net = FixedQ(torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [2.0, -5.0]]))
     batch = _batch(reward=[1.0, 1.0, 0.5, 0.0], done=[False, True, False, False],
                    next_mask=[[True, True], [True, True], [False, False], [False, True]])
+    batch.next_state[np.arange(4), np.arange(4)] = 1.0     # distinct s′ per row
+    learner.target_net = FixedQ(torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [2.0, -5.0]]), batch.next_state)
     y = learner.compute_td_target(batch).numpy()
     v0 = 0.1 * math.log(math.exp(1.0 / 0.1) + math.exp(0.0 / 0.1))   # α·logsumexp(Q/α)
     expected = [1.0 + 0.5 * v0,   # ordinary transition
@@ -271,3 +277,21 @@ def test_numpy_scoring_path_equals_the_torch_definitions():
         np.testing.assert_allclose(entropy_numpy(n), entropy(t).numpy(), rtol=1e-5, atol=1e-6)
     net.mlp[0].weight.data.zero_()  # a snapshot: later training does not reach it
     np.testing.assert_allclose(frozen(states, cases), got)
+
+
+def test_the_target_network_scores_only_the_s_prime_that_bootstrap_unless_alpha_is_tuned():
+    batch = _batch(reward=[1.0, 2.0, 3.0], done=[True, False, True], next_mask=[[True, True]] * 3)
+    batch.next_state[np.arange(3), np.arange(3)] = 1.0
+    q = torch.tensor([[1.0, 0.0], [0.5, 0.5], [3.0, 0.0]])
+    for target_entropy, scored in ((None, 1), (0.5, 3)):
+        learner = SoftQLearner(D, SoftQConfig(gamma=0.5, alpha=0.1, hidden=8, target_entropy=target_entropy))
+        seen = []
+        fixed = FixedQ(q, batch.next_state)
+        learner.target_net = lambda state, cases: seen.append(len(state)) or fixed(state, cases)
+        y = learner.compute_td_target(batch).numpy()
+        assert seen == [scored]
+        v1 = 0.1 * math.log(2 * math.exp(0.5 / 0.1))
+        np.testing.assert_allclose(y, [1.0, 2.0 + 0.5 * v1, 3.0], rtol=1e-6)
+    fixed_gamma0 = SoftQLearner(D, SoftQConfig(gamma=0.0, alpha=0.1, hidden=8))
+    fixed_gamma0.target_net = lambda state, cases: pytest.fail("γ = 0: nothing bootstraps")
+    np.testing.assert_allclose(fixed_gamma0.compute_td_target(batch).numpy(), [1.0, 2.0, 3.0])
