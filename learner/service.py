@@ -61,6 +61,7 @@ from learner.trainer import SoftQConfig, SoftQLearner
 from memento.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, sign_announcement
 from memento.config import Settings
 from memento.encoder import case_feature_dim
+from memento.threads import limit_threads
 from memento.kafka_io import DeadLetterWriter, client_kwargs, fetch_kwargs, make_consumer, make_producer, poll
 from memento.schemas import Case, CheckpointAnnouncement, SchemaError, Transition, decode, encode
 
@@ -250,7 +251,7 @@ class LearnerService:
     def __init__(self, settings: Settings, config: SoftQConfig | None = None,
                  service: LearnerServiceConfig | None = None, drift: DriftConfig | None = None, *,
                  metrics_port: int | None = None):
-        torch.set_num_threads(1)  # the demo machine's 2 cores are shared by every process
+        limit_threads(1)  # the demo machine's 2 cores are shared by every process
         self.settings, self.config = settings, config or SoftQConfig(top_k=settings.top_k)
         self.options = service or LearnerServiceConfig()
         self.state_dim = settings.item_dim

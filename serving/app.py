@@ -37,6 +37,7 @@ from memento.encoder import ItemEncoder, StateEncoder, load_products
 from memento.history import UserHistories
 from memento.kafka_io import DeadLetterWriter, make_producer
 from memento.personal import UserMemory, recent_vectors, user_memory
+from memento.threads import limit_threads
 from memento.priors import RetrievalPrior
 from memento.schemas import CheckpointAnnouncement, Recommendation, to_dict
 from serving.batching import MicroBatcher
@@ -188,9 +189,7 @@ class ServingService:
     def start(self) -> None:
         """Open the bank, connect to Kafka, start the followers (blocking; run off the loop)."""
         try:
-            import torch
-
-            torch.set_num_threads(self.config.compute_threads)
+            limit_threads(self.config.compute_threads)
             self.bank = self.config.open_bank(self.bank_path, self.settings.state_dim)
             self.metrics.cases.set(len(self.bank))
             default = CaseItemGenerator(self.bank)

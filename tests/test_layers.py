@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # A module may import stdlib, third-party packages, any lower layer and its own layer, except that
 # in a layer listed in ISOLATED_LAYERS it may import only its own top-level package (streams must
 # not import learner, etc.).  The top layer may import anything.
-KERNEL_NAMES = ("config", "schemas", "encoder", "qnet", "softq", "priors", "checkpoint", "history", "measure",
+KERNEL_NAMES = ("config", "schemas", "encoder", "qnet", "softq", "priors", "checkpoint", "history", "measure", "threads",
                 "kafka_io", "atomic", "prometheus", "personal")
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("kernel", tuple(f"memento.{name}" for name in KERNEL_NAMES

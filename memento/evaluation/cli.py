@@ -135,9 +135,9 @@ _progress_counter = None
 
 def _init_worker(counter) -> None:
     global _progress_counter
-    import torch
+    from memento.threads import limit_threads
 
-    torch.set_num_threads(1)
+    limit_threads(1)
     _progress_counter = counter
 
 
@@ -165,9 +165,9 @@ def run_eval(config: EvalConfig, policies: list[str], seeds: list[int], data=Non
     results: dict[tuple[str, int], RunResult] = {}
     try:
         if jobs <= 1:
-            import torch
+            from memento.threads import limit_threads
 
-            torch.set_num_threads(1)
+            limit_threads(1)
             for policy, seed in tasks:
                 bar.set_postfix(policy=policy, seed=seed)
                 results[(policy, seed)] = run_policy(config, policy, seed, data, tick=lambda: bar.update(1))
