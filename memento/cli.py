@@ -26,6 +26,7 @@ BENCHMARKS = {
     "memory": ("memory_store.bench", "case bank: adds/s, search latency, recall vs faiss.IndexFlatIP"),
     "serving": ("serving.bench", "HTTP serving: latency at fixed rates and flat out, reload visibility"),
     "stream": ("streams.bench", "stream worker: events/s (1 and 2 workers), latency, vs trivial Faust agent and kafka-python"),
+    "learner": ("learner.bench", "soft-Q learner: transitions/s into the replay buffer, updates/s vs a bare torch loop"),
 }
 
 
