@@ -61,9 +61,9 @@ from learner.trainer import SoftQConfig, SoftQLearner
 from memento.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, sign_announcement
 from memento.config import Settings
 from memento.encoder import case_feature_dim
-from memento.threads import limit_threads
 from memento.kafka_io import DeadLetterWriter, client_kwargs, fetch_kwargs, make_consumer, make_producer, poll
 from memento.schemas import Case, CheckpointAnnouncement, SchemaError, Transition, decode, encode
+from memento.threads import limit_threads
 
 __all__ = ["LearnerServiceConfig", "LearnerService", "LearnerMetrics", "latest_checkpoint",
            "add_arguments", "run_from_args", "main", "add_dataclass_options", "options_from_args"]

@@ -229,7 +229,7 @@ def check_prior_mix(mix) -> tuple[tuple[float, ...], ...]:
     before the share (:meth:`RetrievalPrior.entry`), as a checkpoint carries it
     (:class:`memento.checkpoint.PolicyParams`): at most :data:`MAX_PRIORS` distinct priors,
     shares in [0, 1] summing to 1. Returns it as a tuple of float tuples; empty is allowed (μ
-    then has the single prior of ``similarity_prior``/``vote_prior``/``recency_prior``).
+    then has the single prior of ``similarity_prior``/``vote_prior``).
 
     >>> check_prior_mix([[0, 20, 0.75], [1000, 0, 1000, 0.25]])
     ((0.0, 20.0, 0.75), (1000.0, 0.0, 1000.0, 0.25))

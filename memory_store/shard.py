@@ -228,11 +228,9 @@ class Shard:
         now = time.time()
         with self._lock:
             slots = self._allocate(n)
-            rows = self.features[slots]
-            case_state(rows)[:] = batch.states
-            case_item(rows)[:] = batch.item_vecs
-            case_outcome(rows)[:] = batch.outcomes
-            self.features[slots] = rows
+            case_state(self.features)[slots] = batch.states     # views of the feature array: no copy
+            case_item(self.features)[slots] = batch.item_vecs
+            case_outcome(self.features)[slots] = batch.outcomes
             self.ts[slots] = batch.ts
             self.added_at[slots] = now
             self.seq[slots] = np.arange(self.next_seq, self.next_seq + n)

@@ -37,9 +37,9 @@ from memento.encoder import ItemEncoder, StateEncoder, load_products
 from memento.history import UserHistories
 from memento.kafka_io import DeadLetterWriter, make_producer
 from memento.personal import UserMemory, recent_vectors, user_memory
-from memento.threads import limit_threads
 from memento.priors import RetrievalPrior
 from memento.schemas import CheckpointAnnouncement, Recommendation, to_dict
+from memento.threads import limit_threads
 from serving.batching import MicroBatcher
 from serving.followers import ActionFollower, CaseFollower, CheckpointFollower
 from serving.generator import CaseItemGenerator, ChatCompletionGenerator, Generator
