@@ -1,7 +1,7 @@
 """The one training loop: replay buffer plus pacing, shared by the learner process and ``memento eval``.
 
 Both the Kafka learner (:class:`learner.service.LearnerService`) and the offline evaluation
-(:class:`memento.evaluation.policies.SoftQPolicy`, ``GreedyQPolicy``) train the same way:
+(:class:`evaluation.policies.SoftQPolicy`, ``GreedyQPolicy``) train the same way:
 
 1. :meth:`TrainingLoop.add` puts new replay rows in the buffer (a repeated transition id is
    ignored). Once the buffer holds ``learning_starts`` rows, each new row buys

@@ -48,7 +48,6 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
 from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, start_http_server

@@ -2,7 +2,7 @@
 
 Each field can be set by an environment variable ``MEMENTO_<FIELD>`` (upper case) and, in the
 CLI, by the matching ``--flag``. Production deployments point ``bootstrap_servers`` at Apache
-Kafka; the embedded profile (:mod:`memento.broker`) only changes client timeouts.
+Kafka; the embedded profile (:mod:`harness.broker`) only changes client timeouts.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def parse_reward_mapping(spec: str) -> dict[str, float]:
     """Parse ``"click=1,cart=3,view=0.5"`` into ``{action: reward}``.
 
     Any action name is allowed; names are stripped and lower-cased. :meth:`RewardWeights.parse`
-    allows only its own actions; the log loaders of :mod:`memento.evaluation.logs` apply the
+    allows only its own actions; the log loaders of :mod:`evaluation.logs` apply the
     result on top of the default rewards, so actions not named keep their default reward.
 
     Parameters

@@ -73,7 +73,7 @@ def signed_hash(token: str, dim: int) -> tuple[int, float]:
     """Signed feature hashing of one token: its bucket in ``range(dim)`` and its sign (±1.0).
 
     The one hashing family of the project: :class:`ItemEncoder` adds each metadata token this
-    way (several salted copies per token), and :mod:`memento.evaluation.logs` encodes
+    way (several salted copies per token), and :mod:`evaluation.logs` encodes
     categorical context values (``"column=value"``) with it. The hash is BLAKE2b, the same in
     every process and Python run.
 

@@ -10,6 +10,7 @@ from typing import Iterable
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
+from kafka.partitioner.default import murmur2
 from kafka.serializer import Serializer
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
@@ -18,7 +19,7 @@ from memento.schemas import MAX_ORIGINAL_BYTES, DeadLetter, encode
 
 __all__ = ["client_kwargs", "wait_for_broker", "ensure_topics", "make_producer", "make_consumer", "poll",
            "throttle_aiokafka_empty_fetches",
-           "DeadLetterWriter", "topic_specs", "fetch_kwargs"]
+           "DeadLetterWriter", "topic_specs", "fetch_kwargs", "partition_of"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,16 @@ def consumer_group_kwargs(settings: Settings) -> dict:
         # Tansu settles a group join after about half the session timeout (embedded-brokers.md).
         return {"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000}
     return {}
+
+
+def partition_of(key: bytes, partitions: int) -> int:
+    """The partition that Kafka's default partitioner (murmur2, as in the Java client and
+    kafka-python) gives a record keyed ``key`` on a topic of ``partitions`` partitions.
+
+    >>> partition_of(b"u1", 4), partition_of(b"u2", 4), partition_of(b"u3", 4)
+    (0, 2, 2)
+    """
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 
 def wait_for_broker(settings: Settings, timeout: float = 30.0) -> None:

@@ -3,7 +3,7 @@ from softmax(Q/α), log the propensity, hot-reload checkpoints, append new cases
 
 Entry point for ``memento serve``: :func:`serving.cli.add_arguments` and
 :func:`serving.cli.run_from_args` (also reachable as ``serving.add_arguments`` /
-``serving.run_from_args``); ``memento bench serving``: :mod:`serving.bench`.
+``serving.run_from_args``); ``memento bench serving``: :mod:`harness.serving_bench`.
 """
 
 __all__ = ["add_arguments", "run_from_args"]

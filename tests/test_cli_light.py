@@ -15,7 +15,7 @@ HEAVY = ("torch", "faiss", "faust", "aiohttp")
 def _imported_after(argv: list[str]) -> list[str]:
     """Heavy modules in sys.modules after parsing ``argv`` (and running it for ``--help``), in
     a fresh interpreter."""
-    code = ("import sys, json, memento.cli as c\n"
+    code = ("import sys, json, cli.main as c\n"
             f"argv = {argv!r}\n"
             "try:\n"
             "    c.build_parser(argv).parse_args(argv)\n"
@@ -35,8 +35,8 @@ def test_light_commands_import_no_heavy_module(argv):
 def test_the_invoked_command_still_gets_its_arguments():
     """The lazy parser is not a stub: the invoked command's module is imported and its options
     parse (eval's come from SoftQConfig, so torch is loaded there)."""
-    from memento.cli import build_parser
+    from cli.main import build_parser
 
     args = build_parser(["eval", "--vote-prior", "3"]).parse_args(["eval", "--vote-prior", "3"])
-    assert args.vote_prior == 3.0 and args.module == "memento.evaluation.cli"
+    assert args.vote_prior == 3.0 and args.module == "evaluation.cli"
     assert "torch" in _imported_after(["eval", "--source", "synthetic"])

@@ -126,7 +126,7 @@ def _known_env_names() -> frozenset[str]:
     from memento.config import Settings
 
     names = set(Settings().to_env()) | {f"MEMENTO_{f.name.upper()}" for f in fields(Settings)}
-    for package in ("memento", "streams", "learner", "serving", "memory_store"):
+    for package in ("memento", "memory_store", "streams", "learner", "serving", "evaluation", "harness", "cli"):
         for path in (ROOT / package).rglob("*.py"):
             names.update(re.findall(r"\bMEMENTO_[A-Z0-9_]*[A-Z0-9]\b", path.read_text()))
     return frozenset(names)
@@ -418,3 +418,13 @@ def test_dockerfile():
     assert ignore.exists(), "no .dockerignore for the build context"
     patterns = {line.strip() for line in ignore.read_text().splitlines()}
     assert {".git", ".venv"} <= patterns
+
+
+def test_dockerfile_copies_every_installed_package():
+    """``pip install .`` in the image installs what pyproject's package list finds: each must be
+    copied in first, or the ``memento`` command it installs fails to import (cli/ holds it)."""
+    text = DOCKERFILE.read_text()
+    copied = set(re.findall(r"^COPY\s+(\w+)\s+\1\s*$", text, flags=re.M))
+    include = re.search(r"^include\s*=\s*\[(.*?)\]", (ROOT / "pyproject.toml").read_text(), flags=re.M).group(1)
+    packages = {name.strip().strip('"').rstrip("*") for name in include.split(",")}
+    assert packages and packages <= copied, f"not copied into the image: {sorted(packages - copied)}"

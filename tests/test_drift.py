@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import threading
 
 import numpy as np
 import pytest
@@ -18,12 +17,12 @@ from learner.drift import DriftConfig, RewardDrift
 from learner.loop import TrainingLoop
 from learner.service import LearnerService, LearnerServiceConfig
 from learner.storage import ReplayTransition
-from learner.trainer import SoftQConfig, SoftQLearner
+from learner.trainer import SoftQConfig
 from memento.checkpoint import PolicyParams, read_checkpoint
 from memento.config import Settings
 from memento.encoder import case_feature_vector
 from memento.schemas import Case, Transition
-from memento.simulator import WorldConfig
+from evaluation.simulator import WorldConfig
 from test_common_support import RecordingProducer
 
 replace = dataclasses.replace
@@ -211,7 +210,7 @@ def test_the_learner_metrics_move_with_a_detected_drop(tmp_path):
 
 
 def test_the_evaluations_softq_samples_the_boosted_mu_after_a_publication():
-    from memento.evaluation.policies import SoftQPolicy
+    from evaluation.policies import SoftQPolicy
 
     pacing = LearnerServiceConfig(buffer_capacity=8000, learning_starts=10_000)
     policy = SoftQPolicy(None, D, SoftQConfig(top_k=K, hidden=8, alpha=0.1, min_prob=0.01), pacing, BOOSTED)
@@ -223,7 +222,7 @@ def test_the_evaluations_softq_samples_the_boosted_mu_after_a_publication():
     assert policy.policy.options.alpha > 0.1 and policy.stats()["drift_detections"] == 1.0
     plain = SoftQPolicy(None, D, SoftQConfig(top_k=K, hidden=8), pacing, DriftConfig(drift_detector="off"))
     assert plain.loop.drift is None and plain.learner.drift is None and "drift_detections" not in plain.stats()
-    from memento.evaluation.runner import EvalConfig, make_policy   # memento eval's softq gets EvalConfig.drift
+    from evaluation.runner import EvalConfig, make_policy   # memento eval's softq gets EvalConfig.drift
 
     half = make_policy("softq", EvalConfig(top_k=K, drift=replace(BOOSTED, drift_half_life=7.0)), None, [], seed=0)
     assert half.loop.drift.config.drift_half_life == 7.0 and half.learner.drift is half.loop.drift
@@ -234,7 +233,7 @@ def test_learner_and_eval_flags_build_the_drift_options():
     import argparse
 
     from learner.service import add_arguments, options_from_args
-    from memento.evaluation.cli import add_arguments as eval_arguments, config_from_args
+    from evaluation.cli import add_arguments as eval_arguments, config_from_args
 
     args = add_arguments(argparse.ArgumentParser()).parse_args(["--drift-detector", "off", "--drift-half-life", "50"])
     assert options_from_args(DriftConfig, args) == DriftConfig(drift_detector="off", drift_half_life=50.0)
@@ -249,7 +248,7 @@ def test_learner_and_eval_flags_build_the_drift_options():
 
 def _tastes_by_moment(world: WorldConfig, n: int, seed: int = 3):
     """The world's tastes as each request moment is generated (its browsing already done)."""
-    from memento.replay import ReplayConfig, SyntheticSource
+    from evaluation.replay import ReplayConfig, SyntheticSource
 
     source = SyntheticSource(ReplayConfig(world=world, warmup_moments=1, seed=seed))
     list(source.warmup())
@@ -293,7 +292,7 @@ def test_a_weak_shift_moves_tastes_less_and_the_best_items_change():
 
 
 def test_an_eval_run_with_a_shift_reports_the_recovery():
-    from memento.evaluation.runner import EvalConfig, run_policy
+    from evaluation.runner import EvalConfig, run_policy
 
     cfg = EvalConfig(events=700, warmup_moments=1, world=WorldConfig(n_items=60, n_users=20, shift_at_moment=300))
     m = run_policy(cfg, "cosine", seed=0).metrics

@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from memento.cli import main
-from memento.evaluation.logs import load_interactions
-from memento.evaluation.metrics import RunMetrics, ndcg_at
-from memento.evaluation.policies import LinUCBPolicy, Request, items_in_order
-from memento.evaluation.runner import EvalConfig, run_policy
+from cli.main import main
+from evaluation.logs import load_interactions
+from evaluation.metrics import RunMetrics, ndcg_at
+from evaluation.policies import LinUCBPolicy, Request, items_in_order
+from evaluation.runner import EvalConfig, run_policy
 from memento.schemas import Transition
-from memento.simulator import WorldConfig
+from evaluation.simulator import WorldConfig
 from test_common_support import write_csv
 
 SMALL_WORLD = WorldConfig(n_items=60, n_users=20)
@@ -199,7 +199,7 @@ def test_request_holds_float32_state_and_features_whatever_the_caller_passes():
 
 def test_greedy_q_chooses_from_a_float64_state():
     from learner.service import LearnerServiceConfig
-    from memento.evaluation.policies import GreedyQPolicy
+    from evaluation.policies import GreedyQPolicy
 
     policy = GreedyQPolicy(None, 4, 2, LearnerServiceConfig(), network={"hidden": 8})
     req = Request("u", 0.0, np.full(4, 0.5), ["c0", "c1"], np.array([0.9, 0.1]),
@@ -208,7 +208,7 @@ def test_greedy_q_chooses_from_a_float64_state():
 
 
 def test_context_projection_is_float32():
-    from memento.evaluation.runner import _context_projection
+    from evaluation.runner import _context_projection
 
     assert _context_projection(5, 8).dtype == np.float32
 

@@ -1,20 +1,19 @@
-"""``memento eval`` baselines: ``recent``, ``itemknn`` and ``vw`` (memento/evaluation/baselines.py)."""
+"""``memento eval`` baselines: ``recent``, ``itemknn`` and ``vw`` (evaluation/baselines.py)."""
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from memento.cli import main
-from memento.evaluation.baselines import ItemKNNPolicy, RecentHistory, RecentPolicy, VWPolicy
-from memento.evaluation.logs import load_interactions
-from memento.evaluation.policies import POLICY_NAMES, Request
-from memento.evaluation.runner import EvalConfig, make_policy, run_policy
+from cli.main import main
+from evaluation.baselines import ItemKNNPolicy, RecentHistory, RecentPolicy, VWPolicy
+from evaluation.logs import load_interactions
+from evaluation.policies import POLICY_NAMES, Request
+from evaluation.runner import EvalConfig, make_policy, run_policy
 from memento.schemas import Transition
-from memento.simulator import WorldConfig
+from evaluation.simulator import WorldConfig
 from test_common_support import write_csv
 
 SMALL_WORLD = WorldConfig(n_items=60, n_users=20)

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from memento.encoder import HistoryEntry, ItemEncoder, ItemMeta, StateEncoder
-from memento.evaluation.fastpath import BufferedCaseBank, ExactStateEncoder
+from evaluation.fastpath import BufferedCaseBank, ExactStateEncoder
 from memento.schemas import Case
-from memento.simulator import SyntheticWorld, WorldConfig
+from evaluation.simulator import SyntheticWorld, WorldConfig
 from memory_store import CaseBank
 from streams.attribution import RewardAttribution
 from memento.config import RewardWeights

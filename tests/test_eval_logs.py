@@ -10,7 +10,7 @@ import pytest
 import numpy as np
 
 from memento.encoder import ItemMeta, signed_hash
-from memento.evaluation.logs import (
+from evaluation.logs import (
     CONTEXT_BUCKETS, LoggedData, LoggedEvent, load_interactions, load_items, load_tmall,
     parse_reward_mapping, parse_timestamp,
 )

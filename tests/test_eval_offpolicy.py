@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from memento.evaluation.offpolicy import (Z_95, Estimate, OffPolicyAccumulator, doubly_robust, ips,
+from evaluation.offpolicy import (Z_95, Estimate, OffPolicyAccumulator, doubly_robust, ips,
                                           snips)
 
 # -- a 4-event log, computed by hand -------------------------------------------------------------

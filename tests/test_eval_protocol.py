@@ -8,11 +8,11 @@ import dataclasses
 from pathlib import Path
 
 from memento.config import Settings
-from memento.evaluation.logs import load_interactions
-from memento.evaluation.policies import LinUCBPolicy
-from memento.evaluation.runner import EvalConfig, run_policy
-from memento.replay import ReplayConfig, SyntheticSource
-from memento.simulator import WorldConfig
+from evaluation.logs import load_interactions
+from evaluation.policies import LinUCBPolicy
+from evaluation.runner import EvalConfig, run_policy
+from evaluation.replay import ReplayConfig, SyntheticSource
+from evaluation.simulator import WorldConfig
 
 SMALL = WorldConfig(n_items=60, n_users=20)
 

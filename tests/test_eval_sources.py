@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from memento.cli import main
-from memento.evaluation.policies import POLICY_NAMES
+from cli.main import main
+from evaluation.policies import POLICY_NAMES
 
 # Small networks and early learning, so that the trained policies update within a short run.
 FAST = ["--no-progress", "--item-dim", "16", "--top-k", "8", "--hidden", "16", "--batch-size", "16",

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-import learner.bench as bench
+import harness.learner_bench as bench
 from learner.buffer import ReplayBuffer, ReplayTransition
 from learner.trainer import SoftQConfig, SoftQLearner
 
@@ -50,12 +50,12 @@ def test_run_reports_ingest_updates_and_baseline(tmp_path):
 
 
 def test_cli_runs_the_bench(tmp_path):
-    from memento.cli import build_parser, main
+    from cli.main import build_parser, main
 
     out = tmp_path / "cli.json"
     argv = ["bench", "learner", *TINY, "--json", str(out)]
     args = build_parser(argv).parse_args(argv)
-    assert args.bench_module == "learner.bench" and args.transitions == 150 and args.batch_size == 8
+    assert args.bench_module == "harness.learner_bench" and args.transitions == 150 and args.batch_size == 8
     assert main(argv) == 0
     figures = json.loads(out.read_text())
     assert _positive(figures["updates_samples_per_s"]) and _positive(figures["baseline"]["updates_samples_per_s"])

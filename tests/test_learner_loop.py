@@ -109,7 +109,7 @@ def test_the_service_and_the_evaluation_train_in_this_loop():
     from learner.service import LearnerService
     from learner.trainer import SoftQConfig
     from memento.config import Settings
-    from memento.evaluation.policies import GreedyQPolicy, SoftQPolicy
+    from evaluation.policies import GreedyQPolicy, SoftQPolicy
 
     service = LearnerService(Settings(item_dim=4, top_k=2), SoftQConfig(top_k=2, hidden=8))
     assert isinstance(service.loop, TrainingLoop) and service.buffer is service.loop.buffer

@@ -14,7 +14,7 @@ from kafka import KafkaConsumer, TopicPartition
 
 from learner.service import LearnerService, LearnerServiceConfig
 from learner.trainer import SoftQConfig
-from memento.broker import EmbeddedBroker
+from harness.broker import EmbeddedBroker
 from memento.checkpoint import load_checkpoint, sha256_bytes
 from memento.encoder import case_feature_vector
 from memento.kafka_io import client_kwargs, make_producer

@@ -116,9 +116,9 @@ def test_the_default_priors_include_the_recency_one_and_old_mix_entries_still_re
 
 def test_memento_eval_gives_every_case_policy_the_users_own_cases(tmp_path):
     """A user's early item is far from their later state: only the own-cases source retrieves it."""
-    from memento.evaluation.logs import load_interactions
-    from memento.evaluation.runner import EvalConfig, run_policy
-    import memento.evaluation.runner as runner
+    from evaluation.logs import load_interactions
+    from evaluation.runner import EvalConfig, run_policy
+    import evaluation.runner as runner
 
     rows = ["user_id,item_id,action,timestamp"]
     rows += [f"u{i % 7},x{i % 11},click,{100 + i}" for i in range(120)]

@@ -15,10 +15,10 @@ from collections import Counter, defaultdict
 import pytest
 from kafka import KafkaConsumer, KafkaProducer
 
-from memento.broker import EmbeddedBroker, free_port
-from memento.processes import ProcessGroup, memento_command, wait_http
-from memento.prometheus import query, start_prometheus
-from memento.replay import ReplayConfig, run_replay
+from harness.broker import EmbeddedBroker, free_port
+from harness.processes import ProcessGroup, memento_command, wait_http
+from harness.prometheus import query, start_prometheus
+from evaluation.replay import ReplayConfig, run_replay
 
 pytestmark = pytest.mark.integration
 
@@ -81,7 +81,7 @@ def pipeline(request, tmp_path):
 
 def test_end_to_end_loop(pipeline):
     engine, broker, group, settings, tmp_path = pipeline
-    from memento.simulator import SyntheticWorld
+    from evaluation.simulator import SyntheticWorld
 
     config = ReplayConfig(source="synthetic", events=EVENTS, seed=SEED, settings=settings,
                           response_log=str(tmp_path / "responses.jsonl"))

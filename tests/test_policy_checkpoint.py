@@ -186,7 +186,7 @@ def test_a_malformed_policy_entry_rejects_the_checkpoint(tmp_path, policy, why):
 
 
 def test_the_evaluations_softq_publishes_what_serving_would_load(tmp_path):
-    from memento.evaluation.policies import SoftQPolicy
+    from evaluation.policies import SoftQPolicy
 
     config = SoftQConfig(top_k=3, hidden=8, alpha=0.1, target_entropy=1.0, min_prob=0.05, seed=0)
     policy = SoftQPolicy(None, D, config, LearnerServiceConfig())

@@ -156,7 +156,7 @@ def test_the_stream_worker_carries_the_recommendations_prior_to_its_transition()
 
 
 def test_memento_eval_mixes_the_priors_and_the_learner_hears_every_reward():
-    from memento.evaluation.runner import EvalConfig, run_policy
+    from evaluation.runner import EvalConfig, run_policy
     config = EvalConfig(source="synthetic", events=300)
     result = run_policy(config, "softq", seed=0)
     shares = {k: v for k, v in result.metrics.items() if k.startswith("prior_share[")}

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 from memento.config import RewardWeights, Settings
-from memento.replay import (ReplayConfig, ReplayLoop, RequestRecord, RewardTracker, ServingClient,
+from evaluation.replay import (ReplayConfig, ReplayLoop, RequestRecord, RewardTracker, ServingClient,
                             SyntheticSource, TmallSource, add_arguments, config_from_args, run_from_args,
                             summarise, summarise_windows)
 from memento.schemas import Action
-from memento.simulator import WorldConfig
+from evaluation.simulator import WorldConfig
 
 SMALL = WorldConfig(n_items=60, n_users=12)
 
@@ -257,8 +257,8 @@ def test_cli_arguments_and_file_writing(tmp_path, capsys):
 
 
 def test_serving_client_reports_unreachable_serving():
-    from memento.broker import free_port
-    from memento.replay import ServingNotReady
+    from harness.broker import free_port
+    from evaluation.replay import ServingNotReady
 
     client = ServingClient(f"http://127.0.0.1:{free_port()}", timeout_s=1)
     status, body, _ = client.recommend("u", 0.0, retry_503_s=0.2)
@@ -329,9 +329,9 @@ class _StandInServing:
 @pytest.mark.integration
 @pytest.mark.parametrize("engine", ["noida", "tansu"])
 def test_run_replay_publishes_to_the_actions_topic(engine, tmp_path):
-    from memento.broker import EmbeddedBroker
+    from harness.broker import EmbeddedBroker
     from memento.kafka_io import make_consumer
-    from memento.replay import run_replay
+    from evaluation.replay import run_replay
     from memento.schemas import decode
 
     serving = _StandInServing("3")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from memento.broker import free_port
+from harness.broker import free_port
 from memento.encoder import ItemEncoder
 from memento.qnet import QNetwork
 from memento.schemas import Case

@@ -7,12 +7,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from memento.broker import EmbeddedBroker, free_port
+from harness.broker import EmbeddedBroker, free_port
 from memento.schemas import Recommendation, decode
 from test_serving_support import (announce, fresh_settings, http, make_cases, publish_cases, read_topic,
                                   wait_for)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from aiohttp import web
 
-from memento.broker import EmbeddedBroker, free_port
+from harness.broker import EmbeddedBroker, free_port
 from memento.checkpoint import save_checkpoint
 from memento.config import Settings, TopicNames
 from memento.encoder import ItemEncoder

@@ -10,8 +10,8 @@ import pytest
 
 from memento.config import RewardWeights
 from memento.encoder import ItemEncoder, load_products
-from memento.simulator import SyntheticWorld, WorldConfig, reference_policy_rewards
-from memento.tmall import load_tmall_log
+from evaluation.simulator import SyntheticWorld, WorldConfig, reference_policy_rewards
+from evaluation.tmall import load_tmall_log
 
 SMALL = WorldConfig(n_items=60, n_users=20)
 

@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from streams.bench import Output, _Bench, _Phase, add_arguments, measure_outputs
+from harness.stream_bench import Output, _Bench, _Phase, add_arguments, measure_outputs
 from test_streams_support import noida  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.integration

@@ -15,8 +15,8 @@ from collections import Counter
 
 import pytest
 
-from memento.processes import ProcessGroup
-from streams.bench import partition_of
+from harness.processes import ProcessGroup
+from memento.kafka_io import partition_of
 from test_streams_support import (PARTITIONS, Scenario, TransitionLog, assert_exactly, committed_offsets, fresh_settings,  # noqa: F401
                                   metric, metrics, noida, produce, start_worker, tansu, wait_assigned)
 
@@ -71,7 +71,7 @@ def test_restart_mid_stream_recovers_table_from_changelog(request, tmp_path, eng
         # the last update can predate A1's arrival (or its high watermark), so that its zeros
         # are the empty topics' (measured: the commits reached the broker 1.3 s after the
         # gauges read 0).
-        a1_recs = Counter(partition_of(user.encode()) for role, user, _ in part_a1 if role == "recommendation")
+        a1_recs = Counter(partition_of(user.encode(), PARTITIONS) for role, user, _ in part_a1 if role == "recommendation")
         deadline = time.monotonic() + 30
         while not all((committed := committed_offsets(s, app_id, s.topics.recommendations)).get(p) is not None
                       and committed[p] >= n for p, n in a1_recs.items()):

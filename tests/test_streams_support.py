@@ -11,12 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from memento.broker import EmbeddedBroker, free_port
+from harness.broker import EmbeddedBroker, free_port
 from memento.config import Settings, TopicNames
 from memento.kafka_io import ensure_topics, make_consumer, make_producer, poll
-from memento.processes import ManagedProcess, ProcessGroup, memento_command
+from harness.processes import ManagedProcess, ProcessGroup, memento_command
 from memento.schemas import Action, Recommendation, encode
-from streams.bench import parse_metrics, partition_of, wait_until_assigned
+from harness.stream_bench import wait_until_assigned
+from memento.exposition import parse_metrics
+from memento.kafka_io import partition_of
 
 PARTITIONS = 4
 # answer to recommendation i, by i % 4: (action, reward); None = no reaction
@@ -90,7 +92,7 @@ class Scenario:
         their own, whose windows never close)."""
         out = []
         for p in range(PARTITIONS):
-            user = next(f"flush{p}-{k}" for k in range(1000) if partition_of(f"flush{p}-{k}".encode()) == p)
+            user = next(f"flush{p}-{k}" for k in range(1000) if partition_of(f"flush{p}-{k}".encode(), PARTITIONS) == p)
             r = Recommendation(request_id=f"flush-{p}", user_id=user, item_id="x", case_id="c", propensity=0.5,
                                policy_version=1, ts=1e6, state=[0.0] * self.d, case_features=[0.0] * (2 * self.d + 1))
             out.append(("recommendation", user, encode(r)))
@@ -108,7 +110,7 @@ def produce(settings: Settings, events: list[tuple[str, str, bytes]]) -> None:
     producer = make_producer(settings)
     try:
         for role, user, value in events:
-            producer.send(topic[role], key=user, value=value, partition=partition_of(user.encode()))
+            producer.send(topic[role], key=user, value=value, partition=partition_of(user.encode(), PARTITIONS))
         producer.flush(30)
     finally:
         producer.close(5)

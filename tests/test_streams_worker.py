@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from memento.broker import EmbeddedBroker, free_port
+from harness.broker import EmbeddedBroker, free_port
 from memento.kafka_io import make_consumer, make_producer, poll
-from memento.processes import ProcessGroup, memento_command
+from harness.processes import ProcessGroup, memento_command
 from memento.schemas import Action, Recommendation, encode
 from test_streams_support import fresh_settings, metric, metrics
 

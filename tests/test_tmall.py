@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from memento.encoder import load_products
-from memento.tmall import TmallFormatError, iter_tmall_log, load_tmall_log, normalise_user_id, parse_vtime
+from evaluation.tmall import TmallFormatError, iter_tmall_log, load_tmall_log, normalise_user_id, parse_vtime
 
 SAMPLE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tmall-sample"
 SAMPLE_LOG = SAMPLE / "sam_tianchi_2014002_rec_tmall_log.csv"

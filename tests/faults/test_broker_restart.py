@@ -15,8 +15,8 @@ import time
 
 import pytest
 
-from memento.broker import EmbeddedBroker
-from memento.processes import ProcessGroup
+from harness.broker import EmbeddedBroker
+from harness.processes import ProcessGroup
 from test_streams_support import Scenario, TransitionLog, assert_exactly, fresh_settings, produce, start_worker, \
     wait_assigned
 
@@ -67,7 +67,6 @@ def test_broker_restart_mid_stream_loses_no_transition(tmp_path):
 
 
 def _worker_state(worker) -> dict:
-    from test_streams_support import metric
     port = _port_of(worker)
     from test_streams_support import metrics
     return {f"{n}{lab}": v for n, lab, v in metrics(port) if n.startswith("memento_stream_") and (

@@ -10,7 +10,7 @@ import time
 import pytest
 from kafka import KafkaProducer
 
-from memento.broker import EmbeddedBroker
+from harness.broker import EmbeddedBroker
 from memento.kafka_io import make_consumer
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults, pytest.mark.timeout(180)]

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from memento.broker import EmbeddedBroker
+from harness.broker import EmbeddedBroker
 from test_learner_process import _wait_for_log
 from test_learner_service import D, K, N_TRANSITIONS, _produce
 

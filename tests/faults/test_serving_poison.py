@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from safetensors.torch import save as st_save
 
 from memento.checkpoint import checkpoint_file_name, sha256_bytes

@@ -10,11 +10,11 @@ import time
 
 import pytest
 
-from memento.processes import ProcessGroup
+from harness.processes import ProcessGroup
 from memento.schemas import Action, Recommendation, encode
 from serving.validation import RequestError, parse_feedback, parse_recommend
-from streams.bench import partition_of
-from test_streams_support import (TransitionLog, fresh_settings, noida, produce, start_worker, tansu,  # noqa: F401
+from memento.kafka_io import partition_of
+from test_streams_support import (PARTITIONS, TransitionLog, fresh_settings, noida, produce, start_worker, tansu,  # noqa: F401
                                   wait_assigned)
 
 pytestmark = pytest.mark.faults
@@ -34,7 +34,7 @@ def test_a_timestamp_in_milliseconds_does_not_close_other_windows(request, tmp_p
     broker = request.getfixturevalue(engine)
     s = fresh_settings(broker, tmp_path, window_s=60.0, allowed_lateness_s=0.0, session_gap_s=0.0)
     d = s.item_dim
-    other = next(u for u in (f"b{i}" for i in range(100)) if partition_of(u.encode()) == partition_of(b"a"))
+    other = next(u for u in (f"b{i}" for i in range(100)) if partition_of(u.encode(), PARTITIONS) == partition_of(b"a", PARTITIONS))
     first = [("recommendation", "a", _rec("r1", "a", 1000.0, d)),
              ("recommendation", other, _rec("skewed-rec", other, MS, d)),
              ("action", other, encode(Action("skewed-act", other, "z", "click", MS)))]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from memento.processes import ProcessGroup
+from harness.processes import ProcessGroup
 from memento.schemas import Action, Recommendation, encode
 from test_streams_support import (TransitionLog, fresh_settings, metric, noida, produce, start_worker,  # noqa: F401
                                   tansu, wait_assigned)

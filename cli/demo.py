@@ -19,8 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from memento.broker import EmbeddedBroker, free_port
-from memento.processes import ProcessGroup, memento_command, wait_http
+from harness.broker import EmbeddedBroker, free_port
+from harness.processes import ProcessGroup, memento_command, wait_http
 
 __all__ = ["add_arguments", "run_from_args", "plot_rewards"]
 
@@ -83,15 +83,15 @@ def compare_with_cosine(events: int, seed: int, plot_path: str | Path, *, progre
     returns the table.
 
     >>> import tempfile, os
-    >>> from memento.simulator import WorldConfig
+    >>> from evaluation.simulator import WorldConfig
     >>> table = compare_with_cosine(40, 0, os.path.join(tempfile.mkdtemp(), "c.png"), progress=False,
     ...                             world=WorldConfig(n_items=30, n_users=8))
     >>> [line.split()[0] for line in table.splitlines()]
     ['policy', 'cosine', 'softq']
     """
-    from memento.evaluation.cli import run_eval
-    from memento.evaluation.report import format_table, plot_cumulative_reward, summarise
-    from memento.evaluation.runner import EvalConfig
+    from evaluation.cli import run_eval
+    from evaluation.report import format_table, plot_cumulative_reward, summarise
+    from evaluation.runner import EvalConfig
 
     config = EvalConfig(events=events, **({"world": world} if world is not None else {}))
     runs = run_eval(config, ["cosine", "softq"], [seed], progress=progress)
@@ -104,8 +104,8 @@ def _raise_interrupt(signum, frame):
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    from memento.replay import ReplayConfig, run_replay
-    from memento.simulator import SyntheticWorld
+    from evaluation.replay import ReplayConfig, run_replay
+    from evaluation.simulator import SyntheticWorld
 
     started = time.monotonic()
     workdir = Path(args.workdir)

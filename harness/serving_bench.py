@@ -3,7 +3,7 @@
 The bench builds a serving case bank of ``--cases`` cases on disk, starts an embedded broker
 (unless ``--bootstrap-servers`` is given) and serving as a separate process, announces a
 checkpoint, then drives ``/v1/recommend`` from another process (the load generator,
-``python -m serving.bench drive``): open-loop at each fixed ``--rates`` value, then flat out with
+``python -m harness.serving_bench drive``): open-loop at each fixed ``--rates`` value, then flat out with
 ``--concurrency`` connections, then at a moderate rate while a new checkpoint is announced, to
 time announcement → first response carrying the new version.
 
@@ -219,7 +219,7 @@ def summarise(log: list, duration: float) -> dict:
 
 def _driver_process(url: str, rate: float, duration: float, concurrency: int, out: Path,
                     items: int = 20_000, seed: int = 0) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "serving.bench", "drive", "--url", url, "--rate", str(rate),
+    return subprocess.Popen([sys.executable, "-m", "harness.serving_bench", "drive", "--url", url, "--rate", str(rate),
                              "--duration", str(duration), "--concurrency", str(concurrency), "--out", str(out),
                              "--items", str(items), "--seed", str(seed)],
                             cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -440,7 +440,7 @@ def _ratios(figures: dict, baseline: dict) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     """Run the bench; returns (and writes to ``--json``) the figures."""
-    from memento.broker import EmbeddedBroker, free_port
+    from harness.broker import EmbeddedBroker, free_port
     from memento.checkpoint import save_checkpoint
     from memento.config import Settings, TopicNames
     from memento.kafka_io import ensure_topics, make_producer
@@ -455,7 +455,7 @@ def run(args: argparse.Namespace) -> dict:
                      "loadavg_start": list(os.getloadavg()), "cpus": os.cpu_count()}
     if not args.no_baseline:
         port = free_port()
-        server = subprocess.Popen([sys.executable, "-m", "serving.bench", "baseline", "--port", str(port),
+        server = subprocess.Popen([sys.executable, "-m", "harness.serving_bench", "baseline", "--port", str(port),
                                    "--workers", str(args.workers)], cwd=ROOT,
                                   env={**os.environ, "PYTHONPATH": str(ROOT)})
         try:
@@ -529,7 +529,7 @@ def run(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "drive":
-        p = argparse.ArgumentParser(prog="serving.bench drive")
+        p = argparse.ArgumentParser(prog="harness.serving_bench drive")
         p.add_argument("--url", required=True)
         p.add_argument("--rate", type=float, required=True)
         p.add_argument("--duration", type=float, required=True)
@@ -541,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(a.out).write_text(json.dumps(drive(a.url, a.rate, a.duration, a.concurrency, a.items, a.seed)))
         return 0
     if argv and argv[0] == "baseline":
-        p = argparse.ArgumentParser(prog="serving.bench baseline")
+        p = argparse.ArgumentParser(prog="harness.serving_bench baseline")
         p.add_argument("--port", type=int, required=True)
         p.add_argument("--workers", type=int, default=1)
         a = p.parse_args(argv[1:])

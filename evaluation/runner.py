@@ -37,16 +37,16 @@ from learner.service import LearnerServiceConfig
 from learner.trainer import SoftQConfig
 from memento.config import DEFAULT_OWN_CASES, DEFAULT_TOP_K, RewardWeights, Settings
 from memento.encoder import ItemEncoder, case_feature_vector, text_encoder_from_path
-from memento.evaluation.baselines import DEFAULT_VW_ARGS, ItemKNNPolicy, RecentPolicy, VWPolicy
-from memento.evaluation.fastpath import BufferedCaseBank, ExactStateEncoder
-from memento.evaluation.logs import LoggedData, LoggedEvent
-from memento.evaluation.metrics import RunMetrics
-from memento.evaluation.offpolicy import OffPolicyAccumulator
-from memento.evaluation.policies import (POLICY_NAMES, Choice, CosinePolicy, EvalPolicy, GreedyQPolicy,
+from evaluation.baselines import DEFAULT_VW_ARGS, ItemKNNPolicy, RecentPolicy, VWPolicy
+from evaluation.fastpath import BufferedCaseBank, ExactStateEncoder
+from evaluation.logs import LoggedData, LoggedEvent
+from evaluation.metrics import RunMetrics
+from evaluation.offpolicy import OffPolicyAccumulator
+from evaluation.policies import (POLICY_NAMES, Choice, CosinePolicy, EvalPolicy, GreedyQPolicy,
                                          LinUCBPolicy, PopularityPolicy, RandomPolicy, Request, SoftQPolicy)
 from memento.personal import recent_vectors, user_memory
 from memento.schemas import Case, Recommendation, Transition, organic_case_id
-from memento.simulator import WorldConfig
+from evaluation.simulator import WorldConfig
 from streams.attribution import RewardAttribution
 
 __all__ = ["EvalConfig", "RunResult", "run_policy", "make_policy", "SOURCES"]
@@ -325,7 +325,7 @@ def _items_for(config: EvalConfig, catalogue: dict) -> ItemEncoder:
 
 
 def _run_synthetic(config: EvalConfig, policy_name: str, seed: int, tick: Callable[[], None]) -> RunResult:
-    from memento.replay import ReplayConfig, SyntheticSource
+    from evaluation.replay import ReplayConfig, SyntheticSource
 
     replay = ReplayConfig(seed=seed, events=config.events, warmup_moments=config.warmup_moments,
                           moment_step_s=config.moment_step_s, world=config.world,
@@ -385,7 +385,7 @@ def same_time_groups(events: Sequence[LoggedEvent]) -> Iterator[list[LoggedEvent
     about which event came first; so every event of one timestamp is requested before any of
     them reaches a user's history or the case bank.
 
-    >>> from memento.evaluation.logs import LoggedEvent
+    >>> from evaluation.logs import LoggedEvent
     >>> ev = [LoggedEvent(str(i), "u", "7", ts, "click", 1.0, None, None) for i, ts in enumerate([1, 1, 2])]
     >>> [[e.event_id for e in g] for g in same_time_groups(ev)]
     [['0', '1'], ['2']]

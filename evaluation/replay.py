@@ -4,7 +4,7 @@ For every user moment the driver publishes what the user did on their own to the
 asks serving for a recommendation over HTTP (``POST /v1/recommend``, keep-alive), and publishes
 the user's reaction to it. Two sources of users:
 
-* ``synthetic`` — :class:`memento.simulator.SyntheticWorld`: each moment a user (drawn by
+* ``synthetic`` — :class:`evaluation.simulator.SyntheticWorld`: each moment a user (drawn by
   activity) browses organically, is recommended an item, and responds from the known model, so
   each request also records its exact expected reward and the oracle's.
 * ``tmall`` — the real log, in time order: before each logged action, serving is asked for a
@@ -48,7 +48,7 @@ import numpy as np
 
 from memento.config import RewardWeights, Settings
 from memento.schemas import Action, encode
-from memento.simulator import SYNTHETIC_EPOCH, SyntheticWorld, WorldConfig
+from evaluation.simulator import SYNTHETIC_EPOCH, SyntheticWorld, WorldConfig
 from streams.attribution import RewardWindow
 
 __all__ = [
@@ -228,7 +228,7 @@ class ReplaySource(abc.ABC):
 
 
 class SyntheticSource(ReplaySource):
-    """Moments from :class:`~memento.simulator.SyntheticWorld`.
+    """Moments from :class:`~evaluation.simulator.SyntheticWorld`.
 
     The event clock starts at ``config.start_ts``: first ``warmup_moments`` organic moments for
     every user, then one request moment every ``moment_step_s``. In a request moment the user's
@@ -243,7 +243,7 @@ class SyntheticSource(ReplaySource):
     taste drift those choices cause), not from where a shared generator happened to be.
 
     With ``world.shift_at_moment`` = N > 0, every user's taste shifts
-    (:meth:`~memento.simulator.SyntheticWorld.shift_tastes`) just before request moment N (its
+    (:meth:`~evaluation.simulator.SyntheticWorld.shift_tastes`) just before request moment N (its
     organic browsing included), with new tastes drawn from a stream of their own
     (``[seed, 4]``): the moments before are unaffected, and every policy meets the same shift.
 
@@ -337,7 +337,7 @@ class TmallSource(ReplaySource):
     def __init__(self, config: ReplayConfig, actions: Sequence[Action] | None = None):
         self.config = config
         if actions is None:
-            from memento.tmall import load_tmall_log
+            from evaluation.tmall import load_tmall_log
 
             parsed = load_tmall_log(config.log_path)
             log.info("%s", parsed.summary())

@@ -28,7 +28,7 @@ __all__ = ["ManagedProcess", "ProcessGroup", "memento_command", "wait_http"]
 
 def memento_command(*args: str) -> list[str]:
     """The command line that runs ``memento ARGS`` with this interpreter."""
-    return [sys.executable, "-m", "memento.cli", *args]
+    return [sys.executable, "-m", "cli.main", *args]
 
 
 @dataclass

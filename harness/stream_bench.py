@@ -55,16 +55,17 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
+from memento.exposition import Sample, metric_sum, scrape
+from memento.kafka_io import partition_of
 from memento.measure import percentile
 
-__all__ = ["add_arguments", "run", "main", "BenchEvents", "Produced", "partition_of", "emission_times", "sustained_span", "sustained_rate", "percentile",
-           "parse_metrics", "trivial_app", "summarise_profile", "wait_until_assigned", "Output",
+__all__ = ["add_arguments", "run", "main", "BenchEvents", "Produced", "emission_times", "sustained_span", "sustained_rate", "percentile",
+           "trivial_app", "summarise_profile", "wait_until_assigned", "Output",
            "measure_outputs"]
 
 PARTITIONS = 4
@@ -93,17 +94,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # -- events -----------------------------------------------------------------------------------
-def partition_of(key: bytes, partitions: int = PARTITIONS) -> int:
-    """The partition Kafka's default partitioner gives ``key`` (so that the bench knows it).
-
-    >>> partition_of(b"u1"), partition_of(b"u2"), partition_of(b"u3")
-    (0, 2, 2)
-    """
-    from kafka.partitioner.default import murmur2
-
-    return (murmur2(key) & 0x7FFFFFFF) % partitions
-
-
 @dataclass
 class Produced:
     """What the bench knows of one produced event (``ts`` is its event time)."""
@@ -158,7 +148,7 @@ class BenchEvents:
         rng, d = self._rng, self.item_dim
         user = f"u{rng.randrange(self.users)}"
         key = user.encode()
-        partition = partition_of(key)
+        partition = partition_of(key, PARTITIONS)
         rid = f"{self.prefix}-r{self._moment}"
         self._moment += 1
         item = str(rng.randrange(200))
@@ -266,10 +256,6 @@ def sustained_rate(samples: list[tuple[float, float]], total: int) -> float:
     return 0.8 * total / (end - start)
 
 
-_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)')
-_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
-
-
 def wait_until_assigned(group, topic: str, ports: list[int], timeout: float = 60.0) -> None:
     """Until the worker processes whose metrics are on ``ports`` together hold every partition of
     ``topic``, each some, for 1.5 s (a rebalance is over). ``group.check()`` runs on every round,
@@ -278,7 +264,7 @@ def wait_until_assigned(group, topic: str, ports: list[int], timeout: float = 60
     while time.monotonic() < deadline:
         group.check()
         try:
-            counts = [_metric(_scrape(p), "memento_stream_assigned_partitions", topic=topic) for p in ports]
+            counts = [metric_sum(_scrape(p), "memento_stream_assigned_partitions", topic=topic) for p in ports]
         except OSError:  # metrics endpoint not up yet
             counts = [0.0]
         if sum(counts) == PARTITIONS and min(counts) > 0:
@@ -291,37 +277,16 @@ def wait_until_assigned(group, topic: str, ports: list[int], timeout: float = 60
     raise TimeoutError(f"partitions of {topic} not assigned to {len(ports)} worker process(es) in {timeout:.0f}s")
 
 
-def parse_metrics(text: str) -> list[tuple[str, dict[str, str], float]]:
-    """Samples of a Prometheus text exposition: ``[(name, labels, value)]``.
-
-    >>> parse_metrics('# HELP x y\\nm_total{type="a",p="1"} 3.0\\nm_total{type="b"} 4\\n')
-    [('m_total', {'type': 'a', 'p': '1'}, 3.0), ('m_total', {'type': 'b'}, 4.0)]
-    """
-    out = []
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        m = _SAMPLE.match(line)
-        if m:
-            out.append((m.group(1), dict(_LABEL.findall(m.group(2) or "")), float(m.group(3))))
-    return out
-
-
-def _scrape(port: int) -> list[tuple[str, dict[str, str], float]]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
-        return parse_metrics(resp.read().decode())
-
-
-def _metric(samples, name: str, **labels) -> float:
-    return sum(v for n, lab, v in samples if n == name and all(lab.get(k) == w for k, w in labels.items()))
+def _scrape(port: int) -> list[Sample]:
+    return scrape(f"http://127.0.0.1:{port}/metrics")
 
 
 def _consumed(ports: list[int]) -> float:
     total = 0.0
     for port in ports:
         samples = _scrape(port)
-        total += _metric(samples, "memento_stream_events_total", type="action")
-        total += _metric(samples, "memento_stream_events_total", type="recommendation")
+        total += metric_sum(samples, "memento_stream_events_total", type="action")
+        total += metric_sum(samples, "memento_stream_events_total", type="recommendation")
     return total
 
 
@@ -438,7 +403,7 @@ def trivial_app(settings, app_id: str, datadir: str, registry=None, outputs: Ite
 
 
 def _run_agent(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m streams.bench agent")
+    p = argparse.ArgumentParser(prog="python -m harness.stream_bench agent")
     p.add_argument("--app-id", required=True)
     p.add_argument("--metrics-port", type=int, required=True)
     p.add_argument("--datadir", required=True)
@@ -520,8 +485,8 @@ class _Phase:
         self.ports: list[int] = []
 
     def start_workers(self, n: int) -> list:
-        from memento.broker import free_port
-        from memento.processes import memento_command
+        from harness.broker import free_port
+        from harness.processes import memento_command
 
         procs = []
         for i in range(n):
@@ -539,7 +504,7 @@ class _Phase:
     def start_agent(self, outputs: Iterable["Output"] = ()):
         """The trivial agent (:func:`trivial_app`); with ``outputs``, sending them to topics of
         this phase (``<prefix>.out.<role>``, with the worker's partition counts)."""
-        from memento.broker import free_port
+        from harness.broker import free_port
         from memento.kafka_io import ensure_topics
 
         outputs = [dataclasses.replace(o, topic=f"{self.prefix}.out.{o.role}") for o in outputs]
@@ -547,7 +512,7 @@ class _Phase:
             ensure_topics(self.settings, specs={o.topic: o.partitions for o in outputs})
         port = free_port()
         (self.bench.work / self.name).mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "streams.bench", "agent", "--app-id", self.app_id,
+        cmd = [sys.executable, "-m", "harness.stream_bench", "agent", "--app-id", self.app_id,
                "--metrics-port", str(port), "--datadir", str(self.bench.work / self.name / "agent"),
                "--outputs", json.dumps([dataclasses.asdict(o) for o in outputs])]
         proc = self.bench.group.start(f"{self.name}-agent", cmd, env=self.settings.to_env(),
@@ -671,7 +636,7 @@ class _Bench:
     def __init__(self, args: argparse.Namespace):
         from memento.config import Settings
         from memento.kafka_io import make_producer
-        from memento.processes import ProcessGroup
+        from harness.processes import ProcessGroup
 
         self.args = args
         self.work = Path(args.work_dir or tempfile.mkdtemp(prefix="memento-bench-stream-"))
@@ -681,7 +646,7 @@ class _Bench:
         if args.bootstrap_servers:
             self.base = Settings.from_env(bootstrap_servers=args.bootstrap_servers)
         else:
-            from memento.broker import EmbeddedBroker
+            from harness.broker import EmbeddedBroker
 
             self.broker = EmbeddedBroker(args.engine, 0, str(self.work / "broker"))
             self.broker.start()

@@ -23,8 +23,8 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from learner.drift import DriftConfig
 from learner.service import LearnerServiceConfig, add_dataclass_options, options_from_args
 from learner.trainer import SoftQConfig
-from memento.evaluation.policies import POLICY_NAMES
-from memento.evaluation.runner import SOURCES, EvalConfig, RunResult, run_policy
+from evaluation.policies import POLICY_NAMES
+from evaluation.runner import SOURCES, EvalConfig, RunResult, run_policy
 
 __all__ = ["add_arguments", "run_from_args", "run_eval", "load_data"]
 
@@ -117,7 +117,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
 
 def load_data(args: argparse.Namespace):
     """The log of ``--source tmall|interactions`` (None for the simulator)."""
-    from memento.evaluation import logs
+    from evaluation import logs
 
     if args.source == "synthetic":
         return None
@@ -198,7 +198,7 @@ def _brief(result: RunResult) -> str:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    from memento.evaluation.report import format_table, plot_cumulative_reward, summarise, write_json
+    from evaluation.report import format_table, plot_cumulative_reward, summarise, write_json
 
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     unknown = [p for p in policies if p not in POLICY_NAMES]

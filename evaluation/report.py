@@ -1,6 +1,6 @@
 """What ``memento eval`` prints and writes: the table, the JSON figures and the reward plot.
 
->>> from memento.evaluation.runner import RunResult
+>>> from evaluation.runner import RunResult
 >>> import numpy as np
 >>> runs = [RunResult("cosine", s, {"reward_mean": 1.0 + s, "hit@10": 0.5}, np.ones(3)) for s in (0, 1)]
 >>> summary = summarise(runs)
@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from memento.evaluation.metrics import aggregate
+from evaluation.metrics import aggregate
 
 __all__ = ["summarise", "format_table", "write_json", "plot_cumulative_reward"]
 

@@ -2,7 +2,7 @@
 
 Two sources are read into the same :class:`LoggedData`:
 
-* ``tmall`` (:func:`load_tmall`): the Tmall log format, parsed by :func:`memento.tmall.load_tmall_log`,
+* ``tmall`` (:func:`load_tmall`): the Tmall log format, parsed by :func:`evaluation.tmall.load_tmall_log`,
   with item metadata from a Tmall product file (:func:`memento.encoder.load_products`);
 * ``interactions`` (:func:`load_interactions`): a generic CSV with a header, one row per logged
   event, optionally with the logging policy's propensity and context-feature columns (bandit logs).
@@ -47,7 +47,7 @@ import numpy as np
 from memento.config import RewardWeights, parse_reward_mapping
 from memento.encoder import ItemMeta, load_products, normalise_item_id, signed_hash
 from memento.schemas import ACTION_ALIASES
-from memento.tmall import load_tmall_log
+from evaluation.tmall import load_tmall_log
 
 __all__ = ["LoggedEvent", "LoggedData", "parse_reward_mapping", "load_tmall", "load_interactions",
            "load_items", "default_rewards", "parse_timestamp", "CONTEXT_BUCKETS"]
@@ -248,13 +248,13 @@ def load_tmall(log_path: str | Path, products_path: str | Path | None = None,
     Parameters
     ----------
     log_path
-        A Tmall log in either shape :func:`memento.tmall.load_tmall_log` reads.
+        A Tmall log in either shape :func:`evaluation.tmall.load_tmall_log` reads.
     products_path
         The Tmall product CSV for item metadata, or ``None``.
     rewards
         Reward per action, applied over :func:`default_rewards`.
 
-    Raises :class:`FileNotFoundError` for a missing file and :class:`memento.tmall.TmallFormatError`
+    Raises :class:`FileNotFoundError` for a missing file and :class:`evaluation.tmall.TmallFormatError`
     (a :class:`ValueError`) for a log with nothing parseable.
 
     >>> import os, tempfile

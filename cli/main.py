@@ -7,7 +7,7 @@ import importlib
 import logging
 import sys
 
-from memento.config import add_settings_arguments, settings_from_args
+from memento.config import settings_from_args
 
 __all__ = ["main"]
 
@@ -16,17 +16,17 @@ COMMANDS = {
     "worker": ("streams.worker", "run the Faust stream worker (transitions, cases)"),
     "learner": ("learner.service", "run the soft-Q learner (replay buffer, checkpoints)"),
     "serve": ("serving.cli", "run the HTTP recommendation server"),
-    "replay": ("memento.replay", "play users (synthetic or Tmall) against serving and Kafka"),
-    "demo": ("memento.demo", "start everything on an embedded broker and replay users"),
-    "eval": ("memento.evaluation.cli", "compare retrieval policies in-process (simulator or logs)"),
+    "replay": ("evaluation.replay", "play users (synthetic or Tmall) against serving and Kafka"),
+    "demo": ("cli.demo", "start everything on an embedded broker and replay users"),
+    "eval": ("evaluation.cli", "compare retrieval policies in-process (simulator or logs)"),
 }
 
 # ``memento bench NAME`` → module with add_arguments/run(args) -> dict of figures
 BENCHMARKS = {
-    "memory": ("memory_store.bench", "case bank: adds/s, search latency, recall vs faiss.IndexFlatIP"),
-    "serving": ("serving.bench", "HTTP serving: latency at fixed rates and flat out, reload visibility"),
-    "stream": ("streams.bench", "stream worker: events/s (1 and 2 workers), latency, vs trivial Faust agent and kafka-python"),
-    "learner": ("learner.bench", "soft-Q learner: transitions/s into the replay buffer, updates/s vs a bare torch loop"),
+    "memory": ("harness.memory_bench", "case bank: adds/s, search latency, recall vs faiss.IndexFlatIP"),
+    "serving": ("harness.serving_bench", "HTTP serving: latency at fixed rates and flat out, reload visibility"),
+    "stream": ("harness.stream_bench", "stream worker: events/s (1 and 2 workers), latency, vs trivial Faust agent and kafka-python"),
+    "learner": ("harness.learner_bench", "soft-Q learner: transitions/s into the replay buffer, updates/s vs a bare torch loop"),
 }
 
 
@@ -36,7 +36,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _broker(args: argparse.Namespace) -> int:
-    from memento.broker import BrokerError, EmbeddedBroker
+    from harness.broker import BrokerError, EmbeddedBroker
 
     broker = EmbeddedBroker(args.engine, args.port, args.broker_dir)
     if args.action == "start":

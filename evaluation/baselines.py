@@ -33,7 +33,7 @@ from typing import Sequence
 
 import numpy as np
 
-from memento.evaluation.policies import (Choice, EvalPolicy, PopularityPolicy, Request, _deterministic,
+from evaluation.policies import (Choice, EvalPolicy, PopularityPolicy, Request, _deterministic,
                                          items_in_order)
 from memento.encoder import case_item, case_outcome, case_state
 from memento.schemas import Transition

@@ -24,7 +24,7 @@ the learner process would consume.
   the reward-drift detector's exploration boost, :mod:`learner.drift`), as a serving reload does.
 
 The industry baselines ``recent``, ``itemknn`` and ``vw`` (Vowpal Wabbit's ``--cb_explore_adf``)
-live in :mod:`memento.evaluation.baselines`.
+live in :mod:`evaluation.baselines`.
 
 >>> import numpy as np
 >>> req = Request("u", 0.0, np.ones(2, np.float32), ["c1", "c2"], np.array([0.9, 0.5]),

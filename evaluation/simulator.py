@@ -19,7 +19,7 @@ and their tastes drift toward what they consume:
 ``u <- normalise(u + drift_eta * v_i + drift_anchor * u_0)`` with ``u_0`` the initial taste.
 
 A *taste shift* (:meth:`SyntheticWorld.shift_tastes`, applied by
-:class:`memento.replay.SyntheticSource` before request moment ``shift_at_moment``) moves every
+:class:`evaluation.replay.SyntheticSource` before request moment ``shift_at_moment``) moves every
 user to a new taste drawn as initial tastes are, ``u <- normalise((1 − s)·u + s·u_new)`` with
 ``s = shift_strength``, and makes it the taste drift is anchored to: the best items change
 mid-stream, and stay changed.

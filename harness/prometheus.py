@@ -14,7 +14,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from memento.processes import ProcessGroup, ManagedProcess, wait_http
+from harness.processes import ProcessGroup, ManagedProcess, wait_http
 
 __all__ = ["scrape_config", "start_prometheus", "query"]
 
