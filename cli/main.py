@@ -5,11 +5,15 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from memento.config import settings_from_args
 
 __all__ = ["main"]
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_GLOBAL_OPTIONS_WITH_VALUE = ("--log-level",)  # the words after these are not the command
 
 # subcommand → (module with add_arguments/run_from_args, help)
 COMMANDS = {
@@ -60,7 +64,14 @@ def _broker(args: argparse.Namespace) -> int:
 
 def _invoked(argv: list[str]) -> tuple[str | None, str | None]:
     """The command and bench name ``argv`` asks for (None where it names none)."""
-    words = [a for a in argv if not a.startswith("-")]
+    words, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in _GLOBAL_OPTIONS_WITH_VALUE:
+            skip = True
+        elif not a.startswith("-"):
+            words.append(a)
     command = words[0] if words else None
     return command, (words[1] if command == "bench" and len(words) > 1 else None)
 
@@ -74,7 +85,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     command, bench_name = _invoked(argv or [])
 
     parser = argparse.ArgumentParser(prog="memento", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS,
+                        default=os.environ.get("MEMENTO_LOG_LEVEL", "INFO").upper(),
+                        help="log level of the command (env MEMENTO_LOG_LEVEL; default INFO)")
     sub = parser.add_subparsers(dest="command", required=True)
     broker = sub.add_parser("broker", help="start/stop/status an embedded Kafka-protocol broker")
     broker.add_argument("action", choices=["start", "stop", "status"])
@@ -107,7 +120,7 @@ def _add_arguments(parser: argparse.ArgumentParser, module: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(argv).parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(logging.WARNING)
     if getattr(args, "import_error", None):

@@ -21,7 +21,8 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
 from learner.drift import DriftConfig
-from learner.service import LearnerServiceConfig, add_dataclass_options, options_from_args
+from learner.service import LearnerServiceConfig
+from memento.options import add_dataclass_options, options_from_args
 from learner.trainer import SoftQConfig
 from evaluation.policies import POLICY_NAMES
 from evaluation.runner import SOURCES, EvalConfig, RunResult, run_policy

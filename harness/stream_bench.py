@@ -492,11 +492,11 @@ class _Phase:
         for i in range(n):
             port = free_port()
             cmd = memento_command("worker", "--app-id", self.app_id,
-                                  "--worker-id", f"w{i}", "--metrics-port", str(port),
-                                  "--loglevel", os.environ.get("MEMENTO_BENCH_WORKER_LOGLEVEL", "warning"))
+                                  "--worker-id", f"w{i}", "--metrics-port", str(port))
             if self.settings.embedded_broker == "tansu":
                 cmd.append("--no-tansu-safe-recovery")
-            procs.append(self.bench.group.start(f"{self.name}-w{i}", cmd, env=self.settings.to_env(),
+            procs.append(self.bench.group.start(f"{self.name}-w{i}", cmd, env={**self.settings.to_env(), "MEMENTO_LOG_LEVEL": os.environ.get(
+                                                    "MEMENTO_BENCH_WORKER_LOGLEVEL", "warning")},
                                                 log_dir=self.bench.work / "logs"))
             self.ports.append(port)
         return procs

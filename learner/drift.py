@@ -64,11 +64,12 @@ from __future__ import annotations
 import dataclasses
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 from river.drift import ADWIN
 
 from memento.checkpoint import PolicyParams
+from memento.options import option
 
 __all__ = ["DriftConfig", "RewardDrift", "DETECTORS"]
 
@@ -76,33 +77,29 @@ DETECTORS = ("adwin", "off")
 _BOOST_OFF = 1e-3          # a boost below this is 0: the published μ is exactly the learner's again
 
 
-def _opt(default, help: str):
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass(frozen=True)
 class DriftConfig:
     """Drift detection on the reward stream and the exploration boost it raises (``help``
     doubles as the CLI help)."""
 
-    drift_detector: str = _opt("adwin", "'adwin': watch transition rewards for a drop of their mean "
+    drift_detector: str = option("adwin", "'adwin': watch transition rewards for a drop of their mean "
                                         "and boost exploration on one; 'off': neither")
-    drift_delta: float = _opt(0.1, "ADWIN's confidence δ: smaller detects later, with fewer false alarms "
+    drift_delta: float = option(0.1, "ADWIN's confidence δ: smaller detects later, with fewer false alarms "
                                    "(river's default 0.002 misses the simulator's taste shift)")
-    drift_clock: int = _opt(32, "ADWIN checks for a change every this many rewards")
-    drift_min_window: int = _opt(5, "ADWIN's smallest sub-window (rewards) compared at a check")
-    drift_grace: int = _opt(100, "rewards seen before ADWIN may detect anything")
-    drift_reward_max: float = _opt(5.0, "rewards are divided by this (the largest reward weight) and "
+    drift_clock: int = option(32, "ADWIN checks for a change every this many rewards")
+    drift_min_window: int = option(5, "ADWIN's smallest sub-window (rewards) compared at a check")
+    drift_grace: int = option(100, "rewards seen before ADWIN may detect anything")
+    drift_reward_max: float = option(5.0, "rewards are divided by this (the largest reward weight) and "
                                         "clipped to [0, 1], the range ADWIN's bound assumes")
     # Off by default: on the simulator's taste shift the boost slowed recovery (docs/evaluation.md),
     # so a detected drop is an alert (metrics) until a scenario shows the boost paying.
-    drift_boost_alpha: float = _opt(1.0, "α multiplier at full boost (α·this^boost; 1 = α untouched; "
+    drift_boost_alpha: float = option(1.0, "α multiplier at full boost (α·this^boost; 1 = α untouched; "
                                          "3 is a moderate boost)")
-    drift_max_alpha: float = _opt(1.0, "upper bound on the boosted α")
-    drift_boost_min_prob: float = _opt(0.0, "μ's per-candidate floor at full boost (e.g. 0.02) (never above 0.5/top_k; "
+    drift_max_alpha: float = option(1.0, "upper bound on the boosted α")
+    drift_boost_min_prob: float = option(0.0, "μ's per-candidate floor at full boost (e.g. 0.02) (never above 0.5/top_k; "
                                              "at or below the learner's min_prob = floor untouched)")
-    drift_half_life: float = _opt(500.0, "transitions over which the boost halves")
-    drift_cooldown: int = _opt(1500, "transitions after a boosted drop during which further drops "
+    drift_half_life: float = option(500.0, "transitions over which the boost halves")
+    drift_cooldown: int = option(1500, "transitions after a boosted drop during which further drops "
                                      "(e.g. caused by the boost's own exploration) are only counted")
 
     def __post_init__(self):

@@ -43,7 +43,7 @@ import math
 import signal
 import threading
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -58,43 +58,40 @@ from learner.drift import DriftConfig, RewardDrift
 from learner.loop import TrainingLoop, replay_buffer
 from learner.trainer import SoftQConfig, SoftQLearner
 from memento.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, sign_announcement
-from memento.config import Settings
+from memento.config import Settings, add_settings_arguments, settings_from_args
+from memento.options import add_dataclass_options, option, options_from_args
 from memento.encoder import case_feature_dim
 from memento.kafka_io import DeadLetterWriter, client_kwargs, fetch_kwargs, make_consumer, make_producer, poll
 from memento.schemas import Case, CheckpointAnnouncement, SchemaError, Transition, decode, encode
 from memento.threads import limit_threads
 
 __all__ = ["LearnerServiceConfig", "LearnerService", "LearnerMetrics", "latest_checkpoint",
-           "add_arguments", "run_from_args", "main", "add_dataclass_options", "options_from_args"]
+           "add_arguments", "run_from_args", "main"]
 
 log = logging.getLogger("memento.learner")
 
-
-
-def _opt(default, help: str):
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
 class LearnerServiceConfig:
     """How the learner process feeds, paces and publishes the soft-Q learner."""
 
-    buffer_capacity: int = _opt(10_000, "replay buffer rows (≈33 kB each at item_dim 32, top_k 64)")
-    prioritized: bool = _opt(False, "prioritized (proportional) replay instead of uniform")
-    priority_alpha: float = _opt(0.6, "prioritized replay: priority exponent")
-    priority_beta: float = _opt(0.4, "prioritized replay: importance-weight exponent")
-    learning_starts: int = _opt(64, "transitions in the buffer before the first update")
-    updates_per_transition: float = _opt(1.0, "gradient updates per new transition (may be < 1)")
-    max_updates_per_poll: int = _opt(256, "cap on updates between two polls (the rest waits)")
-    max_update_backlog: int = _opt(4096, "cap on updates owed; beyond it they are dropped and counted")
-    publish_every: int = _opt(20, "successful updates between two published checkpoints (publish_min_interval_s bounds the rate in the learner process)")
-    publish_min_interval_s: float = _opt(2.0, "minimum seconds between two published checkpoints")
-    keep_checkpoints: int = _opt(50, "checkpoint files kept in the checkpoint dir (older ones deleted)")
-    state_save_interval_s: float = _opt(60.0, "seconds between saves of the replay buffer and optimiser")
-    log_every_s: float = _opt(10.0, "seconds between progress log lines")
-    poll_timeout_ms: int = _opt(200, "Kafka poll timeout")
-    max_poll_records: int = _opt(500, "records per Kafka poll")
-    group_id: str = _opt("memento-learner", "Kafka consumer group id")
+    buffer_capacity: int = option(10_000, "replay buffer rows (≈33 kB each at item_dim 32, top_k 64)")
+    prioritized: bool = option(False, "prioritized (proportional) replay instead of uniform")
+    priority_alpha: float = option(0.6, "prioritized replay: priority exponent")
+    priority_beta: float = option(0.4, "prioritized replay: importance-weight exponent")
+    learning_starts: int = option(64, "transitions in the buffer before the first update")
+    updates_per_transition: float = option(1.0, "gradient updates per new transition (may be < 1)")
+    max_updates_per_poll: int = option(256, "cap on updates between two polls (the rest waits)")
+    max_update_backlog: int = option(4096, "cap on updates owed; beyond it they are dropped and counted")
+    publish_every: int = option(20, "successful updates between two published checkpoints (publish_min_interval_s bounds the rate in the learner process)")
+    publish_min_interval_s: float = option(2.0, "minimum seconds between two published checkpoints")
+    keep_checkpoints: int = option(50, "checkpoint files kept in the checkpoint dir (older ones deleted)")
+    state_save_interval_s: float = option(60.0, "seconds between saves of the replay buffer and optimiser")
+    log_every_s: float = option(10.0, "seconds between progress log lines")
+    poll_timeout_ms: int = option(200, "Kafka poll timeout")
+    max_poll_records: int = option(500, "records per Kafka poll")
+    group_id: str = option("memento-learner", "Kafka consumer group id")
 
     def __post_init__(self):
         if self.buffer_capacity < 1 or self.learning_starts < 1 or self.publish_every < 1:
@@ -569,37 +566,9 @@ class LearnerService:
 
 # -- command line ------------------------------------------------------------------------------
 
-def _parse_optional(kind):
-    def parse(text: str):
-        return None if text.lower() in ("none", "off", "") else kind(text)
-    return parse
-
-
-def add_dataclass_options(parser: argparse.ArgumentParser, cls, title: str,
-                          exclude: Sequence[str] = ()) -> None:
-    """One ``--flag`` per field of dataclass ``cls`` (help from the field's metadata); unset
-    flags are absent from the parsed namespace, so :func:`options_from_args` keeps defaults."""
-    group = parser.add_argument_group(title)
-    for f in fields(cls):
-        if f.name in exclude:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata.get('help', '')} (default: {f.default})"
-        type_name = str(f.type)
-        if type_name == "bool":
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                               default=argparse.SUPPRESS, help=help_text)
-            continue
-        kind = int if type_name.startswith("int") else float if type_name.startswith("float") else str
-        parse = _parse_optional(kind) if "None" in type_name else kind
-        group.add_argument(flag, dest=f.name, type=parse, default=argparse.SUPPRESS, help=help_text)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The ``memento learner`` flags; unset flags fall back to MEMENTO_* env vars, then defaults."""
-    parser.add_argument("--bootstrap-servers", default=None, help="Kafka bootstrap servers (MEMENTO_BOOTSTRAP_SERVERS)")
-    parser.add_argument("--data-dir", default=None, help="local state root (MEMENTO_DATA_DIR)")
-    parser.add_argument("--checkpoint-dir", default=None, help="where checkpoints are written (MEMENTO_CHECKPOINT_DIR)")
+    add_settings_arguments(parser)
     parser.add_argument("--metrics-port", type=int, default=9102,
                         help="Prometheus port (0 = any free port, -1 = none; default 9102)")
     add_dataclass_options(parser, SoftQConfig, "soft-Q hyperparameters")
@@ -608,18 +577,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def options_from_args(cls, args: argparse.Namespace, **fallback):
-    """Build ``cls`` from the flags that were given (unset flags are absent from ``args``)."""
-    values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
-    for key, value in fallback.items():
-        values.setdefault(key, value)
-    return cls(**values)
-
-
 def run_from_args(args: argparse.Namespace, stop: threading.Event | None = None) -> int:
     """Build the service from parsed flags and env vars, run it until SIGINT/SIGTERM."""
-    settings = Settings.from_env(bootstrap_servers=args.bootstrap_servers, data_dir=args.data_dir,
-                                 checkpoint_dir=args.checkpoint_dir)
+    settings = settings_from_args(args)
     config = options_from_args(SoftQConfig, args, top_k=settings.top_k)
     options = options_from_args(LearnerServiceConfig, args)
     drift = options_from_args(DriftConfig, args)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import copy
 import io
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -44,61 +44,58 @@ from memento.qnet import QNetwork
 from memento.schemas import CheckpointAnnouncement
 from memento.config import (DEFAULT_ALPHA, DEFAULT_ALTERNATIVE_PRIORS, DEFAULT_MIN_PROB, DEFAULT_SIMILARITY_PRIOR,
                             DEFAULT_TOP_K, DEFAULT_VOTE_PRIOR)
+from memento.options import option
 from memento.priors import PriorSelector, RetrievalPrior, parse_priors
 from memento.softq import entropy, histogram_mean, histogram_target, policy_probs, retrieval_prior, td_target
 
 __all__ = ["SoftQConfig", "SoftQLearner", "UnhealthyLearnerError"]
 
 
-def _opt(default, help: str):
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass(frozen=True)
 class SoftQConfig:
     """Every soft-Q hyperparameter, named and documented (``help`` doubles as the CLI help)."""
 
-    gamma: float = _opt(0.5, "discount γ of the TD target")
-    alpha: float = _opt(DEFAULT_ALPHA, "temperature α of μ = softmax(Q/α) and of the soft value "
+    gamma: float = option(0.5, "discount γ of the TD target")
+    alpha: float = option(DEFAULT_ALPHA, "temperature α of μ = softmax(Q/α) and of the soft value "
                              "(initial value when target_entropy is set)")
-    target_entropy: float | None = _opt(None, "None keeps α fixed; a number (nats) tunes log α so "
+    target_entropy: float | None = option(None, "None keeps α fixed; a number (nats) tunes log α so "
                                               "that the entropy of μ(·|s) tracks it")
-    top_k: int = _opt(DEFAULT_TOP_K, "number of nearest cases the policy chooses among (for s and s′)")
-    tau: float = _opt(0.01, "Polyak rate: target ← (1−τ)·target + τ·online after each update")
-    lr: float = _opt(1e-3, "Adam learning rate (Q network and log α)")
-    batch_size: int = _opt(64, "transitions per gradient update")
-    loss: str = _opt("mse", "regression loss on the TD error: 'mse' or 'huber'")
-    grad_clip: float | None = _opt(10.0, "max global gradient norm (None = no clipping)")
-    min_prob: float = _opt(DEFAULT_MIN_PROB, "floor of μ(c|s) per candidate (uniform mixing, as in "
+    top_k: int = option(DEFAULT_TOP_K, "number of nearest cases the policy chooses among (for s and s′)")
+    tau: float = option(0.01, "Polyak rate: target ← (1−τ)·target + τ·online after each update")
+    lr: float = option(1e-3, "Adam learning rate (Q network and log α)")
+    batch_size: int = option(64, "transitions per gradient update")
+    loss: str = option("mse", "regression loss on the TD error: 'mse' or 'huber'")
+    grad_clip: float | None = option(10.0, "max global gradient norm (None = no clipping)")
+    min_prob: float = option(DEFAULT_MIN_PROB, "floor of μ(c|s) per candidate (uniform mixing, as in "
                                  "memento.softq.policy_probs)")
-    similarity_prior: float = _opt(DEFAULT_SIMILARITY_PRIOR, "weight β of nearness in the retrieval prior: "
+    similarity_prior: float = option(DEFAULT_SIMILARITY_PRIOR, "weight β of nearness in the retrieval prior: "
                                    "μ ∝ softmax(β·cos(s, c_state) + w·log(1 + V(c)))·exp(Q/α), and the soft "
                                    "value is taken under it (memento.softq.retrieval_prior; 0 = none)")
-    vote_prior: float = _opt(DEFAULT_VOTE_PRIOR, "weight w of the neighbours' vote in the retrieval prior: V(c) "
+    vote_prior: float = option(DEFAULT_VOTE_PRIOR, "weight w of the neighbours' vote in the retrieval prior: V(c) "
                              "is what the retrieved cases that led to c's item paid "
                              "(memento.softq.neighbour_votes; 0 = none)")
-    alternative_priors: str = _opt(DEFAULT_ALTERNATIVE_PRIORS, "retrieval priors μ may use instead of the one above, "
+    alternative_priors: str = option(DEFAULT_ALTERNATIVE_PRIORS, "retrieval priors μ may use instead of the one above, "
                                    "'similarity:vote[:recency]', comma-separated (recency weighs the user's own recent "
                                    "items; at the TD target's s′ it is absent: the learner keeps no histories): each "
                                    "request's prior is drawn by Thompson sampling on the priors' rewards "
                                    "(memento.priors; '' = the one prior only)")
-    prior_half_life: float = _opt(2000.0, "transitions after which a reward counts half in the choice of prior")
-    prior_min_share: float = _opt(0.005, "least share of requests each retrieval prior keeps (when there are several)")
-    importance_weight_clip: float | None = _opt(None, "None = no off-policy correction; else each "
+    prior_half_life: float = option(2000.0, "transitions after which a reward counts half in the choice of prior")
+    prior_min_share: float = option(0.005, "least share of requests each retrieval prior keeps (when there are several)")
+    importance_weight_clip: float | None = option(None, "None = no off-policy correction; else each "
                                                       "sample's loss is weighted by "
                                                       "min(μ(c|s)/propensity, this)")
-    seed: int = _opt(1, "seed of network initialisation and sampling")
-    hidden: int = _opt(128, "width of the Q network's hidden layers")
-    wide: bool = _opt(True, "add a linear (wide) term over [s*c_state, s*c_item, outcome] to the MLP")
-    item_buckets: int = _opt(4096, "hash buckets of the learned per-item embedding and bias (0 = none)")
-    item_embed: int = _opt(8, "width of the per-item embedding fed to the MLP")
-    unit_scale: bool = _opt(False, "scale the Q network's inputs to components of order 1 (vectors by √D, "
+    seed: int = option(1, "seed of network initialisation and sampling")
+    hidden: int = option(128, "width of the Q network's hidden layers")
+    wide: bool = option(True, "add a linear (wide) term over [s*c_state, s*c_item, outcome] to the MLP")
+    item_buckets: int = option(4096, "hash buckets of the learned per-item embedding and bias (0 = none)")
+    item_embed: int = option(8, "width of the per-item embedding fed to the MLP")
+    unit_scale: bool = option(False, "scale the Q network's inputs to components of order 1 (vectors by √D, "
                                   "their element-wise products by D)")
-    value_bins: int = _opt(0, "0: Q is a number regressed with `loss`; N > 1: Q is the mean of a "
+    value_bins: int = option(0, "0: Q is a number regressed with `loss`; N > 1: Q is the mean of a "
                               "histogram over N bins trained by cross-entropy on the TD target "
                               "(HL-Gauss; `loss` is then unused)")
-    value_min: float = _opt(0.0, "lowest value of the histogram's support (value_bins > 1)")
-    value_max: float = _opt(10.0, "highest value of the histogram's support: at least the largest "
+    value_min: float = option(0.0, "lowest value of the histogram's support (value_bins > 1)")
+    value_max: float = option(10.0, "highest value of the histogram's support: at least the largest "
                                   "reward / (1 − γ) (value_bins > 1)")
 
     def __post_init__(self):

@@ -281,7 +281,8 @@ def add_settings_arguments(parser) -> None:
     parser.add_argument("--products", help="product CSV for item features (env MEMENTO_PRODUCTS)")
 
 
-def settings_from_args(args) -> Settings:
-    """Settings from the environment, overridden by the shared flags present on ``args``."""
+def settings_from_args(args, **overrides) -> Settings:
+    """Settings from the environment, overridden by the shared flags present on ``args`` and by
+    ``overrides`` (a process's own flags for other fields; None = not given)."""
     return Settings.from_env(**{name: getattr(args, name, None) for name in
-                                ("bootstrap_servers", "data_dir", "checkpoint_dir", "products")})
+                                ("bootstrap_servers", "data_dir", "checkpoint_dir", "products")}, **overrides)

@@ -36,10 +36,12 @@ from memento.config import Settings
 from memento.encoder import ItemEncoder, StateEncoder, load_products
 from memento.history import UserHistories
 from memento.kafka_io import DeadLetterWriter, make_producer
+from memento.options import option
 from memento.personal import UserMemory, recent_vectors, user_memory
 from memento.priors import RetrievalPrior
 from memento.schemas import CheckpointAnnouncement, Recommendation, to_dict
 from memento.threads import limit_threads
+from memory_store.index import IVF_ENCODINGS
 from serving.batching import MicroBatcher
 from serving.followers import ActionFollower, CaseFollower, CheckpointFollower
 from serving.generator import CaseItemGenerator, ChatCompletionGenerator, Generator
@@ -63,6 +65,10 @@ def _option_text(value) -> str:
     if isinstance(value, tuple):
         return "[" + " ".join(f"{prior.key}={share:.3f}" for prior, share in map(RetrievalPrior.from_entry, value)) + "]"
     return f"{value:g}"
+
+
+# The item generators serving can run (serving.generator): the chosen case's item, or a chat endpoint.
+GENERATORS = ("case", "chat")
 
 
 @dataclass(frozen=True)
@@ -109,27 +115,31 @@ class ServingConfig:
 
     options: PolicyOptions = field(default_factory=PolicyOptions)
     api_token: str = ""
-    max_body_bytes: int = 64 * 1024
-    generator: str = "case"
-    chat_url: str = ""
-    chat_model: str = "gpt-4o-mini"
+    max_body_bytes: int = option(64 * 1024, "largest request body in bytes; larger ones get 413")
+    generator: str = option("case", "item generator: the chosen case's item, or an OpenAI-compatible chat endpoint",
+                            choices=GENERATORS)
+    chat_url: str = option("", "chat endpoint root, e.g. http://127.0.0.1:8000/v1")
+    chat_model: str = option("gpt-4o-mini", "model name sent to the chat endpoint")
     chat_api_key: str = ""
-    chat_timeout_s: float = 2.0
+    chat_timeout_s: float = option(2.0, "timeout of one chat call in seconds")
     worker_index: int = 0
-    bank_shards: int = 1
-    bank_encoding: str = "fp16"
-    bank_nprobe: int | None = None
-    compute_threads: int = 1
-    max_users: int = 1_000_000
-    max_batch: int = 64
+    bank_shards: int = option(1, "shards of a new case bank (an existing bank keeps its count)")
+    bank_encoding: str = option("fp16", "IVF cell storage of the case bank: fp16 (half the memory per search) "
+                                "or flat", choices=IVF_ENCODINGS)
+    bank_nprobe: int | None = option(None, "IVF cells scanned per search (none: tuned to 0.97 recall); fewer "
+                                     "trade recall for speed")
+    compute_threads: int = option(1, "threads for torch and FAISS (one request scores one state: 1 is fastest "
+                                  "on small machines)")
+    max_users: int = option(1_000_000, "users whose recent history is kept in memory")
+    max_batch: int = option(64, "most concurrent recommend requests answered by one search and Q pass")
 
     def __post_init__(self):
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
         if self.bank_nprobe is not None and self.bank_nprobe < 1:
             raise ValueError(f"bank_nprobe must be >= 1 (or None: tuned), got {self.bank_nprobe}")
-        if self.generator not in ("case", "chat"):
-            raise ValueError(f"generator must be 'case' or 'chat', got {self.generator!r}")
+        if self.generator not in GENERATORS:
+            raise ValueError(f"generator must be one of {GENERATORS}, got {self.generator!r}")
         if self.generator == "chat" and not self.chat_url:
             raise ValueError("generator 'chat' needs chat_url (an OpenAI-compatible endpoint root)")
 

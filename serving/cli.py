@@ -23,8 +23,9 @@ import signal
 import sys
 from typing import Callable
 
-from memento.config import (DEFAULT_ALPHA, DEFAULT_MIN_PROB, DEFAULT_OWN_CASES, DEFAULT_SIMILARITY_PRIOR,
-                            DEFAULT_VOTE_PRIOR, Settings)
+from memento import config
+from memento.config import Settings
+from memento.options import add_dataclass_options, options_from_args
 
 __all__ = ["add_arguments", "run_from_args", "settings_from_args", "config_from_args", "serve_app",
            "run_workers", "new_event_loop"]
@@ -33,74 +34,42 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``memento serve``'s flags to ``parser``."""
+    """Add ``memento serve``'s flags to ``parser``: the process's own, the shared settings', and
+    one per field of :class:`~serving.policy.PolicyOptions` and :class:`~serving.app.ServingConfig`
+    (defaults and help from the fields)."""
+    from serving.app import ServingConfig
+    from serving.policy import PolicyOptions
+
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8080, help="HTTP port (default 8080)")
     parser.add_argument("--workers", type=int, default=1,
                         help="serving processes sharing the port via SO_REUSEPORT (default 1)")
-    parser.add_argument("--bootstrap-servers", default=None, help="Kafka bootstrap servers (env MEMENTO_BOOTSTRAP_SERVERS)")
-    parser.add_argument("--data-dir", default=None, help="local state root; the case bank lives in DATA_DIR/serving-bank")
-    parser.add_argument("--checkpoint-dir", default=None,
-                        help="where announced checkpoints are looked up if their path does not exist here")
-    parser.add_argument("--products", default=None, help="product CSV for item features (env MEMENTO_PRODUCTS)")
-    parser.add_argument("--embedded-broker", choices=["noida", "tansu"], default=None,
-                        help="the embedded test broker in use, if any (env MEMENTO_EMBEDDED_BROKER)")
-    # K, alpha, the floor and the prior define mu; a checkpoint that carries them (the learner's) replaces these.
-    parser.add_argument("--top-k", type=int, default=None, help="nearest cases mu chooses among until a "
-                        "checkpoint sets it; also the K the bank's IVF probes are tuned for (default settings.top_k)")
-    parser.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="temperature of mu = softmax(Q/alpha) until a "
-                        f"checkpoint sets it (default {DEFAULT_ALPHA})")
-    parser.add_argument("--min-prob", type=float, default=DEFAULT_MIN_PROB, help="floor on each candidate's probability until "
-                        f"a checkpoint sets it (default {DEFAULT_MIN_PROB})")
-    parser.add_argument("--similarity-prior", type=float, default=DEFAULT_SIMILARITY_PRIOR,
-                        help="weight beta of nearness in the retrieval prior softmax(beta*cos(s, c_state) + "
-                        f"w*log(1 + V(c))) of mu until a checkpoint sets it (default {DEFAULT_SIMILARITY_PRIOR}; 0 = none)")
-    parser.add_argument("--vote-prior", type=float, default=DEFAULT_VOTE_PRIOR,
-                        help="weight w of the neighbours' vote V(c) in the retrieval prior until a checkpoint "
-                        f"sets it (default {DEFAULT_VOTE_PRIOR}; 0 = none)")
-    parser.add_argument("--own-cases", type=int, default=DEFAULT_OWN_CASES,
-                        help="the user's own newest cases (one per distinct recent item) added to the nearest "
-                        f"as candidates, and the recent items the priors' recency term ranks (default {DEFAULT_OWN_CASES}; 0 = none)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling generator (worker i uses seed+i)")
-    parser.add_argument("--api-token", default=None, help="bearer token for write endpoints (env MEMENTO_API_TOKEN)")
-    parser.add_argument("--max-body-bytes", type=int, default=64 * 1024, help="largest request body (default 65536)")
-    parser.add_argument("--generator", choices=("case", "chat"), default="case",
-                        help="item generator: the chosen case's item, or an OpenAI-compatible chat endpoint")
-    parser.add_argument("--chat-url", default="", help="chat endpoint root, e.g. http://127.0.0.1:8000/v1")
-    parser.add_argument("--chat-model", default="gpt-4o-mini", help="model name sent to the chat endpoint")
-    parser.add_argument("--max-batch", type=int, default=64,
-                        help="most concurrent recommend requests answered by one search and Q pass (default 64)")
-    parser.add_argument("--bank-shards", type=int, default=1,
-                        help="shards of a new case bank (an existing bank keeps its count; default 1)")
-    parser.add_argument("--bank-encoding", choices=("fp16", "flat"), default="fp16",
-                        help="IVF cell storage of the case bank: fp16 (default, half the memory per search) or flat")
-    parser.add_argument("--bank-nprobe", type=int, default=None,
-                        help="IVF cells scanned per search (default: tuned to 0.97 recall); fewer trade recall for speed")
     parser.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto",
                         help="event loop: uvloop when installed (auto, default), or asyncio's")
-    parser.add_argument("--log-level", default=os.environ.get("MEMENTO_LOG_LEVEL", "INFO"))
+    parser.add_argument("--api-token", default=None, help="bearer token for write endpoints (env MEMENTO_API_TOKEN)")
+    config.add_settings_arguments(parser)
+    parser.add_argument("--embedded-broker", choices=["noida", "tansu"], default=None,
+                        help="the embedded test broker in use, if any (env MEMENTO_EMBEDDED_BROKER)")
+    # K, α, the floor and the prior define μ; a checkpoint that carries them (the learner's) replaces these.
+    add_dataclass_options(parser, PolicyOptions, "the policy μ until a checkpoint sets it", exclude=("priors",))
+    add_dataclass_options(parser, ServingConfig, "serving", exclude=("options", "api_token", "chat_api_key",
+                                                                   "worker_index"))
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    return Settings.from_env(
-        bootstrap_servers=args.bootstrap_servers, data_dir=args.data_dir,
-        checkpoint_dir=args.checkpoint_dir, products=args.products, top_k=args.top_k,
-        embedded_broker=args.embedded_broker)
+    """The shared settings, with serving's K (``--top-k``) and embedded-broker flags."""
+    return config.settings_from_args(args, top_k=getattr(args, "top_k", None), embedded_broker=args.embedded_broker)
 
 
 def config_from_args(args: argparse.Namespace, settings: Settings, worker_index: int = 0):
+    """Serving's options from the flags given; the rest from the dataclasses' defaults."""
     from serving.app import ServingConfig
     from serving.policy import PolicyOptions
 
-    return ServingConfig(
-        options=PolicyOptions(top_k=settings.top_k, alpha=args.alpha, min_prob=args.min_prob,
-                              similarity_prior=args.similarity_prior, vote_prior=args.vote_prior,
-                              own_cases=args.own_cases, seed=args.seed),
-        api_token=args.api_token if args.api_token is not None else os.environ.get("MEMENTO_API_TOKEN", ""),
-        max_body_bytes=args.max_body_bytes, generator=args.generator, chat_url=args.chat_url,
-        chat_model=args.chat_model, chat_api_key=os.environ.get("MEMENTO_CHAT_API_KEY", ""),
-        worker_index=worker_index, max_batch=args.max_batch,
-        bank_shards=args.bank_shards, bank_encoding=args.bank_encoding, bank_nprobe=args.bank_nprobe)
+    options = options_from_args(PolicyOptions, args, top_k=settings.top_k)
+    api_token = args.api_token if args.api_token is not None else os.environ.get("MEMENTO_API_TOKEN", "")
+    return options_from_args(ServingConfig, args, options=options, api_token=api_token,
+                             chat_api_key=os.environ.get("MEMENTO_CHAT_API_KEY", ""), worker_index=worker_index)
 
 
 def new_event_loop(kind: str = "auto"):
@@ -157,7 +126,7 @@ def run_workers(target: Callable[..., None], args: tuple, workers: int) -> int:
 def _serve(args: argparse.Namespace, worker_index: int) -> None:
     from serving.app import ServingService, make_app
 
-    logging.basicConfig(level=args.log_level.upper(),
+    logging.basicConfig(level=getattr(args, "log_level", "INFO").upper(),
                         format=f"%(asctime)s serving[{worker_index}] %(levelname)s %(name)s: %(message)s")
     settings = settings_from_args(args)
     service = ServingService(settings, config_from_args(args, settings, worker_index))
@@ -170,14 +139,15 @@ def run_from_args(args: argparse.Namespace) -> int:
     """Run serving until SIGTERM/SIGINT; returns the exit code."""
     if args.workers < 1:
         raise SystemExit("--workers must be >= 1")
-    if args.max_batch < 1:
-        raise SystemExit("--max-batch must be >= 1")
-    if args.bank_nprobe is not None and args.bank_nprobe < 1:
-        raise SystemExit("--bank-nprobe must be >= 1")
+    try:  # every option is checked once, by its dataclass, before any process starts
+        config_from_args(args, settings_from_args(args))
+    except ValueError as exc:
+        raise SystemExit(f"memento serve: {exc}") from None
     if args.workers == 1:
         _serve(args, 0)
         return 0
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s serving %(levelname)s %(message)s")
+    logging.basicConfig(level=getattr(args, "log_level", "INFO").upper(),
+                        format="%(asctime)s serving %(levelname)s %(message)s")
     code = run_workers(_serve, (args,), args.workers)
     log.info("all %d serving workers stopped", args.workers)
     return code

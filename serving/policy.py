@@ -37,6 +37,7 @@ from memento.checkpoint import PolicyParams
 from memento.qnet import FrozenQ, QNetwork
 from memento.config import (DEFAULT_ALPHA, DEFAULT_MIN_PROB, DEFAULT_OWN_CASES, DEFAULT_SIMILARITY_PRIOR, DEFAULT_TOP_K,
                             DEFAULT_VOTE_PRIOR)
+from memento.options import option
 from memento.personal import UserMemory
 from memento.priors import RetrievalPrior, check_prior_mix
 from memento.softq import entropy_numpy, own_recency, policy_probs_numpy, retrieval_prior_numpy
@@ -90,14 +91,18 @@ class PolicyOptions:
         Seed of the sampling generator (one per serving process; worker i uses seed + i).
     """
 
-    top_k: int = DEFAULT_TOP_K
-    alpha: float = DEFAULT_ALPHA
-    min_prob: float = DEFAULT_MIN_PROB
-    similarity_prior: float = DEFAULT_SIMILARITY_PRIOR
-    vote_prior: float = DEFAULT_VOTE_PRIOR
-    priors: tuple[tuple[float, ...], ...] = ()
-    own_cases: int = DEFAULT_OWN_CASES
-    seed: int = 0
+    top_k: int = option(DEFAULT_TOP_K, "nearest cases μ chooses among until a checkpoint sets it; also the K "
+                        "the bank's IVF probes are tuned for (flag unset: settings' top_k, env MEMENTO_TOP_K)")
+    alpha: float = option(DEFAULT_ALPHA, "temperature of μ = softmax(Q/α) until a checkpoint sets it")
+    min_prob: float = option(DEFAULT_MIN_PROB, "floor on each candidate's probability until a checkpoint sets it")
+    similarity_prior: float = option(DEFAULT_SIMILARITY_PRIOR, "weight β of nearness in the retrieval prior "
+                                     "softmax(β·cos(s, c_state) + w·log(1 + V(c))) until a checkpoint sets it; 0 = none")
+    vote_prior: float = option(DEFAULT_VOTE_PRIOR, "weight w of the neighbours' vote V(c) in the retrieval prior "
+                               "until a checkpoint sets it; 0 = none")
+    priors: tuple[tuple[float, ...], ...] = option((), "retrieval priors μ mixes (set by checkpoints)")
+    own_cases: int = option(DEFAULT_OWN_CASES, "the user's own newest cases (one per distinct recent item) added "
+                            "to the nearest as candidates, and the recent items the recency term ranks; 0 = none")
+    seed: int = option(0, "seed of the sampling generator (worker i uses seed + i)")
 
     def __post_init__(self):
         if self.top_k < 1:

@@ -48,7 +48,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stall-timeout", type=float, default=300.0,
                         help="seconds the worker's own ticks may go unhandled while the broker accepts new ones "
                              "before it exits (status 70) to be restarted: a stuck consumer; 0 = never (default 300)")
-    parser.add_argument("--loglevel", default="info")
     parser.add_argument("--no-tansu-safe-recovery", dest="tansu_safe_recovery", action="store_false",
                         help="embedded Tansu only: batch producer records normally (fast) at the price of "
                              "incomplete table recovery after a worker restart (docs/embedded-brokers.md)")
@@ -74,8 +73,8 @@ def run_from_args(args: argparse.Namespace) -> int:
                               tansu_safe_recovery=args.tansu_safe_recovery, batch_size=args.batch_size,
                               batch_within_s=args.batch_within, stall_timeout_s=args.stall_timeout)
     logging.getLogger("kafka").setLevel(logging.WARNING)
-    faust_worker = Worker(worker.app, loglevel=args.loglevel, quiet=True)
-    # At --loglevel warning or above Faust's progress spinner sets the root logger to DEBUG for
+    faust_worker = Worker(worker.app, loglevel=getattr(args, "log_level", "INFO").lower(), quiet=True)
+    # At log level warning or above Faust's progress spinner sets the root logger to DEBUG for
     # good, so that every aiokafka debug call builds a log record (measured: ~7% of the worker).
     faust_worker.spinner = None
     try:

@@ -26,7 +26,7 @@ def _imported_after(argv: list[str]) -> list[str]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["broker", "status"], ["-v", "broker", "stop", "--port", "9"],
+@pytest.mark.parametrize("argv", [["--help"], ["broker", "status"], ["--log-level", "debug", "broker", "stop", "--port", "9"],
                                   ["bench", "--help"]])
 def test_light_commands_import_no_heavy_module(argv):
     assert _imported_after(argv) == []

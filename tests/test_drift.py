@@ -23,7 +23,7 @@ from memento.config import Settings
 from memento.encoder import case_feature_vector
 from memento.schemas import Case, Transition
 from evaluation.simulator import WorldConfig
-from test_common_support import RecordingProducer
+from support.common import RecordingProducer
 
 replace = dataclasses.replace
 # The boost is off by default (detect and alert only); these tests exercise it switched on.

@@ -15,7 +15,7 @@ from evaluation.policies import LinUCBPolicy, Request, items_in_order
 from evaluation.runner import EvalConfig, run_policy
 from memento.schemas import Transition
 from evaluation.simulator import WorldConfig
-from test_common_support import write_csv
+from support.common import write_csv
 
 SMALL_WORLD = WorldConfig(n_items=60, n_users=20)
 TMALL = Path(__file__).resolve().parents[2] / "shared" / "data" / "tmall-sample"

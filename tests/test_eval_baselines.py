@@ -14,7 +14,7 @@ from evaluation.policies import POLICY_NAMES, Request
 from evaluation.runner import EvalConfig, make_policy, run_policy
 from memento.schemas import Transition
 from evaluation.simulator import WorldConfig
-from test_common_support import write_csv
+from support.common import write_csv
 
 SMALL_WORLD = WorldConfig(n_items=60, n_users=20)
 BASELINES = ("recent", "itemknn", "vw")

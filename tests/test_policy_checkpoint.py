@@ -29,7 +29,7 @@ from memory_store import CaseBank
 from serving.app import ServingConfig, ServingService
 from serving.followers import CheckpointFollower
 from serving.policy import PolicyOptions
-from test_common_support import RecordingProducer
+from support.common import RecordingProducer
 
 torch.set_num_threads(1)
 

@@ -179,7 +179,7 @@ def test_the_learner_service_counts_each_new_transition_once_and_exports_the_mix
     from learner.service import LearnerService, LearnerServiceConfig
     from memento.config import Settings
     from memento.schemas import encode
-    from test_common_support import RecordingProducer
+    from support.common import RecordingProducer
 
     settings = Settings(data_dir=str(tmp_path / "data"), checkpoint_dir=str(tmp_path / "ckpt"), item_dim=D, top_k=2)
     service = LearnerService(settings, SoftQConfig(top_k=2, hidden=8, seed=0),

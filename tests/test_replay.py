@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 from memento.config import RewardWeights, Settings
-from evaluation.replay import (ReplayConfig, ReplayLoop, RequestRecord, RewardTracker, ServingClient,
-                            SyntheticSource, TmallSource, add_arguments, config_from_args, run_from_args,
-                            summarise, summarise_windows)
-from memento.schemas import Action
+from evaluation.replay import (ReplayConfig, ReplayLoop, RequestRecord, RewardTracker, SyntheticSource, TmallSource,
+                               add_arguments, config_from_args, run_from_args, summarise, summarise_windows)
 from evaluation.simulator import WorldConfig
+from memento.schemas import Action
+from serving.client import ServingClient, ServingNotReady
 
 SMALL = WorldConfig(n_items=60, n_users=12)
 
@@ -258,7 +258,6 @@ def test_cli_arguments_and_file_writing(tmp_path, capsys):
 
 def test_serving_client_reports_unreachable_serving():
     from harness.broker import free_port
-    from evaluation.replay import ServingNotReady
 
     client = ServingClient(f"http://127.0.0.1:{free_port()}", timeout_s=1)
     status, body, _ = client.recommend("u", 0.0, retry_503_s=0.2)

@@ -10,8 +10,8 @@ from memento.encoder import HistoryEntry, ItemEncoder, StateEncoder
 from memento.schemas import Action, DeadLetter, Recommendation, decode
 from serving.app import ServingConfig
 from serving.policy import PolicyOptions
-from test_serving_support import (ServerThread, broker, announce, fresh_settings, http, make_cases, publish,
-                                  publish_cases, read_topic, wait_for)
+from support.serving import (ServerThread, announce, fresh_settings, http, make_cases, publish,
+                             publish_cases, read_topic, wait_for)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 

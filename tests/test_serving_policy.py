@@ -203,8 +203,34 @@ def test_serving_options_reject_a_non_positive_nprobe():
         ServingConfig(bank_nprobe=0)
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    with pytest.raises(SystemExit, match="--bank-nprobe"):
+    with pytest.raises(SystemExit, match="memento serve: bank_nprobe must be >= 1"):
         run_from_args(parser.parse_args(["--bank-nprobe", "0"]))
+
+
+def test_serving_flags_come_from_the_option_dataclasses():
+    """Every option of PolicyOptions and ServingConfig a person sets has its flag, its value
+    reaches the config, and an unset flag leaves the dataclass's default (written once)."""
+    from dataclasses import fields
+
+    from memento.config import Settings
+    from serving.app import ServingConfig
+    from serving.cli import add_arguments, config_from_args
+    from serving.policy import PolicyOptions
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    flags = {a.dest for a in parser._actions}
+    assert {f.name for f in fields(PolicyOptions)} - flags == {"priors"}
+    assert {f.name for f in fields(ServingConfig)} - flags == {"options", "chat_api_key", "worker_index"}
+    args = parser.parse_args(["--alpha", "0.25", "--own-cases", "3", "--max-users", "7", "--bank-nprobe", "none",
+                              "--bank-encoding", "flat", "--top-k", "9"])
+    config = config_from_args(args, Settings(top_k=9), worker_index=2)
+    assert (config.options.alpha, config.options.own_cases, config.options.top_k) == (0.25, 3, 9)
+    assert (config.max_users, config.bank_nprobe, config.bank_encoding, config.worker_index) == (7, None, "flat", 2)
+    default = config_from_args(parser.parse_args([]), Settings(top_k=5))
+    assert default.options == PolicyOptions(top_k=5) and default.max_batch == ServingConfig().max_batch
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--bank-encoding", "int8"])
 
 
 def test_similarity_prior_makes_an_untrained_q_plain_retrieval():

@@ -13,8 +13,7 @@ import pytest
 
 from harness.broker import EmbeddedBroker, free_port
 from memento.schemas import Recommendation, decode
-from test_serving_support import (announce, fresh_settings, http, make_cases, publish_cases, read_topic,
-                                  wait_for)
+from support.serving import announce, fresh_settings, http, make_cases, publish_cases, read_topic, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 

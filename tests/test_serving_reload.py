@@ -16,8 +16,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from test_serving_support import (ServerThread, broker, announce, fresh_settings, http, make_cases,
-                                  publish_cases, send_announcement, wait_for)
+from support.serving import (ServerThread, announce, fresh_settings, http, make_cases, publish_cases,
+                             send_announcement, wait_for)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 

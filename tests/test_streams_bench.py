@@ -10,7 +10,6 @@ import math
 import pytest
 
 from harness.stream_bench import Output, _Bench, _Phase, add_arguments, measure_outputs
-from test_streams_support import noida  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.integration
 

@@ -17,8 +17,8 @@ import pytest
 
 from harness.processes import ProcessGroup
 from memento.kafka_io import partition_of
-from test_streams_support import (PARTITIONS, Scenario, TransitionLog, assert_exactly, committed_offsets, fresh_settings,  # noqa: F401
-                                  metric, metrics, noida, produce, start_worker, tansu, wait_assigned)
+from support.streams import (PARTITIONS, Scenario, TransitionLog, assert_exactly, committed_offsets,
+                             fresh_settings, metric, metrics, produce, start_worker, wait_assigned)
 
 pytestmark = pytest.mark.integration
 

@@ -13,7 +13,7 @@ from harness.broker import EmbeddedBroker, free_port
 from memento.kafka_io import make_consumer, make_producer, poll
 from harness.processes import ProcessGroup, memento_command
 from memento.schemas import Action, Recommendation, encode
-from test_streams_support import fresh_settings, metric, metrics
+from support.streams import fresh_settings, metric, metrics
 
 pytestmark = pytest.mark.integration
 

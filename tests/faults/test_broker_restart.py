@@ -17,8 +17,8 @@ import pytest
 
 from harness.broker import EmbeddedBroker
 from harness.processes import ProcessGroup
-from test_streams_support import Scenario, TransitionLog, assert_exactly, fresh_settings, produce, start_worker, \
-    wait_assigned
+from support.streams import (Scenario, TransitionLog, assert_exactly, fresh_settings, produce, start_worker,
+                             wait_assigned)
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
@@ -68,7 +68,7 @@ def test_broker_restart_mid_stream_loses_no_transition(tmp_path):
 
 def _worker_state(worker) -> dict:
     port = _port_of(worker)
-    from test_streams_support import metrics
+    from support.streams import metrics
     return {f"{n}{lab}": v for n, lab, v in metrics(port) if n.startswith("memento_stream_") and (
         "lag" in n or "events" in n or "transitions" in n or "watermark" in n)}
 

@@ -16,7 +16,7 @@ from memento.qnet import QNetwork
 from memento.schemas import encode
 from serving.followers import CheckpointFollower
 from serving.metrics import ServingMetrics
-from test_common_support import RecordingProducer
+from support.common import RecordingProducer
 
 pytestmark = pytest.mark.faults
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from harness.broker import EmbeddedBroker, free_port
-from test_serving_support import announce, fresh_settings, http, make_cases, publish_cases, wait_for
+from support.serving import announce, fresh_settings, http, make_cases, publish_cases, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults, pytest.mark.timeout(180)]
 

@@ -20,8 +20,8 @@ from memento.qnet import QNetwork
 from memento.schemas import CheckpointAnnouncement, DeadLetter, decode, encode
 from serving.app import ServingConfig
 from serving.policy import PolicyOptions
-from test_serving_support import (ServerThread, announce, broker, fresh_settings, http, make_cases,  # noqa: F401
-                                  publish, publish_cases, read_topic, wait_for)
+from support.serving import (ServerThread, announce, fresh_settings, http, make_cases, publish,
+                             publish_cases, read_topic, wait_for)
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults, pytest.mark.timeout(180)]
 

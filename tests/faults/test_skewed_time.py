@@ -14,8 +14,7 @@ from harness.processes import ProcessGroup
 from memento.schemas import Action, Recommendation, encode
 from serving.validation import RequestError, parse_feedback, parse_recommend
 from memento.kafka_io import partition_of
-from test_streams_support import (PARTITIONS, TransitionLog, fresh_settings, noida, produce, start_worker, tansu,  # noqa: F401
-                                  wait_assigned)
+from support.streams import PARTITIONS, TransitionLog, fresh_settings, produce, start_worker, wait_assigned
 
 pytestmark = pytest.mark.faults
 

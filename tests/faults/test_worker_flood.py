@@ -11,8 +11,7 @@ import pytest
 
 from harness.processes import ProcessGroup
 from memento.schemas import Action, Recommendation, encode
-from test_streams_support import (TransitionLog, fresh_settings, metric, noida, produce, start_worker,  # noqa: F401
-                                  tansu, wait_assigned)
+from support.streams import TransitionLog, fresh_settings, metric, produce, start_worker, wait_assigned
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults, pytest.mark.timeout(300)]
 

@@ -1,22 +1,21 @@
 """Helpers for the stream worker's integration tests: a scenario whose rewards and ``done`` flags
-are known by construction, workers as processes, reading topics and metrics. (No tests here.)"""
+are known by construction, workers as processes, reading topics and metrics."""
 
 from __future__ import annotations
 
 import json
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 
-from harness.broker import EmbeddedBroker, free_port
-from memento.config import Settings, TopicNames
-from memento.kafka_io import ensure_topics, make_consumer, make_producer, poll
+from harness.broker import free_port
+from memento.config import Settings
+from memento.kafka_io import make_consumer, make_producer, poll
 from harness.processes import ManagedProcess, ProcessGroup, memento_command
 from memento.schemas import Action, Recommendation, encode
 from harness.stream_bench import wait_until_assigned
+from support import common
 from memento.exposition import parse_metrics
 from memento.kafka_io import partition_of
 
@@ -25,13 +24,7 @@ PARTITIONS = 4
 ANSWERS = {0: ("click", 1.0), 1: ("purchase", 5.0), 2: (None, 0.0), 3: ("cart", 3.0)}
 
 
-def fresh_settings(broker: EmbeddedBroker, tmp_path: Path, **overrides) -> Settings:
-    """Settings with topic names unique to one test, created on ``broker``."""
-    prefix = f"s{uuid.uuid4().hex[:8]}"
-    topics = TopicNames().prefixed(prefix)
-    settings = broker.settings(topics=topics, data_dir=str(tmp_path / "data"), **{"item_dim": 8, **overrides})
-    ensure_topics(settings)
-    return settings
+fresh_settings = common.fresh_settings
 
 
 @dataclass
@@ -204,17 +197,3 @@ def assert_exactly(copies: dict[str, list[tuple[float, bool]]], expected: dict[s
     wrong = {tid: (c, expected[tid]) for tid, c in copies.items() if any(x != expected[tid] for x in c)}
     assert wrong == {}, f"wrong reward/done: {dict(list(wrong.items())[:10])}"
     return sum(len(c) - 1 for c in copies.values())
-
-
-@pytest.fixture(scope="module")
-def noida(tmp_path_factory):
-    """One noida broker shared by a test module."""
-    with EmbeddedBroker("noida", 0, str(tmp_path_factory.mktemp("broker-noida"))) as b:
-        yield b
-
-
-@pytest.fixture(scope="module")
-def tansu(tmp_path_factory):
-    """One Tansu broker shared by a test module."""
-    with EmbeddedBroker("tansu", 0, str(tmp_path_factory.mktemp("broker-tansu"))) as b:
-        yield b

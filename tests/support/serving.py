@@ -1,5 +1,5 @@
 """Helpers for the serving tests: an in-process server on a free port, Kafka publishing and
-reading, and polling with a deadline. (No tests here.)"""
+reading, and polling with a deadline."""
 
 from __future__ import annotations
 
@@ -9,31 +9,25 @@ import threading
 import time
 import urllib.error
 import urllib.request
-import uuid
 from pathlib import Path
 
 import numpy as np
-import pytest
 from aiohttp import web
 
-from harness.broker import EmbeddedBroker, free_port
+from harness.broker import free_port
 from memento.checkpoint import save_checkpoint
-from memento.config import Settings, TopicNames
+from memento.config import Settings
 from memento.encoder import ItemEncoder
-from memento.kafka_io import ensure_topics, make_consumer, make_producer
+from memento.kafka_io import make_consumer, make_producer
 from memento.qnet import QNetwork
 from memento.schemas import Case, encode
 from serving.app import ServingConfig, ServingService, make_app
+from support import common
 
 
 def fresh_settings(broker, tmp_path: Path, **overrides) -> Settings:
-    """Settings with topic names unique to one test, created on ``broker``."""
-    prefix = f"t{uuid.uuid4().hex[:8]}"
-    topics = TopicNames().prefixed(prefix)
-    settings = broker.settings(topics=topics, data_dir=str(tmp_path / "data"),
-                               checkpoint_dir=str(tmp_path / "ckpt"), item_dim=8, top_k=4, **overrides)
-    ensure_topics(settings)
-    return settings
+    """:func:`support.common.fresh_settings` with K = 4 candidates (small banks answer)."""
+    return common.fresh_settings(broker, tmp_path, **{"top_k": 4, **overrides})
 
 
 class ServerThread:
@@ -157,10 +151,3 @@ def read_topic(settings: Settings, topic: str, until, timeout: float = 15.0) -> 
     finally:
         consumer.close()
     raise AssertionError(f"timed out reading {topic}: {len(records)} records")
-
-
-@pytest.fixture(scope="module", params=EmbeddedBroker.engines())
-def broker(request, tmp_path_factory):
-    """One embedded broker per engine, shared by a test module."""
-    with EmbeddedBroker(request.param, 0, str(tmp_path_factory.mktemp(f"broker-{request.param}"))) as b:
-        yield b

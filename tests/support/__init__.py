@@ -1,0 +1,1 @@
+"""Helpers shared by the test modules (imported as ``support.*``; tests/conftest.py holds the fixtures)."""
