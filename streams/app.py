@@ -5,7 +5,7 @@ One agent consumes the actions, recommendations and ticks topics together. All t
 by user id and co-partitioned, so a user's events meet on one partition and one table shard.
 Per-user state (history, open windows, recently seen ids) lives in a changelog-backed Faust
 table (RocksDB store by default), so a restarted worker recovers it. Windows close in event time,
-by a per-partition watermark (:meth:`TransitionWorker.watermark`): right after the event that
+by a per-partition watermark (:mod:`streams.watermarks`): right after the event that
 moves the watermark past them, and on ticks (one per partition every ``tick_interval_s``,
 produced by the worker's own timer), which let a partition close its windows when no new user
 event arrives. The rules themselves, session ends (``done``) included, are in
@@ -16,13 +16,17 @@ together (:meth:`TransitionWorker.handle_batch`).
 A consumer can get stuck without failing (seen after a broker restart: the worker went on
 reading its ticks and never again its input partitions, whose unread records it knew of). Two
 signals say so, each after ``stall_timeout_s``: the worker's own ticks, accepted by the broker,
-stop coming back (:func:`consumer_stalled`), or an input partition holds unread records and none
-is read (:class:`StallWatch`). The worker then stops (gracefully: it leaves its group and
+stop coming back (:func:`streams.health.consumer_stalled`), or an input partition holds unread records and none
+is read (:class:`streams.health.StallWatch`). The worker then stops (gracefully: it leaves its group and
 commits only what it processed) and the process exits with :data:`EXIT_CANNOT_DELIVER`, so that
 the orchestrator restarts it.
 
 Delivery is at-least-once; transition ids are request ids and case ids derive from request and
 event ids, so every consumer downstream is idempotent (docs/streams.md).
+
+Beside this module: the metrics (:mod:`streams.metrics`), lag and stall signals
+(:mod:`streams.health`), watermarks (:mod:`streams.watermarks`) and every access to Faust's and
+aiokafka's internals (:mod:`streams.compat`).
 """
 
 from __future__ import annotations
@@ -38,53 +42,29 @@ import signal
 import sys
 import threading
 import time
-import weakref
 from collections import OrderedDict
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import faust
-from faust.streams import _current_event
 from faust.types import TP, EventT
-from prometheus_client import Counter, Gauge
 
 from memento.config import TOPIC_PARTITIONS, Settings
 from memento.encoder import ItemEncoder, StateEncoder, case_feature_dim, load_products
 from memento.kafka_io import DeadLetterWriter, throttle_aiokafka_empty_fetches
 from memento.schemas import Action, Recommendation, SchemaError, decode, encode, future_time_problem
+from streams import compat
 from streams.attribution import RewardAttribution
+from streams.health import EXIT_CANNOT_DELIVER, StallWatch, consumer_lags, consumer_stalled
+from streams.metrics import (ACTION_EVENTS, ASSIGNED, ATTRIBUTION, COMMIT_REFUSALS, CONSUMER_LAG, DEAD_LETTERS,
+                             HELD_WINDOWS, HITS, MISSES, OPEN_WINDOWS, ORGANIC_CASES, READ_LAG, RECOMMENDATION_CASES,
+                             RECOMMENDATION_EVENTS, REWARD, SESSION_ENDS, STALLS, TICK_EVENTS, TRANSITIONS, WATERMARK)
+from streams.watermarks import Watermarks, unread_count
 
-__all__ = ["TransitionWorker", "consumer_lags", "faust_app_kwargs", "EVENTS", "DEAD_LETTERS", "TRANSITIONS", "CASES", "ATTRIBUTION",
-           "CONSUMER_LAG", "READ_LAG", "USERS_TABLE"]
+__all__ = ["TransitionWorker", "faust_app_kwargs", "USERS_TABLE"]
 
 log = logging.getLogger(__name__)
 
 USERS_TABLE = "memento-users"  # the changelog topic is ``<app id>-memento-users-changelog``
-
-EVENTS = Counter("memento_stream_events_total", "Events consumed by the stream worker", ["type"])
-DEAD_LETTERS = Counter("memento_stream_dead_letters_total", "Messages sent to the dead-letter topic", ["reason"])
-TRANSITIONS = Counter("memento_stream_transitions_total", "Transitions emitted")
-REWARD = Counter("memento_stream_reward_total", "Sum of the rewards of emitted transitions")
-CASES = Counter("memento_stream_cases_total", "Cases emitted", ["source"])
-ATTRIBUTION = Counter("memento_stream_attribution_total", "Attribution outcomes", ["outcome"])
-SESSION_ENDS = Counter("memento_stream_session_ends_total", "Transitions emitted with done=True (session gap)")
-OPEN_WINDOWS = Gauge("memento_stream_open_windows",
-                     "Recommendations not yet emitted as transitions (open or held for the session gap)")
-HELD_WINDOWS = Gauge("memento_stream_held_windows", "Closed windows held until their session gap is decided")
-WATERMARK = Gauge("memento_stream_watermark_seconds", "Event-time watermark by partition", ["partition"])
-CONSUMER_LAG = Gauge("memento_stream_consumer_lag", "Input messages not yet committed (high watermark - "
-                     "committed offset)", ["topic", "partition"])
-READ_LAG = Gauge("memento_stream_consumer_read_lag", "Input messages not yet processed (high watermark - "
-                 "next offset to process)", ["topic", "partition"])
-ASSIGNED = Gauge("memento_stream_assigned_partitions", "Input partitions assigned to this worker", ["topic"])
-COMMIT_REFUSALS = Counter("memento_stream_commit_refusals_total", "Offset commits the broker refused (e.g. the "
-                          "group had rebalanced): those records are read again after a restart or rebalance")
-STALLS = Counter("memento_stream_stalls_total", "Times the worker found its consumer stuck (its ticks not "
-                 "coming back, or unread input not read) and stopped to be restarted", ["signal"])
-# children bound once: ``labels()`` is a lock and a dict lookup on every event otherwise
-_ACTION_EVENTS, _RECOMMENDATION_EVENTS, _TICK_EVENTS = (EVENTS.labels(k) for k in ("action", "recommendation", "tick"))
-_ORGANIC_CASES, _RECOMMENDATION_CASES = CASES.labels("action"), CASES.labels("recommendation")
-_HITS, _MISSES = ATTRIBUTION.labels("hit"), ATTRIBUTION.labels("miss")
-
 
 def _decode_state(raw: bytes | None) -> dict[str, Any] | None:
     """A table value (compact JSON bytes, read raw; a table written through Faust's JSON codec
@@ -118,90 +98,6 @@ def faust_app_kwargs(settings: Settings) -> dict[str, Any]:
     if settings.embedded_broker:
         kwargs.update(broker_session_timeout=6.0, broker_heartbeat_interval=1.0)
     return kwargs
-
-
-def consumer_lags(assignment: Iterable[tuple[str, int]], highwater, committed, read) -> dict:
-    """Lag per assigned partition: ``{(topic, partition): (committed_lag, read_lag)}``.
-
-    Parameters
-    ----------
-    assignment
-        ``(topic, partition)`` pairs (Faust ``TP`` tuples qualify).
-    highwater, committed, read
-        Functions of a pair: the partition's high watermark (offset of the next message to be
-        written), the committed offset (the next to read after a restart), the offset of the last
-        message processed; None when unknown. A partition whose high watermark is unknown (no
-        fetch answered yet) is left out; one with nothing committed or read counts from 0.
-
-    >>> consumer_lags([("a", 0), ("a", 1)], {("a", 0): 10, ("a", 1): None}.get, {("a", 0): 4}.get,
-    ...               {("a", 0): 7}.get)
-    {('a', 0): (6, 2)}
-    """
-    lags = {}
-    for tp in assignment:
-        hw = highwater(tp)
-        if hw is None:
-            continue
-        done = read(tp)
-        lags[tuple(tp)] = (max(0, hw - (committed(tp) or 0)), max(0, hw - (0 if done is None else done + 1)))
-    return lags
-
-
-# Exit status of a worker that stopped because it could not process or deliver: the orchestrator
-# restarts it, and it reads again everything it had not committed (EX_SOFTWARE).
-EXIT_CANNOT_DELIVER = 70
-
-
-def consumer_stalled(tick_seen_at: float | None, tick_delivered_at: float | None, stall_timeout_s: float) -> bool:
-    """Whether the worker's consumer is stuck: the broker accepted a tick sent more than
-    ``stall_timeout_s`` after the last tick the worker handled (times on one monotonic clock).
-    Never before the first tick was handled (start-up recovery may take long) nor when the
-    broker accepts nothing (a broker that is down is waited for, not a reason to restart);
-    ``stall_timeout_s`` 0 turns the check off.
-
-    >>> consumer_stalled(100.0, 150.0, 60.0), consumer_stalled(100.0, 161.0, 60.0)
-    (False, True)
-    >>> consumer_stalled(None, 500.0, 60.0), consumer_stalled(100.0, None, 60.0), consumer_stalled(100.0, 500.0, 0)
-    (False, False, False)
-    """
-    if not stall_timeout_s or tick_seen_at is None or tick_delivered_at is None:
-        return False
-    return tick_delivered_at - tick_seen_at > stall_timeout_s
-
-
-class StallWatch:
-    """Which input partitions have held unread records for ``stall_timeout_s`` while their read
-    position did not move (0 = never any).
-
-    >>> watch = StallWatch(10.0)
-    >>> watch.update(0.0, {("a", 0): (5, 100), ("a", 1): (0, 7)})
-    []
-    >>> watch.update(8.0, {("a", 0): (5, 100)}), watch.update(11.0, {("a", 0): (5, 100)})
-    ([], [('a', 0)])
-    >>> watch.update(12.0, {("a", 0): (4, 101)}), watch.update(21.0, {("a", 0): (4, 101)})   # it moved
-    ([], [])
-    """
-
-    def __init__(self, stall_timeout_s: float):
-        self.stall_timeout_s = stall_timeout_s
-        self._since: dict[tuple[str, int], tuple[float, int | None]] = {}
-
-    def update(self, now: float, lags: dict[tuple[str, int], tuple[int, int | None]]) -> list[tuple[str, int]]:
-        """``lags``: partition → (read lag, read position) now; returns the stuck partitions."""
-        stuck = []
-        for key in list(self._since):
-            if key not in lags or lags[key][0] <= 0:
-                del self._since[key]
-        for key, (read_lag, position) in lags.items():
-            if read_lag <= 0:
-                continue
-            since, seen = self._since.get(key, (now, position))
-            if seen != position:
-                since, seen = now, position
-            self._since[key] = (since, seen)
-            if self.stall_timeout_s and now - since > self.stall_timeout_s:
-                stuck.append(key)
-        return stuck
 
 
 def _reason_kind(reason: str) -> str:
@@ -289,8 +185,7 @@ class TransitionWorker:
         self.partitions = TOPIC_PARTITIONS["actions"]
         self.idle_timeout_s = idle_timeout_s
         self.tansu_safe_recovery = tansu_safe_recovery
-        self.watermarks: dict[int, float] = {}
-        self._input_latest: dict[int, dict[str, tuple[float, float]]] = {}
+        self.watermarks = Watermarks(self.INPUTS, idle_timeout_s)
         # (input topic, partition) → (last offset handled, wall time it was handled)
         self._processed: dict[tuple[str, int], tuple[int, float]] = {}
         # input partition → the offset the broker last accepted as committed, where Faust's own
@@ -333,7 +228,7 @@ class TransitionWorker:
         # records Faust stops delivering events until the buffer is drained, record by record,
         # and with a record per event that stalled the stream for seconds ("producer buffer
         # full"). A deeper buffer lets it drain while events flow; commits still flush it first.
-        app.producer.buffer.max_messages = 10_000
+        compat.set_producer_buffer(app, 10_000)
         t = s.topics
         source = app.topic(t.actions, t.recommendations, t.ticks, key_serializer="raw", value_serializer="raw")
         self.ticks_topic = app.topic(t.ticks, key_serializer="raw", value_serializer="raw")
@@ -365,8 +260,7 @@ class TransitionWorker:
             self._forget()  # (a batch in progress keeps its own changed states in _dirty)
             for tp in revoked:
                 if tp.topic in (t.actions, t.recommendations):
-                    self._input_latest.pop(tp.partition, None)
-                    self.watermarks.pop(tp.partition, None)
+                    self.watermarks.forget(tp.partition)
                     self._processed.pop((tp.topic, tp.partition), None)
                     self._broker_committed.pop(tp, None)  # a new assignment seeks to the broker's
                 for gauge in (CONSUMER_LAG, READ_LAG):
@@ -395,11 +289,8 @@ class TransitionWorker:
         if self._watched_consumer is consumer:
             return
         self._watched_consumer = consumer
-        commit_offsets = consumer._commit_offsets
 
-        async def _commit_offsets(offsets, start_new_transaction: bool = True) -> bool:
-            before = {tp: consumer._committed_offset.get(tp) for tp in offsets}
-            done = await commit_offsets(offsets, start_new_transaction=start_new_transaction)
+        def watch(offsets, before, done: bool) -> None:
             if done:
                 for tp in offsets:
                     self._broker_committed.pop(tp, None)
@@ -408,16 +299,15 @@ class TransitionWorker:
                 log.warning("the broker refused the commit of %s; those records will be read again", dict(offsets))
                 for tp, offset in before.items():
                     self._broker_committed.setdefault(tp, offset)
-            return done
 
-        consumer._commit_offsets = _commit_offsets
+        compat.on_commit_result(consumer, watch)
 
     def committed_offset(self, tp) -> int | None:
         """The offset the broker holds as committed for input partition ``tp`` (as far as this
         worker knows), None when nothing is."""
         if tp in self._broker_committed:
             return self._broker_committed[tp]
-        return (self._watched_consumer or self.app.consumer)._committed_offset.get(tp)
+        return compat.committed_offset(self._watched_consumer or self.app.consumer, tp)
 
     def _on_tick_delivery(self, pending, sent_at: float) -> None:
         """Record ``sent_at`` once the broker has accepted the tick (``pending``: Faust's future
@@ -466,7 +356,7 @@ class TransitionWorker:
 
     def _read_position(self, key: tuple[str, int]) -> int | None:
         try:
-            return self.app.consumer._read_offset.get(TP(*key))
+            return compat.read_offset(self.app.consumer, TP(*key))
         except Exception:
             return None
 
@@ -498,7 +388,7 @@ class TransitionWorker:
         for topic in inputs:
             ASSIGNED.labels(topic).set(sum(tp.topic == topic for tp in assignment))
         lags = consumer_lags(assignment, consumer.highwater, self.committed_offset,
-                             consumer._read_offset.get)
+                             lambda tp: compat.read_offset(consumer, tp))
         for (topic, partition), (committed_lag, read_lag) in lags.items():
             CONSUMER_LAG.labels(topic, str(partition)).set(committed_lag)
             READ_LAG.labels(topic, str(partition)).set(read_lag)
@@ -514,8 +404,7 @@ class TransitionWorker:
         try:
             await self.handle_batch(events)
         except BaseException as exc:
-            for event in events:
-                event.message.acked = True
+            compat.mark_acknowledged(events)
             if isinstance(exc, asyncio.CancelledError):
                 raise
             self._exit(f"a batch of {len(events)} events could not be processed: {exc!r}")
@@ -541,7 +430,7 @@ class TransitionWorker:
         """
         try:
             for event in events:
-                _current_event.set(weakref.ref(event))
+                compat.set_current_event(event)
                 message = event.message
                 self._partition_events[message.partition] = event
                 self.handle(message.topic, message.partition, message.offset, message.key, event.value)
@@ -564,7 +453,7 @@ class TransitionWorker:
             self._processed[(topic, partition)] = (offset, time.time())
         try:
             if topic == t.ticks:
-                _TICK_EVENTS.inc()
+                TICK_EVENTS.inc()
                 self._tick_seen_at = time.monotonic()
             elif topic == t.actions:
                 self._on_action(partition, decode(Action, value))
@@ -589,7 +478,7 @@ class TransitionWorker:
         self._outbox.clear()
         users = self.users
         for user_id, state in self._dirty.items():
-            _current_event.set(weakref.ref(self._partition_events[state["p"]]))
+            compat.set_current_event(self._partition_events[state["p"]])
             users[user_id] = json.dumps(state, separators=(",", ":")).encode()
         self._dirty.clear()
 
@@ -600,33 +489,10 @@ class TransitionWorker:
         if not fut.cancelled() and fut.exception() is not None:
             self._exit(f"an output could not be delivered: {fut.exception()!r}")
 
-    def _advance(self, source: str, partition: int, ts: float) -> None:
-        latest = self._input_latest.setdefault(partition, {})
-        previous = latest.get(source)
-        latest[source] = (ts if previous is None else max(ts, previous[0]), time.monotonic())
-
     def watermark(self, partition: int) -> float | None:
-        """Event-time watermark of a partition: the smallest, over the input topics, of the largest
-        event time consumed from that topic's partition. Faust does not interleave topics in event
-        time, so one topic may be read ahead of the other; the minimum keeps a window open until
-        both have passed its end. An input that delivered nothing for ``idle_timeout_s`` is idle
-        and does not hold the watermark back (when all are idle, the largest time counts), unless
-        the consumer knows of unread messages in it: a backlog that Faust has not fetched for a
-        while (one topic starved by the other) is not idleness, and treating it so closed windows
-        and decided session ends before their events were read."""
-        latest = self._input_latest.get(partition)
-        if not latest:
-            return None
-        now = time.monotonic()
-        active = [ts for source, (ts, seen) in latest.items()
-                  if now - seen < self.idle_timeout_s or not self._caught_up(source, partition)]
-        unheard = [source for source in self.INPUTS if source not in latest]
-        if unheard and (active or not all(self._caught_up(source, partition) for source in unheard)):
-            return None  # an input not heard from yet may still hold earlier events
-        wm = min(active) if active else max(ts for ts, _ in latest.values())
-        wm = max(wm, self.watermarks.get(partition, float("-inf")))
-        self.watermarks[partition] = wm
-        return wm
+        """Event-time watermark of a partition (:class:`streams.watermarks.Watermarks`; an input is
+        caught up when the consumer knows of no unread message in it, :meth:`_caught_up`)."""
+        return self.watermarks.watermark(partition, time.monotonic(), lambda source: self._caught_up(source, partition))
 
     def _caught_up(self, source: str, partition: int) -> bool:
         """Whether input ``source`` has nothing more in ``partition`` as far as the consumer
@@ -657,26 +523,15 @@ class TransitionWorker:
         except Exception:  # not assigned (any more), or the consumer is not started
             return None
         try:
-            answered_ms = self._fetch_answered_ms(tp)
+            answered_ms = compat.fetch_answered_ms(consumer, tp)
         except AttributeError:  # another consumer driver: the high watermark alone
             answered_ms = math.inf
         except Exception:
             return None
         handled = self._processed.get(tuple(tp))
         if handled is not None:
-            start, handled_at = handled[0] + 1, handled[1]
-        else:
-            start, handled_at = consumer._committed_offset.get(tp), None
-        if highwater is None or start is None or answered_ms is None:
-            return None
-        if handled_at is not None and answered_ms / 1000.0 <= handled_at:
-            return None  # no answer since: a stale high watermark says nothing
-        return max(0, highwater - start)
-
-    def _fetch_answered_ms(self, tp: TP) -> float | None:
-        """Wall time (ms) of the consumer's latest fetch answer for ``tp``, which set its high
-        watermark (aiokafka's ``last_poll_timestamp``; Faust has no accessor for it)."""
-        return self.app.consumer._thread._ensure_consumer().last_poll_timestamp(tp)
+            return unread_count(highwater, handled[0] + 1, answered_ms, handled[1])
+        return unread_count(highwater, compat.committed_offset(consumer, tp), answered_ms, None)
 
     def _load(self, user_id: str, partition: int) -> dict[str, Any]:
         cache = self._cache
@@ -728,10 +583,10 @@ class TransitionWorker:
             raise SchemaError(f"{what}: {problem}")
 
     def _on_action(self, partition: int, action: Action) -> None:
-        _ACTION_EVENTS.inc()
+        ACTION_EVENTS.inc()
         self._check_time("Action", action.ts)
-        watermark = self.watermarks.get(partition)
-        self._advance("action", partition, action.ts)
+        watermark = self.watermarks.last(partition)
+        self.watermarks.advance("action", partition, action.ts, time.monotonic())
         state = self._load(action.user_id, partition)
         outcome = self.attribution.add_action(state, action.event_id, action.item_id, action.action,
                                               action.ts, watermark)
@@ -743,17 +598,17 @@ class TransitionWorker:
         if action.request_id is None:
             case = self.attribution.organic_case(state, action.event_id, action.item_id, action.action, action.ts)
             self._outbox.append((self.settings.topics.cases, case.case_id.encode(), encode(case)))
-            _ORGANIC_CASES.inc()
+            ORGANIC_CASES.inc()
         self._save(action.user_id, state)
 
     def _on_recommendation(self, partition: int, rec: Recommendation) -> None:
-        _RECOMMENDATION_EVENTS.inc()
+        RECOMMENDATION_EVENTS.inc()
         d = self.settings.item_dim
         if len(rec.state) != d or len(rec.case_features) != case_feature_dim(d):
             raise SchemaError(f"Recommendation: fields 'state' and 'case_features' must have {d} and "
                               f"{case_feature_dim(d)} values, got {len(rec.state)} and {len(rec.case_features)}")
         self._check_time("Recommendation", rec.ts)
-        self._advance("recommendation", partition, rec.ts)
+        self.watermarks.advance("recommendation", partition, rec.ts, time.monotonic())
         state = self._load(rec.user_id, partition)
         outcome = self.attribution.add_recommendation(state, RewardAttribution.recommendation_dict(rec))
         if outcome == "duplicate":
@@ -789,8 +644,8 @@ class TransitionWorker:
             # largest event time of every input has
             if not heap:
                 return
-            latest = self._input_latest.get(partition)
-            if latest is None or heap[0][0] >= max(ts for ts, _ in latest.values()):
+            largest = self.watermarks.largest_event_time(partition)
+            if largest is None or heap[0][0] >= largest:
                 return
         watermark = self.watermark(partition)
         if watermark is None:
@@ -810,8 +665,8 @@ class TransitionWorker:
                 outbox.append((topics.cases, case.case_id.encode(), encode(case)))
                 TRANSITIONS.inc()
                 REWARD.inc(transition.reward)
-                _RECOMMENDATION_CASES.inc()
-                (_HITS if transition.reward > 0 else _MISSES).inc()
+                RECOMMENDATION_CASES.inc()
+                (HITS if transition.reward > 0 else MISSES).inc()
                 if transition.done:
                     SESSION_ENDS.inc()
             due.pop(user_id, None)  # _save re-indexes the user

@@ -61,7 +61,8 @@ def run_from_args(args: argparse.Namespace) -> int:
         settings = dataclasses.replace(settings, max_windows_per_user=args.max_windows_per_user)
     from faust import Worker
 
-    from streams.app import EXIT_CANNOT_DELIVER, TransitionWorker
+    from streams.app import TransitionWorker
+    from streams.health import EXIT_CANNOT_DELIVER
 
     wait_for_broker(settings, timeout=60)
     ensure_topics(settings)

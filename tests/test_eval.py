@@ -129,7 +129,7 @@ def test_propensity_logs_get_off_policy_estimates(tmp_path):
     for name in ("ips", "snips", "dr"):
         assert rnd[name]["ci_low"] <= 0.2 <= rnd[name]["ci_high"]
         assert pop[name]["ci_low"] <= 1.0 <= pop[name]["ci_high"]
-        assert pop[name]["value"] > 0.8 > 0.3 > rnd[name]["value"]
+        assert pop[name]["value"] > 0.8 and rnd[name]["value"] < 0.3, (name, pop[name], rnd[name])
 
 
 def test_context_logs_without_users_run_as_one_step_episodes(tmp_path):
@@ -147,7 +147,7 @@ def test_context_logs_without_users_run_as_one_step_episodes(tmp_path):
     rnd = run_policy(config, "random", 0, data).metrics
     assert cosine["requests"] == 160
     # nearest contexts share the item: cosine's first item is the logged one far more often
-    assert cosine["hit@1"] > 0.7 > 0.6 > rnd["hit@1"]
+    assert cosine["hit@1"] > 0.7 and rnd["hit@1"] < 0.6, (cosine["hit@1"], rnd["hit@1"])
 
 
 @pytest.mark.skipif(not TMALL.is_dir(), reason="shared Tmall sample not present")
@@ -253,4 +253,4 @@ def test_categorical_context_logs_are_hashed_into_states_cosine_can_use(tmp_path
     cosine = run_policy(config, "cosine", 0, data).metrics
     rnd = run_policy(config, "random", 0, data).metrics
     assert cosine["requests"] == 200
-    assert cosine["hit@1"] > 0.7 > 0.4 > rnd["hit@1"]
+    assert cosine["hit@1"] > 0.7 and rnd["hit@1"] < 0.4, (cosine["hit@1"], rnd["hit@1"])

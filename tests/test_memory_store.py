@@ -100,7 +100,8 @@ def test_duplicate_ids_are_idempotent(tmp_path):
 
 
 def test_routing_is_stable_and_manifest_checked(tmp_path):
-    assert shard_of("case-42", 4) == shard_of("case-42", 4)
+    # pinned values: a case is routed alike by every process and run (blake2b, not the salted hash())
+    assert [shard_of(c, 4) for c in ("case-42", "a", "b", "act:e1")] == [2, 0, 0, 2]
     assert len({shard_of(f"c{i}", 4) for i in range(100)}) == 4
     CaseBank(tmp_path / "b", DIM, num_shards=2).close()
     with pytest.raises(ValueError, match="num_shards=2, opened with num_shards=3"):
@@ -161,8 +162,8 @@ def test_online_switch_does_not_block_searches_and_keeps_every_case():
     _, ids = bank.search(states[sample], 1)
     found = np.mean([got[0] == f"c{i}" for i, got in zip(sample.tolist(), ids)])
     assert found >= 0.98
-    if latencies:
-        assert max(latencies) < 0.5, "a search waited for an index build"
+    assert latencies, "no search ran while the index was built"
+    assert max(latencies) < 0.5, "a search waited for an index build"
     bank.close()
 
 

@@ -18,7 +18,7 @@ import pytest
 from harness.processes import ProcessGroup
 from memento.kafka_io import partition_of
 from support.streams import (PARTITIONS, Scenario, TransitionLog, assert_exactly, committed_offsets,
-                             fresh_settings, metric, metrics, produce, start_worker, wait_assigned)
+                             fresh_settings, metric, metrics, produce, start_worker, wait_assigned, wait_ticks)
 
 pytestmark = pytest.mark.integration
 
@@ -100,8 +100,8 @@ def test_restart_mid_stream_recovers_table_from_changelog(request, tmp_path, eng
                 + sc.flush())
         expected = sc.expected()
         log.read(lambda c: set(expected) <= set(c), timeout=60, group=group)
-        time.sleep(1.5)  # let any duplicate arrive
-        copies = log.read(lambda c: False, timeout=0.5)
+        wait_ticks(port, 3 * PARTITIONS, group=group)  # any duplicate is emitted by then
+        copies = log.read_to_end(group=group)
         recs_after = metric(port, "memento_stream_events_total", strict=True, type="recommendation")
         # window occupancy counts the windows recovered from the changelog: what is left open is
         # the flush recommendations' (one per partition, never closed)

@@ -9,19 +9,13 @@ import time
 
 import pytest
 
-from harness.broker import EmbeddedBroker, free_port
+from harness.broker import free_port
 from memento.kafka_io import make_consumer, make_producer, poll
 from harness.processes import ProcessGroup, memento_command
 from memento.schemas import Action, Recommendation, encode
-from support.streams import fresh_settings, metric, metrics
+from support.streams import PARTITIONS, at_end, fresh_settings, metric, metrics, wait_ticks
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module", params=EmbeddedBroker.engines())
-def broker(request, tmp_path_factory):
-    with EmbeddedBroker(request.param, 0, str(tmp_path_factory.mktemp(f"broker-{request.param}"))) as b:
-        yield b
 
 
 def test_worker_joins_attributes_and_dead_letters(broker, tmp_path):
@@ -93,8 +87,10 @@ def test_worker_joins_attributes_and_dead_letters(broker, tmp_path):
         producer.flush()
         read(lambda: "act:marker" in cases, timeout=30)
         assert "act:marker" in cases
-        time.sleep(1.0)  # anything wrongly reopened or doubled would be emitted by the next ticks
-        read(lambda: False, timeout=1.0)
+        wait_ticks(port, 3 * PARTITIONS, group=group)  # anything wrongly reopened or doubled is emitted by then
+        ends = consumer.end_offsets(list(consumer.assignment()))
+        read(lambda: at_end(consumer, ends), timeout=30)
+        assert at_end(consumer, ends), "the transitions topic was not read to its end"
         assert {rid: copies for rid, copies in transitions.items()} == {rid: [r] for rid, r in expected.items()}
 
         assert len(dead) == 1 and "not valid JSON" in dead[0]["reason"]

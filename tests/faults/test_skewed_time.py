@@ -14,7 +14,7 @@ from harness.processes import ProcessGroup
 from memento.schemas import Action, Recommendation, encode
 from serving.validation import RequestError, parse_feedback, parse_recommend
 from memento.kafka_io import partition_of
-from support.streams import PARTITIONS, TransitionLog, fresh_settings, produce, start_worker, wait_assigned
+from support.streams import PARTITIONS, TransitionLog, fresh_settings, produce, start_worker, wait_assigned, wait_ticks
 
 pytestmark = pytest.mark.faults
 
@@ -46,7 +46,7 @@ def test_a_timestamp_in_milliseconds_does_not_close_other_windows(request, tmp_p
         log = TransitionLog(s, dead_letters=True)
         produce(s, first)
         log.read(lambda c: len(log.dead) >= 2 or "r1" in c, timeout=30, group=group)
-        time.sleep(1.0)  # ticks: a watermark moved by the skewed events would close r1 now
+        wait_ticks(port, 3 * PARTITIONS, group=group)  # a watermark moved by the skewed events closes r1 by then
         produce(s, then)
         copies = log.read(lambda c: "r1" in c, timeout=60, group=group)
         dead = log.dead

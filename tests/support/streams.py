@@ -138,6 +138,25 @@ def metric(port: int, name: str, strict: bool = False, **labels) -> float:
     return sum(v for n, lab, v in samples if n == name and all(lab.get(k) == w for k, w in labels.items()))
 
 
+def wait_ticks(port: int, ticks: int, timeout: float = 30.0, group: ProcessGroup | None = None) -> None:
+    """Until the worker on ``port`` has handled ``ticks`` more of its own ticks than now. Each tick
+    recomputes its partition's watermark and sends what that makes due, so whatever a wrong
+    watermark would emit has been emitted once a few ticks per partition have gone by (a
+    positive signal, instead of a fixed sleep before a "nothing more arrived" check)."""
+    start = metric(port, "memento_stream_events_total", strict=True, type="tick")
+    deadline = time.monotonic() + timeout
+    while metric(port, "memento_stream_events_total", strict=True, type="tick") < start + ticks:
+        assert time.monotonic() < deadline, f"the worker handled fewer than {ticks} ticks in {timeout:.0f} s"
+        if group is not None:
+            group.check()
+        time.sleep(0.1)
+
+
+def at_end(consumer, ends: dict) -> bool:
+    """Whether ``consumer`` has read every partition up to ``ends`` (``consumer.end_offsets``)."""
+    return all(consumer.position(tp) >= offset for tp, offset in ends.items())
+
+
 def wait_assigned(group: ProcessGroup, settings: Settings, ports: list[int], timeout: float = 60.0) -> None:
     """Until the workers together hold every actions partition, each at least one, for 1.5 s."""
     wait_until_assigned(group, settings.topics.actions, ports, timeout)
@@ -183,6 +202,12 @@ class TransitionLog:
                 return self.copies
             if group is not None:
                 group.check()
+
+    def read_to_end(self, timeout: float = 30.0, group: ProcessGroup | None = None) -> dict[str, list[tuple[float, bool]]]:
+        """Read everything the topics hold now (up to their end offsets at this call)."""
+        self.read(lambda c: bool(self.consumer.assignment()), timeout=timeout, group=group)
+        ends = self.consumer.end_offsets(list(self.consumer.assignment()))
+        return self.read(lambda c: at_end(self.consumer, ends), timeout=timeout, group=group)
 
     def close(self) -> None:
         self.consumer.close()
