@@ -441,7 +441,7 @@ def _ratios(figures: dict, baseline: dict) -> dict:
 def run(args: argparse.Namespace) -> dict:
     """Run the bench; returns (and writes to ``--json``) the figures."""
     from harness.broker import EmbeddedBroker, free_port
-    from memento.checkpoint import save_checkpoint
+    from memento.checkpoint import ANNOUNCEMENT_KEY, save_checkpoint
     from memento.config import Settings, TopicNames
     from memento.kafka_io import ensure_topics, make_producer
     from memento.qnet import QNetwork
@@ -487,7 +487,7 @@ def run(args: argparse.Namespace) -> dict:
         def announce(version: int) -> float:
             ann = save_checkpoint(QNetwork(settings.state_dim), settings.checkpoint_dir, version=version, step=version)
             sent = time.time()
-            producer.send(settings.topics.checkpoints, value=encode(ann)).get(timeout=10)
+            producer.send(settings.topics.checkpoints, key=ANNOUNCEMENT_KEY, value=encode(ann)).get(timeout=10)
             return sent
 
         port = free_port()

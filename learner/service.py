@@ -57,7 +57,7 @@ from learner.candidates import with_candidates
 from learner.drift import DriftConfig, RewardDrift
 from learner.loop import TrainingLoop, replay_buffer
 from learner.trainer import SoftQConfig, SoftQLearner
-from memento.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, sign_announcement
+from memento.checkpoint import ANNOUNCEMENT_KEY, CHECKPOINT_NAME, CheckpointError, load_checkpoint, sign_announcement
 from memento.config import Settings, add_settings_arguments, settings_from_args
 from memento.options import add_dataclass_options, option, options_from_args
 from memento.encoder import case_feature_dim
@@ -365,7 +365,7 @@ class LearnerService:
             return None
         if self.settings.checkpoint_key:
             ann = dataclasses.replace(ann, signature=sign_announcement(ann, self.settings.checkpoint_key))
-        self.producer.send(self.settings.topics.checkpoints, key="policy", value=encode(ann))
+        self.producer.send(self.settings.topics.checkpoints, key=ANNOUNCEMENT_KEY, value=encode(ann))
         self.producer.flush(timeout=10)
         self.version = version
         self.published.append(ann)

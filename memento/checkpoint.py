@@ -46,9 +46,13 @@ from memento.priors import check_prior_mix
 from memento.qnet import QNetwork
 from memento.schemas import CheckpointAnnouncement
 
-__all__ = ["CheckpointError", "PolicyParams", "Checkpoint", "save_checkpoint", "read_checkpoint",
+__all__ = ["ANNOUNCEMENT_KEY", "CheckpointError", "PolicyParams", "Checkpoint", "save_checkpoint", "read_checkpoint",
            "load_checkpoint", "sha256_bytes", "MAX_CHECKPOINT_BYTES", "MAX_TOP_K", "CHECKPOINT_NAME",
            "checkpoint_file_name", "sign_announcement", "announcement_problem"]
+
+# The key of every checkpoint announcement: the checkpoints topic is compacted (memento.config.
+# TOPIC_CONFIGS), so the latest announcement is the one a new reader finds.
+ANNOUNCEMENT_KEY = "policy"
 
 MAX_CHECKPOINT_BYTES = 1 << 30     # a policy network is a few MB; refuse to read a larger file
 MAX_HEADER_BYTES = 1 << 20         # the safetensors header (tensor index and metadata)

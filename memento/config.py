@@ -17,7 +17,8 @@ from pathlib import Path
 __all__ = ["Settings", "TopicNames", "RewardWeights", "parse_reward_mapping", "TOPIC_PARTITIONS",
            "DEFAULT_ALPHA", "DEFAULT_MIN_PROB", "DEFAULT_SIMILARITY_PRIOR", "DEFAULT_VOTE_PRIOR", "DEFAULT_TOP_K",
            "DEFAULT_ALTERNATIVE_PRIORS", "DEFAULT_OWN_CASES",
-           "add_settings_arguments", "settings_from_args"]
+           "add_settings_arguments", "settings_from_args", "KAFKA_SECURITY_PROTOCOLS", "KAFKA_SASL_MECHANISMS",
+           "SECRET_FIELDS", "read_secret", "TOPIC_CONFIGS"]
 
 
 # μ's defaults, for the learner (SoftQConfig), serving's flags, PolicyOptions and the evaluation
@@ -73,6 +74,21 @@ TOPIC_PARTITIONS: dict[str, int] = {
     "cases": 2,
     "checkpoints": 1,
     "dead_letter": 1,
+}
+
+
+# Topic configs by role, on top of the broker's defaults: checkpoint announcements and cases are
+# compacted (the latest record per key is what a new reader needs; cases are also kept by the
+# case bank's own WAL), the event topics are kept for a week (a restarted worker or learner reads
+# back at most that far), ticks and dead letters for a day and a month.
+TOPIC_CONFIGS: dict[str, dict[str, str]] = {
+    "actions": {"retention.ms": str(7 * 86_400_000)},
+    "recommendations": {"retention.ms": str(7 * 86_400_000)},
+    "ticks": {"retention.ms": str(86_400_000)},
+    "transitions": {"retention.ms": str(7 * 86_400_000)},
+    "cases": {"cleanup.policy": "compact"},
+    "checkpoints": {"cleanup.policy": "compact"},
+    "dead_letter": {"retention.ms": str(30 * 86_400_000)},
 }
 
 
@@ -152,6 +168,32 @@ def parse_reward_mapping(spec: str) -> dict[str, float]:
     return out
 
 
+KAFKA_SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+KAFKA_SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+# Settings that are secrets: read from MEMENTO_<NAME> or the file MEMENTO_<NAME>_FILE names (a
+# mounted Kubernetes or Docker secret), never from a flag, never printed.
+SECRET_FIELDS = ("checkpoint_key", "kafka_sasl_password")
+
+
+def read_secret(path: str, what: str) -> str:
+    """The secret in file ``path`` (one trailing newline dropped), for ``what``.
+
+    >>> import tempfile, os
+    >>> with tempfile.NamedTemporaryFile("w", delete=False) as fh:
+    ...     _ = fh.write("s3cret\\n")
+    >>> read_secret(fh.name, "MEMENTO_X_FILE"); os.unlink(fh.name)
+    's3cret'
+    """
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ValueError(f"{what}: cannot read {path!r} ({exc.strerror})") from None
+    secret = text[:-1] if text.endswith("\n") else text
+    if not secret:
+        raise ValueError(f"{what}: {path!r} is empty")
+    return secret
+
+
 @dataclass(frozen=True)
 class Settings:
     """Every process's configuration.
@@ -199,6 +241,23 @@ class Settings:
         Most reward windows (open, or closed and held for the session gap) one user may have in
         the stream worker; a recommendation beyond them is dead-lettered. Bounds the user's
         state, which the worker writes as one table value (and changelog record).
+    kafka_security_protocol
+        ``PLAINTEXT`` (default), ``SSL``, ``SASL_PLAINTEXT`` or ``SASL_SSL``: how every client
+        (kafka-python and Faust's aiokafka, :func:`memento.kafka_io.client_kwargs` and
+        :func:`memento.kafka_io.ssl_context`) talks to the brokers.
+    kafka_sasl_mechanism, kafka_sasl_username, kafka_sasl_password
+        SASL: ``PLAIN``, ``SCRAM-SHA-256`` or ``SCRAM-SHA-512``, and the credentials. The
+        password comes from ``MEMENTO_KAFKA_SASL_PASSWORD`` or the file named by
+        ``MEMENTO_KAFKA_SASL_PASSWORD_FILE``, never a flag, and is never printed.
+    kafka_ssl_cafile, kafka_ssl_certfile, kafka_ssl_keyfile
+        TLS: the CA bundle that signs the brokers' certificates (empty: the system's), and the
+        client's certificate and key for mutual TLS (empty: none).
+    kafka_replication_factor
+        Replicas of every topic the project creates, Faust's changelogs included (1 on the
+        embedded brokers; 3 in the deploy profiles).
+    kafka_min_insync_replicas
+        ``min.insync.replicas`` of the created topics (0: the broker's default); with
+        ``acks=all`` a write is acknowledged once that many replicas have it.
     """
 
     bootstrap_servers: str = "127.0.0.1:9092"
@@ -217,6 +276,32 @@ class Settings:
     max_future_skew_s: float = 3600.0
     max_windows_per_user: int = 100
     checkpoint_key: str = field(default="", repr=False)
+    kafka_security_protocol: str = "PLAINTEXT"
+    kafka_sasl_mechanism: str = ""
+    kafka_sasl_username: str = ""
+    kafka_sasl_password: str = field(default="", repr=False)
+    kafka_ssl_cafile: str = ""
+    kafka_ssl_certfile: str = ""
+    kafka_ssl_keyfile: str = ""
+    kafka_replication_factor: int = 1
+    kafka_min_insync_replicas: int = 0
+
+    def __post_init__(self):
+        if self.kafka_security_protocol not in KAFKA_SECURITY_PROTOCOLS:
+            raise ValueError(f"kafka_security_protocol must be one of {KAFKA_SECURITY_PROTOCOLS}, "
+                             f"got {self.kafka_security_protocol!r}")
+        if self.kafka_security_protocol.startswith("SASL_"):
+            if self.kafka_sasl_mechanism not in KAFKA_SASL_MECHANISMS:
+                raise ValueError(f"kafka_sasl_mechanism must be one of {KAFKA_SASL_MECHANISMS} under "
+                                 f"{self.kafka_security_protocol}, got {self.kafka_sasl_mechanism!r}")
+            if not (self.kafka_sasl_username and self.kafka_sasl_password):
+                raise ValueError(f"{self.kafka_security_protocol} needs kafka_sasl_username and a password "
+                                 "(MEMENTO_KAFKA_SASL_PASSWORD or MEMENTO_KAFKA_SASL_PASSWORD_FILE)")
+        if self.kafka_replication_factor < 1 or self.kafka_min_insync_replicas < 0:
+            raise ValueError("kafka_replication_factor must be >= 1 and kafka_min_insync_replicas >= 0")
+        if self.kafka_min_insync_replicas > self.kafka_replication_factor:
+            raise ValueError(f"kafka_min_insync_replicas ({self.kafka_min_insync_replicas}) cannot exceed "
+                             f"kafka_replication_factor ({self.kafka_replication_factor})")
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> "Settings":
@@ -231,6 +316,8 @@ class Settings:
             elif f.name == "rewards":
                 if env.get(key, "").strip():  # set and not empty
                     values["rewards"] = RewardWeights.parse(env[key])
+            elif f.name in SECRET_FIELDS and key not in env and env.get(f"{key}_FILE"):
+                values[f.name] = read_secret(env[f"{key}_FILE"], f"{key}_FILE")
             elif key in env:
                 raw = env[key]
                 if f.type in ("bool", bool):
@@ -269,7 +356,8 @@ class Settings:
 
     def describe(self) -> str:
         values = dataclasses.asdict(self)
-        values["checkpoint_key"] = "(set)" if self.checkpoint_key else ""
+        for name in SECRET_FIELDS:
+            values[name] = "(set)" if values[name] else ""
         return json.dumps(values, indent=2, default=str)
 
 

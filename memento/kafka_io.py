@@ -5,6 +5,7 @@ only :func:`client_kwargs` differs under the embedded profile."""
 from __future__ import annotations
 
 import logging
+import ssl
 import time
 from typing import Iterable
 
@@ -14,27 +15,62 @@ from kafka.partitioner.default import murmur2
 from kafka.serializer import Serializer
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
-from memento.config import TOPIC_PARTITIONS, Settings
+from memento.config import TOPIC_CONFIGS, TOPIC_PARTITIONS, Settings
 from memento.schemas import MAX_ORIGINAL_BYTES, DeadLetter, encode
 
 __all__ = ["client_kwargs", "wait_for_broker", "ensure_topics", "make_producer", "make_consumer", "poll",
            "throttle_aiokafka_empty_fetches",
-           "DeadLetterWriter", "topic_specs", "fetch_kwargs", "partition_of"]
+           "DeadLetterWriter", "topic_specs", "topic_configs", "fetch_kwargs", "partition_of", "ssl_context"]
 
 log = logging.getLogger(__name__)
 
 
 def client_kwargs(settings: Settings) -> dict:
+    """kafka-python's connection options for ``settings``' brokers: the servers, and the security
+    protocol, SASL credentials and TLS files (the one place they are read; Faust's aiokafka gets
+    the same through :func:`ssl_context` and ``streams.app.faust_app_kwargs``).
+
+    >>> s = Settings(kafka_security_protocol="SASL_SSL", kafka_sasl_mechanism="SCRAM-SHA-512",
+    ...              kafka_sasl_username="memento", kafka_sasl_password="pw", kafka_ssl_cafile="/ca.pem")
+    >>> kw = client_kwargs(s)
+    >>> kw["security_protocol"], kw["sasl_mechanism"], kw["sasl_plain_username"], kw["ssl_cafile"]
+    ('SASL_SSL', 'SCRAM-SHA-512', 'memento', '/ca.pem')
+    >>> client_kwargs(Settings())
+    {'bootstrap_servers': ['127.0.0.1:9092']}
+    """
     kwargs: dict = {"bootstrap_servers": settings.bootstrap_servers.split(",")}
+    protocol = settings.kafka_security_protocol
+    if protocol == "PLAINTEXT":
+        return kwargs
+    kwargs["security_protocol"] = protocol
+    if protocol.startswith("SASL_"):
+        kwargs.update(sasl_mechanism=settings.kafka_sasl_mechanism, sasl_plain_username=settings.kafka_sasl_username,
+                      sasl_plain_password=settings.kafka_sasl_password)
+    if protocol.endswith("SSL"):
+        kwargs.update({f"ssl_{name}": value for name, value in (
+            ("cafile", settings.kafka_ssl_cafile), ("certfile", settings.kafka_ssl_certfile),
+            ("keyfile", settings.kafka_ssl_keyfile)) if value})
+        kwargs["ssl_check_hostname"] = True
     return kwargs
+
+
+def ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    """The TLS context of ``settings`` (None without TLS): the CA bundle (or the system's), the
+    client certificate for mutual TLS, hostname checks on."""
+    if not settings.kafka_security_protocol.endswith("SSL"):
+        return None
+    context = ssl.create_default_context(cafile=settings.kafka_ssl_cafile or None)
+    if settings.kafka_ssl_certfile:
+        context.load_cert_chain(settings.kafka_ssl_certfile, settings.kafka_ssl_keyfile or None)
+    return context
 
 
 def fetch_kwargs(settings: Settings) -> dict:
     """Options every kafka-python consumer of ``settings``' broker needs to read a backlog.
 
     noida answers a fetch with everything from the offset to the end of the partition, whatever
-    ``fetch_max_bytes`` and ``max_partition_fetch_bytes`` ask (measured: one 150 MB answer for a
-    150 MB partition; Tansu honours the limits). kafka-python refuses any answer over its 100 MB
+    ``fetch_max_bytes`` and ``max_partition_fetch_bytes`` ask (docs/benchmarks.md, "Measurements
+    behind code choices"; Tansu honours the limits). kafka-python refuses any answer over its 100 MB
     frame guard, reconnects, and asks again, forever, so a consumer with a large backlog (a
     restarted learner, the stream bench's reader) never moves. On noida the guard is raised to
     1 GiB: such a consumer then reads, at the cost of memory for the answer. Apache Kafka
@@ -83,15 +119,28 @@ def topic_specs(settings: Settings) -> dict[str, int]:
     return {name: TOPIC_PARTITIONS[role] for role, name in settings.topics.all().items()}
 
 
-def ensure_topics(settings: Settings, replication_factor: int = 1,
-                  specs: dict[str, int] | None = None) -> dict[str, int]:
+def topic_configs(settings: Settings) -> dict[str, dict[str, str]]:
+    """Topic name → the configs it is created with (:data:`memento.config.TOPIC_CONFIGS`, and
+    ``min.insync.replicas`` when set).
+
+    >>> topic_configs(Settings(kafka_replication_factor=3, kafka_min_insync_replicas=2))["memento.cases"]
+    {'cleanup.policy': 'compact', 'min.insync.replicas': '2'}
+    """
+    extra = {"min.insync.replicas": str(settings.kafka_min_insync_replicas)} if settings.kafka_min_insync_replicas else {}
+    return {name: {**TOPIC_CONFIGS[role], **extra} for role, name in settings.topics.all().items()}
+
+
+def ensure_topics(settings: Settings, specs: dict[str, int] | None = None) -> dict[str, int]:
     """Create the project's topics (or those of ``specs``, name → partitions) that do not exist
-    yet; returns name → partitions."""
+    yet, with ``settings``' replication factor and the project's topic configs; returns name →
+    partitions. An existing topic is left as it is (an operator may have tuned it)."""
+    configs = topic_configs(settings)
     specs = topic_specs(settings) if specs is None else specs
     admin = KafkaAdminClient(**client_kwargs(settings))
     try:
         existing = set(admin.list_topics())
-        missing = [NewTopic(name, n, replication_factor) for name, n in specs.items() if name not in existing]
+        missing = [NewTopic(name, n, settings.kafka_replication_factor, topic_configs=configs.get(name, {}))
+                   for name, n in specs.items() if name not in existing]
         if missing:
             try:
                 admin.create_topics(missing)
@@ -163,8 +212,7 @@ class DeadLetterWriter:
 
 # -- embedded-broker profile -------------------------------------------------------------------
 # noida-db answers a fetch at once when no data is there instead of waiting fetch_max_wait_ms, so
-# a consumer that waits in poll() spins (measured: ~87% of a core for one idle kafka-python
-# consumer, ~93% for an idle Faust worker). Under MEMENTO_EMBEDDED_BROKER=noida only, idle polls
+# a consumer that waits in poll() spins at most of a core (docs/benchmarks.md). Under MEMENTO_EMBEDDED_BROKER=noida only, idle polls
 # sleep instead. Production (Apache Kafka) never takes these paths.
 
 EMPTY_FETCH_BACKOFF_S = 0.05

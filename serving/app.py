@@ -12,15 +12,14 @@ probability floor, K); the swapped-in policy samples that μ, so serving's own `
 is logged and counted in ``memento_serving_policy_overrides_total{option}``). Concurrent
 recommend requests share one bank search and one Q-network forward pass.
 
->>> cfg = ServingConfig(api_token="secret")
->>> cfg.options.alpha, cfg.generator
-(0.1, 'case')
+>>> cfg = ServingConfig(api_tokens=ApiTokens.parse("feedback:" + "t" * 16))
+>>> cfg.options.alpha, cfg.generator, cfg.api_tokens.open_scopes()
+(0.1, 'case', ['recommend', 'cases', 'admin'])
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import threading
 import time
@@ -42,6 +41,7 @@ from memento.priors import RetrievalPrior
 from memento.schemas import CheckpointAnnouncement, Recommendation, to_dict
 from memento.threads import limit_threads
 from memory_store.index import IVF_ENCODINGS
+from serving.auth import ApiTokens
 from serving.batching import MicroBatcher
 from serving.followers import ActionFollower, CaseFollower, CheckpointFollower
 from serving.generator import CaseItemGenerator, ChatCompletionGenerator, Generator
@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_KEY = web.AppKey("serving_service", object)
 _START_TASK = web.AppKey("serving_start_task", object)
+_METRICS_RUNNER = web.AppKey("serving_metrics_runner", object)
 
 
 def _option_text(value) -> str:
@@ -80,8 +81,9 @@ class ServingConfig:
     options
         Policy options (top K, α, probability floor, seed). K, α and the floor are defaults:
         a checkpoint that carries them replaces them when it is swapped in.
-    api_token
-        Bearer token required on write endpoints (``/v1/feedback``); empty = no auth.
+    api_tokens
+        Bearer tokens and their scopes (:mod:`serving.auth`; from the environment, never a flag);
+        empty = no authentication.
     max_body_bytes
         Largest accepted request body; larger ones get 413.
     generator
@@ -107,14 +109,22 @@ class ServingConfig:
         Threads for torch and FAISS (process-wide). One request scores one state, so more
         threads only add contention; 1 is fastest on small machines.
     max_users
-        Users whose recent history is kept in memory.
+        Users whose recent history is kept in memory; the least recently active are dropped past
+        it (``memento_serving_users``).
+    max_cases
+        Cases the serving bank keeps (split evenly over its shards); past it the oldest are
+        evicted (the bank's ``memento_casebank_*`` metrics count them). None: unbounded.
     max_batch
         Most recommend requests answered by one bank search and Q forward pass; concurrent
         requests are batched without waiting (:class:`~serving.batching.MicroBatcher`).
+    metrics_port, metrics_host
+        Where ``/metrics`` is served when ``metrics_port`` > 0 (worker i of several listens on
+        ``metrics_port + i``, so each worker's registry is scraped on its own): off the public API
+        port. 0 (default): on the API port.
     """
 
     options: PolicyOptions = field(default_factory=PolicyOptions)
-    api_token: str = ""
+    api_tokens: ApiTokens = field(default_factory=ApiTokens)
     max_body_bytes: int = option(64 * 1024, "largest request body in bytes; larger ones get 413")
     generator: str = option("case", "item generator: the chosen case's item, or an OpenAI-compatible chat endpoint",
                             choices=GENERATORS)
@@ -130,12 +140,21 @@ class ServingConfig:
                                      "trade recall for speed")
     compute_threads: int = option(1, "threads for torch and FAISS (one request scores one state: 1 is fastest "
                                   "on small machines)")
-    max_users: int = option(1_000_000, "users whose recent history is kept in memory")
+    max_users: int = option(250_000, "users whose recent history is kept in memory (the least recently "
+                                       "active dropped past it; docs/deploy.md sizes it)")
+    max_cases: int | None = option(None, "cases the serving bank keeps, the oldest evicted past it (none: "
+                                         "unbounded; docs/deploy.md sizes it)")
     max_batch: int = option(64, "most concurrent recommend requests answered by one search and Q pass")
+    metrics_port: int = option(0, "serve /metrics on this port (worker i: port + i) instead of the API port; "
+                                  "0 = on the API port")
+    metrics_host: str = option("0.0.0.0", "interface of the metrics port")
 
     def __post_init__(self):
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.max_users < 1 or (self.max_cases is not None and self.max_cases < 1):
+            raise ValueError(f"max_users must be >= 1 and max_cases >= 1 (or None), got {self.max_users} and "
+                             f"{self.max_cases}")
         if self.bank_nprobe is not None and self.bank_nprobe < 1:
             raise ValueError(f"bank_nprobe must be >= 1 (or None: tuned), got {self.bank_nprobe}")
         if self.generator not in GENERATORS:
@@ -149,9 +168,11 @@ class ServingConfig:
         from memory_store import CaseBank
 
         # IVF probes are tuned for recall at the k serving searches, not the bank's default.
-        return CaseBank(path, dim=dim, num_shards=CaseBank.stored_num_shards(path) or self.bank_shards,
-                        omp_threads=self.compute_threads, tune_k=self.options.top_k,
-                        ivf_encoding=self.bank_encoding, nprobe=self.bank_nprobe)
+        shards = CaseBank.stored_num_shards(path) or self.bank_shards
+        per_shard = None if self.max_cases is None else -(-self.max_cases // shards)
+        return CaseBank(path, dim=dim, num_shards=shards, omp_threads=self.compute_threads,
+                        tune_k=self.options.top_k, ivf_encoding=self.bank_encoding, nprobe=self.bank_nprobe,
+                        max_cases_per_shard=per_shard, eviction="oldest")
 
 
 class ServingService:
@@ -175,6 +196,7 @@ class ServingService:
         self.items = ItemEncoder(settings.item_dim, catalogue)
         self.states = StateEncoder(self.items, max_len=settings.history_len)
         self.histories = UserHistories(max_users=self.config.max_users, max_len=settings.history_len)
+        self.metrics.users.set_function(lambda: len(self.histories))
         self.rng = np.random.default_rng(self.options.seed + self.config.worker_index)
         self.policy: RetrievalPolicy | None = None
         self.version_seen_at: dict[int, float] = {}
@@ -251,7 +273,7 @@ class ServingService:
         while not self._closing.is_set():
             try:
                 # Records are published off the request path; a longer linger and larger batches
-                # halve the producer's CPU per record (measured: 158 -> 84 us on the dev host).
+                # halve the producer's CPU per record (docs/benchmarks.md).
                 return make_producer(self.settings, linger_ms=20, batch_size=512 * 1024)
             except Exception as exc:  # NoBrokersAvailable and socket errors
                 log.warning("cannot reach Kafka at %s (%s); retrying", self.settings.bootstrap_servers, exc)
@@ -390,17 +412,8 @@ def make_app(service: ServingService) -> web.Application:
         metrics.requests.labels(endpoint, str(response.status)).inc()
         return response
 
-    def require_token(request: web.Request) -> None:
-        if not config.api_token:
-            return
-        header = request.headers.get("Authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            raise RequestError("missing bearer token: send the header 'Authorization: Bearer <token>'",
-                               401, headers={"WWW-Authenticate": "Bearer"})
-        if not hmac.compare_digest(token.strip().encode(), config.api_token.encode()):
-            raise RequestError("invalid bearer token in the 'Authorization' header", 403,
-                               headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+    def require(request: web.Request, scope: str) -> None:
+        config.api_tokens.check(request.headers.get("Authorization"), scope)
 
     def not_ready(what: str = "") -> web.Response:
         reason = what or ("no policy loaded yet" if service.policy is None else "the case bank is empty"
@@ -409,6 +422,7 @@ def make_app(service: ServingService) -> web.Application:
                       cases=service.cases)
 
     async def recommend(request: web.Request) -> web.Response:
+        require(request, "recommend")
         req = parse_recommend(parse_json(await request.read()), max_future_skew_s=settings.max_future_skew_s)
         if not service.ready:
             return not_ready()
@@ -448,7 +462,7 @@ def make_app(service: ServingService) -> web.Application:
         return web.json_response(body)
 
     async def feedback(request: web.Request) -> web.Response:
-        require_token(request)
+        require(request, "feedback")
         action = parse_feedback(parse_json(await request.read()), max_future_skew_s=settings.max_future_skew_s)
         if service.publisher is None:
             return not_ready("not connected to Kafka yet")
@@ -457,6 +471,7 @@ def make_app(service: ServingService) -> web.Application:
         return web.json_response({"accepted": True, "event_id": action.event_id}, status=202)
 
     async def get_case(request: web.Request) -> web.Response:
+        require(request, "cases")
         case_id = request.match_info["case_id"]
         case = service.bank.get(case_id) if service.bank is not None else None
         if case is None:
@@ -475,6 +490,7 @@ def make_app(service: ServingService) -> web.Application:
                                   "cases": service.cases}, status=200 if ready else 503)
 
     async def stats(request: web.Request) -> web.Response:
+        require(request, "admin")
         return web.json_response(service.stats())
 
     async def prometheus(request: web.Request) -> web.Response:
@@ -487,8 +503,21 @@ def make_app(service: ServingService) -> web.Application:
     async def on_startup(app: web.Application) -> None:
         # Not awaited: /healthz must answer while the bank loads and Kafka connects.
         app[_START_TASK] = asyncio.get_running_loop().run_in_executor(None, service.start)
+        if config.api_tokens.open_scopes():
+            log.warning("API scopes open to anyone (no token holds them): %s", ", ".join(config.api_tokens.open_scopes()))
+        if config.metrics_port > 0:
+            metrics_app = web.Application()
+            metrics_app.router.add_get("/metrics", prometheus)
+            runner = web.AppRunner(metrics_app, access_log=None)
+            await runner.setup()
+            port = config.metrics_port + config.worker_index
+            await web.TCPSite(runner, config.metrics_host, port).start()
+            app[_METRICS_RUNNER] = runner
+            log.info("metrics on http://%s:%d/metrics", config.metrics_host, port)
 
     async def on_cleanup(app: web.Application) -> None:
+        if _METRICS_RUNNER in app:
+            await app[_METRICS_RUNNER].cleanup()
         loop = asyncio.get_running_loop()
         service._closing.set()
         try:
@@ -505,7 +534,8 @@ def make_app(service: ServingService) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/v1/stats", stats)
-    app.router.add_get("/metrics", prometheus)
+    if config.metrics_port <= 0:
+        app.router.add_get("/metrics", prometheus)
     app.router.add_get("/openapi.json", openapi)
     app.on_startup.append(on_startup)
     app.on_cleanup.append(on_cleanup)

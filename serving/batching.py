@@ -1,8 +1,7 @@
 """Continuous micro-batching: requests that arrive while a batch computes form the next batch.
 
 Serving's hot path (a FAISS search and a Q-network forward pass) costs much less per state when
-states come in batches (measured on a 100k-case bank with four shards: 2.8 ms of CPU for one state
-alone, 0.83 ms per state in batches of 64), so concurrent requests are answered together. :class:`MicroBatcher`
+states come in batches (figures in docs/benchmarks.md), so concurrent requests are answered together. :class:`MicroBatcher`
 adds no timer and no waiting: the first request of an idle batcher schedules a batch for the
 next turn of the event loop, and every request whose handler reaches :meth:`submit` before then
 joins it. The batch runs on the event-loop thread; requests that arrive meanwhile wait in socket
@@ -10,8 +9,8 @@ buffers and make up the next batch. Under light load every batch has one request
 load batches grow up to ``max_batch`` and the cost per request falls.
 
 The batch runs on the loop thread rather than a thread of its own: FAISS and torch release the
-GIL, but on two cores shared with the HTTP work a batch thread showed no gain in throughput in
-our measurement, and one thread keeps the ordering simple (a batch reads the policy once).
+GIL, but on two cores shared with the HTTP work a batch thread gained no throughput, and one
+thread keeps the ordering simple (a batch reads the policy once).
 
 >>> import asyncio
 >>> async def demo():

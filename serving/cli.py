@@ -1,8 +1,8 @@
 """``memento serve``: command-line flags and the process entry point.
 
 Flags override environment variables (``MEMENTO_<FIELD>``, see :class:`memento.config.Settings`);
-the bearer token comes from ``--api-token`` or ``MEMENTO_API_TOKEN``, the chat generator's key
-only from ``MEMENTO_CHAT_API_KEY``. With ``--workers N`` (N > 1) N processes share the port
+the API tokens and their scopes come only from the environment (:mod:`serving.auth`), the chat
+generator's key only from ``MEMENTO_CHAT_API_KEY``. With ``--workers N`` (N > 1) N processes share the port
 (SO_REUSEPORT), each with its own case bank directory, followers and metrics. The event loop is
 uvloop when it is installed (``--loop auto``), else asyncio's.
 
@@ -46,13 +46,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="serving processes sharing the port via SO_REUSEPORT (default 1)")
     parser.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto",
                         help="event loop: uvloop when installed (auto, default), or asyncio's")
-    parser.add_argument("--api-token", default=None, help="bearer token for write endpoints (env MEMENTO_API_TOKEN)")
     config.add_settings_arguments(parser)
     parser.add_argument("--embedded-broker", choices=["noida", "tansu"], default=None,
                         help="the embedded test broker in use, if any (env MEMENTO_EMBEDDED_BROKER)")
     # K, α, the floor and the prior define μ; a checkpoint that carries them (the learner's) replaces these.
     add_dataclass_options(parser, PolicyOptions, "the policy μ until a checkpoint sets it", exclude=("priors",))
-    add_dataclass_options(parser, ServingConfig, "serving", exclude=("options", "api_token", "chat_api_key",
+    add_dataclass_options(parser, ServingConfig, "serving", exclude=("options", "api_tokens", "chat_api_key",
                                                                    "worker_index"))
 
 
@@ -66,9 +65,10 @@ def config_from_args(args: argparse.Namespace, settings: Settings, worker_index:
     from serving.app import ServingConfig
     from serving.policy import PolicyOptions
 
+    from serving.auth import ApiTokens
+
     options = options_from_args(PolicyOptions, args, top_k=settings.top_k)
-    api_token = args.api_token if args.api_token is not None else os.environ.get("MEMENTO_API_TOKEN", "")
-    return options_from_args(ServingConfig, args, options=options, api_token=api_token,
+    return options_from_args(ServingConfig, args, options=options, api_tokens=ApiTokens.from_env(),
                              chat_api_key=os.environ.get("MEMENTO_CHAT_API_KEY", ""), worker_index=worker_index)
 
 

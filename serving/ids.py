@@ -1,7 +1,7 @@
 """Request ids: unique, 32 hex digits like a UUID's, without a system call per id.
 
-``uuid.uuid4()`` reads 16 bytes from the kernel for every id; on a sandboxed host (gVisor) that
-system call alone measured 0.27 ms, a large share of a request (1.5 µs on a Firecracker VM). :class:`RequestIds`
+``uuid.uuid4()`` reads 16 bytes from the kernel for every id; on a sandboxed host that system
+call alone is a large share of a request (docs/benchmarks.md). :class:`RequestIds`
 reads 8 random bytes once per process and appends a counter: ids never repeat within a process, and
 two processes (serving workers, restarts) share a prefix with probability 2^-64.
 

@@ -76,6 +76,8 @@ class ServingMetrics:
         self.candidates = Histogram("memento_serving_candidates", "Valid candidates per request",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self.cases = Gauge("memento_serving_cases", "Cases in the serving case bank", registry=r)
+        self.users = Gauge("memento_serving_users", "Users whose recent history is kept in memory (at most "
+                           "--max-users; the least recently active are dropped past it)", registry=r)
         self.cases_appended = Counter("memento_serving_cases_appended",
                                       "Cases newly added to the bank from the cases topic", registry=r)
         self.thread_alive = Gauge("memento_serving_thread_alive", "1 while a background thread runs "

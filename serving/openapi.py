@@ -59,33 +59,39 @@ def openapi_document(max_body_bytes: int = 64 * 1024) -> dict:
                                               "cases": {"type": "integer"}}}
     stats = {"type": "object", "properties": {k: {"type": "integer"} for k in (
         "policy_version", "cases", "cases_appended", "reloads", "reload_failures", "requests")}}
+    auth = {"401": _json(_ERROR, "Token required"), "403": _json(_ERROR, "Invalid token, or one without the scope")}
     return {
         "openapi": "3.1.0",
         "info": {"title": "memento-stream serving", "version": "1",
                  "description": "Case retrieval by a soft-Q policy; recommendations and feedback are "
                                 "published to Kafka."},
-        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "components": {"securitySchemes": {"bearer": {
+            "type": "http", "scheme": "bearer",
+            "description": "A token whose scopes (serving.auth: recommend, feedback, cases, admin) include the "
+                           "operation's; an operation whose scope no configured token holds is open"}}},
         "paths": {
             "/v1/recommend": {"post": {
                 "summary": "Recommend item(s) for a user",
+                "security": [{"bearer": ["recommend"]}],
                 "requestBody": {"required": True, "content": {"application/json": {"schema": recommend_request}}},
-                "responses": {"200": _json(recommend_response, "The recommendation"), **error_responses,
+                "responses": {"200": _json(recommend_response, "The recommendation"), **error_responses, **auth,
                               "503": _json(_ERROR, "No policy loaded or empty case bank")}}},
             "/v1/feedback": {"post": {
                 "summary": "Report a user's action (published to the actions topic)",
-                "security": [{"bearer": []}],
+                "security": [{"bearer": ["feedback"]}],
                 "requestBody": {"required": True, "content": {"application/json": {"schema": feedback_request}}},
-                "responses": {"202": {"description": "Accepted for publishing"}, **error_responses,
-                              "401": _json(_ERROR, "Token required"), "403": _json(_ERROR, "Wrong token")}}},
+                "responses": {"202": {"description": "Accepted for publishing"}, **error_responses, **auth}}},
             "/v1/cases/{case_id}": {"get": {
                 "summary": "One case of the serving case bank",
+                "security": [{"bearer": ["cases"]}],
                 "parameters": [{"name": "case_id", "in": "path", "required": True, "schema": {"type": "string"}}],
-                "responses": {"200": {"description": "The case"}, "404": _json(_ERROR, "Unknown case")}}},
+                "responses": {"200": {"description": "The case"}, "404": _json(_ERROR, "Unknown case"), **auth}}},
             "/healthz": {"get": {"summary": "Liveness", "responses": {"200": {"description": "Alive"}}}},
             "/readyz": {"get": {"summary": "Readiness: a policy is loaded and the bank has a case",
                                 "responses": {"200": _json(ready, "Ready"), "503": _json(ready, "Not ready")}}},
-            "/v1/stats": {"get": {"summary": "Counters", "responses": {"200": _json(stats, "Counters")}}},
-            "/metrics": {"get": {"summary": "Prometheus metrics",
+            "/v1/stats": {"get": {"summary": "Counters", "security": [{"bearer": ["admin"]}],
+                                  "responses": {"200": _json(stats, "Counters"), **auth}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics (here unless serving has a metrics port of its own)",
                                  "responses": {"200": {"description": "Prometheus text format"}}}},
             "/openapi.json": {"get": {"summary": "This document",
                                       "responses": {"200": {"description": "OpenAPI 3.1"}}}},

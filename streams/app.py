@@ -50,7 +50,7 @@ from faust.types import TP, EventT
 
 from memento.config import TOPIC_PARTITIONS, Settings
 from memento.encoder import ItemEncoder, StateEncoder, case_feature_dim, load_products
-from memento.kafka_io import DeadLetterWriter, throttle_aiokafka_empty_fetches
+from memento.kafka_io import DeadLetterWriter, ssl_context, throttle_aiokafka_empty_fetches
 from memento.schemas import Action, Recommendation, SchemaError, decode, encode, future_time_problem
 from streams import compat
 from streams.attribution import RewardAttribution
@@ -60,7 +60,7 @@ from streams.metrics import (ACTION_EVENTS, ASSIGNED, ATTRIBUTION, COMMIT_REFUSA
                              RECOMMENDATION_EVENTS, REWARD, SESSION_ENDS, STALLS, TICK_EVENTS, TRANSITIONS, WATERMARK)
 from streams.watermarks import Watermarks, unread_count
 
-__all__ = ["TransitionWorker", "faust_app_kwargs", "USERS_TABLE"]
+__all__ = ["TransitionWorker", "faust_app_kwargs", "faust_credentials", "USERS_TABLE"]
 
 log = logging.getLogger(__name__)
 
@@ -83,21 +83,43 @@ def faust_app_kwargs(settings: Settings) -> dict[str, Any]:
     kwargs: dict[str, Any] = dict(
         broker=[f"kafka://{b}" for b in settings.bootstrap_servers.split(",")],
         topic_partitions=TOPIC_PARTITIONS["actions"],
-        topic_replication_factor=1,
+        topic_replication_factor=settings.kafka_replication_factor,
         consumer_auto_offset_reset="earliest",
         web_enabled=False,
         processing_guarantee="at_least_once",
         # Every input event of the worker writes a changelog record and about half emit a
-        # transition and a case: lingering sends them in fewer, larger produce requests. Socket
-        # writes of produce requests took ~10% of the worker's main thread at 5 ms; 50 ms costs at
-        # most 50 ms of latency (measured on noida, noisy: worker +30–60% events/s, broker CPU per
-        # event /2). Shared so that the bench's producing trivial agent produces alike.
+        # transition and a case: lingering sends them in fewer, larger produce requests, at most
+        # 50 ms later (figures in docs/benchmarks.md). Shared so that the bench's producing
+        # trivial agent produces alike.
         producer_linger=0.05,
         producer_max_batch_size=256 * 1024,
     )
     if settings.embedded_broker:
         kwargs.update(broker_session_timeout=6.0, broker_heartbeat_interval=1.0)
+    credentials = faust_credentials(settings)
+    if credentials is not None:
+        kwargs["broker_credentials"] = credentials
     return kwargs
+
+
+def faust_credentials(settings: Settings):
+    """Faust's broker credentials for ``settings``' security protocol (None: plaintext): the same
+    SASL mechanism, user and password, and TLS context (:func:`memento.kafka_io.ssl_context`),
+    that kafka-python gets from :func:`memento.kafka_io.client_kwargs`.
+
+    >>> c = faust_credentials(Settings(kafka_security_protocol="SASL_PLAINTEXT", kafka_sasl_mechanism="PLAIN",
+    ...                                kafka_sasl_username="u", kafka_sasl_password="p"))
+    >>> c.protocol.value, c.mechanism.value, c.username
+    ('SASL_PLAINTEXT', 'PLAIN', 'u')
+    """
+    protocol = settings.kafka_security_protocol
+    if protocol == "PLAINTEXT":
+        return None
+    context = ssl_context(settings)
+    if protocol == "SSL":
+        return faust.SSLCredentials(context)
+    return faust.SASLCredentials(username=settings.kafka_sasl_username, password=settings.kafka_sasl_password,
+                                 mechanism=settings.kafka_sasl_mechanism, ssl_context=context)
 
 
 def _reason_kind(reason: str) -> str:

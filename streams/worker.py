@@ -76,7 +76,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     logging.getLogger("kafka").setLevel(logging.WARNING)
     faust_worker = Worker(worker.app, loglevel=getattr(args, "log_level", "INFO").lower(), quiet=True)
     # At log level warning or above Faust's progress spinner sets the root logger to DEBUG for
-    # good, so that every aiokafka debug call builds a log record (measured: ~7% of the worker).
+    # good, so that every aiokafka debug call builds a log record (a cost in docs/benchmarks.md).
     faust_worker.spinner = None
     try:
         faust_worker.execute_from_commandline()

@@ -123,9 +123,10 @@ def _dashboard_exprs() -> list[str]:
 def _known_env_names() -> frozenset[str]:
     """The MEMENTO_* variables the code reads: Settings (from_env / to_env) and every literal
     MEMENTO_ name in the packages' source (the CLIs' own variables)."""
-    from memento.config import Settings
+    from memento.config import SECRET_FIELDS, Settings
 
     names = set(Settings().to_env()) | {f"MEMENTO_{f.name.upper()}" for f in fields(Settings)}
+    names |= {f"MEMENTO_{name.upper()}_FILE" for name in SECRET_FIELDS}   # a secret may come from a file
     for package in ("memento", "memory_store", "streams", "learner", "serving", "evaluation", "harness", "cli"):
         for path in (ROOT / package).rglob("*.py"):
             names.update(re.findall(r"\bMEMENTO_[A-Z0-9_]*[A-Z0-9]\b", path.read_text()))
@@ -320,6 +321,10 @@ def test_k8s_workloads():
             for flag in ("--metrics-port", "--port"):
                 if flag in args:
                     assert int(args[args.index(flag) + 1]) in ports, f"{where}: {flag} not a containerPort"
+            annotations = w["spec"]["template"]["metadata"].get("annotations") or {}
+            if "prometheus.io/port" in annotations and "--metrics-port" in args:
+                assert annotations["prometheus.io/port"] == args[args.index("--metrics-port") + 1], (
+                    f"{where}: Prometheus scrapes a port other than its --metrics-port")
             for env in c.get("env", []):
                 if env["name"].startswith("MEMENTO_"):
                     assert env["name"] in _known_env_names(), f"{where}: {env['name']} is read by no code"
@@ -373,11 +378,12 @@ def test_compose():
             context = COMPOSE.parent / svc["build"]["context"]
             assert (context / svc["build"].get("dockerfile", "Dockerfile")).is_file()
         command = [str(a) for a in svc.get("command", [])]
-        for flag in ("--metrics-port", "--port"):
-            if flag in command:
-                port = command[command.index(flag) + 1]
-                test = " ".join(map(str, (svc.get("healthcheck") or {}).get("test", [])))
-                assert f":{port}/" in test, f"{name}: no healthcheck on its port {port}"
+        # the health check is on the API port where there is one, else on the metrics port
+        flag = next((f for f in ("--port", "--metrics-port") if f in command), None)
+        if flag is not None:
+            port = command[command.index(flag) + 1]
+            test = " ".join(map(str, (svc.get("healthcheck") or {}).get("test", [])))
+            assert f":{port}/" in test, f"{name}: no healthcheck on its port {port}"
     assert "/healthz" in " ".join(services["serve"]["healthcheck"]["test"])
 
 

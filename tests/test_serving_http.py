@@ -8,7 +8,9 @@ import pytest
 
 from memento.encoder import HistoryEntry, ItemEncoder, StateEncoder
 from memento.schemas import Action, DeadLetter, Recommendation, decode
+from harness.broker import free_port
 from serving.app import ServingConfig
+from serving.auth import ApiTokens
 from serving.policy import PolicyOptions
 from support.serving import (ServerThread, announce, fresh_settings, http, make_cases, publish,
                              publish_cases, read_topic, wait_for)
@@ -111,11 +113,15 @@ BAD_REQUESTS = [
 
 def test_validation_auth_feedback_and_malformed_cases(broker, tmp_path):
     settings = fresh_settings(broker, tmp_path)
-    config = ServingConfig(options=PolicyOptions(top_k=settings.top_k), api_token="s3cret",
-                           max_body_bytes=4096, bank_nprobe=3)
+    feed, rotated, admin = "feed-" + "f" * 16, "feed-new-" + "n" * 16, "admin-" + "a" * 16
+    metrics_port = free_port()
+    config = ServingConfig(options=PolicyOptions(top_k=settings.top_k), max_body_bytes=4096, bank_nprobe=3,
+                           api_tokens=ApiTokens.parse(f"feedback:{feed}; feedback:{rotated}\ncases,admin:{admin}"),
+                           metrics_port=metrics_port, metrics_host="127.0.0.1")
+    metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     with ServerThread(settings, config) as server:
         publish_cases(settings, make_cases(settings, 10))
-        publish(settings, settings.topics.cases, [(None, b"{broken"), (None, b'{"case_id": "x"}')])
+        publish(settings, settings.topics.cases, [("bad-1", b"{broken"), ("bad-2", b'{"case_id": "x"}')])
         announce(settings, 1)
         wait_for(lambda: http("GET", f"{server.url}/readyz")[0] == 200, what="ready")
         assert server.service.bank.options.nprobe == 3  # --bank-nprobe reaches the bank
@@ -130,8 +136,21 @@ def test_validation_auth_feedback_and_malformed_cases(broker, tmp_path):
         got, body = http("POST", f"{server.url}/v1/feedback", feedback)
         assert got == 401 and "Authorization" in body["error"]
         got, body = http("POST", f"{server.url}/v1/feedback", feedback, {"Authorization": "Bearer wrong"})
-        assert got == 403 and "token" in body["error"]
-        auth = {"Authorization": "Bearer s3cret"}
+        assert got == 403 and "invalid bearer token" in body["error"]
+        got, body = http("POST", f"{server.url}/v1/feedback", feedback, {"Authorization": f"Bearer {admin}"})
+        assert got == 403 and "does not grant the 'feedback' scope" in body["error"]
+        # two tokens hold the scope at once (rotation): the new one is accepted beside the old
+        got, body = http("POST", f"{server.url}/v1/feedback", {**feedback, "action": "stare"},
+                         {"Authorization": f"Bearer {rotated}"})
+        assert got == 422
+        # cases (a user's state vector) and stats need their scopes; recommend stays open (no token holds it)
+        assert http("GET", f"{server.url}/v1/cases/case-0")[0] == 401
+        assert http("GET", f"{server.url}/v1/cases/case-0", headers={"Authorization": f"Bearer {feed}"})[0] == 403
+        assert http("GET", f"{server.url}/v1/cases/case-0", headers={"Authorization": f"Bearer {admin}"})[0] == 200
+        assert http("GET", f"{server.url}/v1/stats")[0] == 401
+        # metrics on their own port, not on the API's
+        assert http("GET", f"{server.url}/metrics")[0] == 404
+        auth = {"Authorization": f"Bearer {feed}"}
         got, body = http("POST", f"{server.url}/v1/feedback", {**feedback, "action": "stare"}, auth)
         assert got == 422 and "'action'" in body["error"]
         got, body = http("POST", f"{server.url}/v1/feedback", {"user_id": "u9"}, auth)
@@ -163,14 +182,14 @@ def test_validation_auth_feedback_and_malformed_cases(broker, tmp_path):
         assert not np.any(state_of_u9(2.0))
 
         # Two malformed case messages were counted and dead-lettered; the good ones are in.
-        status, stats = http("GET", f"{server.url}/v1/stats")
+        status, stats = http("GET", f"{server.url}/v1/stats", headers={"Authorization": f"Bearer {admin}"})
         assert stats["cases"] == 10
-        status, text = http("GET", f"{server.url}/metrics")
+        status, text = http("GET", metrics_url)
         assert f'memento_serving_malformed_messages_total{{topic="{settings.topics.cases}"}} 2.0' in text
         letters = read_topic(settings, settings.topics.dead_letter, lambda rs: len(rs) >= 2)
         reasons = [decode(DeadLetter, r.value).reason for r in letters]
         assert any("not valid JSON" in r for r in reasons) and any("missing field" in r for r in reasons)
-        status, text = http("GET", f"{server.url}/metrics")
+        status, text = http("GET", metrics_url)
         assert 'memento_serving_requests_total{endpoint="/v1/feedback",status="401"} 1.0' in text
 
 

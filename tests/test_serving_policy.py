@@ -221,7 +221,7 @@ def test_serving_flags_come_from_the_option_dataclasses():
     add_arguments(parser)
     flags = {a.dest for a in parser._actions}
     assert {f.name for f in fields(PolicyOptions)} - flags == {"priors"}
-    assert {f.name for f in fields(ServingConfig)} - flags == {"options", "chat_api_key", "worker_index"}
+    assert {f.name for f in fields(ServingConfig)} - flags == {"options", "api_tokens", "chat_api_key", "worker_index"}
     args = parser.parse_args(["--alpha", "0.25", "--own-cases", "3", "--max-users", "7", "--bank-nprobe", "none",
                               "--bank-encoding", "flat", "--top-k", "9"])
     config = config_from_args(args, Settings(top_k=9), worker_index=2)

@@ -270,8 +270,8 @@ def test_a_silent_input_with_unread_messages_still_holds_the_watermark(tmp_path)
     worker = _worker(tmp_path, idle_timeout_s=0.0)  # every input counts as silent at once
     unread = {"action": 0, "recommendation": 5}
     worker._unread = lambda source, partition: unread[source]
-    worker._advance("action", 0, 100.0)
-    worker._advance("recommendation", 0, 50.0)
+    worker.watermarks.advance("action", 0, 100.0, time.monotonic())
+    worker.watermarks.advance("recommendation", 0, 50.0, time.monotonic())
     assert worker.watermark(0) == 50.0  # the recommendations' backlog holds it back
     unread["recommendation"] = 1  # at most a commit marker left: caught up
     assert worker.watermark(0) == 100.0  # both idle: the largest time counts
@@ -279,7 +279,7 @@ def test_a_silent_input_with_unread_messages_still_holds_the_watermark(tmp_path)
     fresh = _worker(tmp_path / "fresh", idle_timeout_s=0.0)
     unread = {"action": 0, "recommendation": 3}
     fresh._unread = lambda source, partition: unread[source]
-    fresh._advance("action", 1, 10.0)
+    fresh.watermarks.advance("action", 1, 10.0, time.monotonic())
     assert fresh.watermark(1) is None  # an input not heard from yet, with messages waiting
     unread["recommendation"] = 0
     assert fresh.watermark(1) == 10.0
@@ -300,7 +300,7 @@ def test_unread_counts_from_the_last_handled_offset_or_the_committed_one(tmp_pat
     assert worker._unread("recommendation", 3) is None  # not assigned
 
 
-def test_a_high_watermark_older_than_the_last_message_handled_says_nothing(tmp_path):
+def test_a_high_watermark_older_than_the_last_message_handled_says_nothing(tmp_path, monkeypatch):
     """Faust stops fetching a partition whose buffer is full: its last high watermark then
     predates messages handled since, and must not make the input look caught up."""
     from faust.types import TP
@@ -309,7 +309,7 @@ def test_a_high_watermark_older_than_the_last_message_handled_says_nothing(tmp_p
     t = worker.settings.topics
     worker.app.consumer = _Consumer({TP(t.actions, 0): 8, TP(t.recommendations, 0): 0})
     answered = {"ms": None}
-    worker._fetch_answered_ms = lambda tp: answered["ms"]
+    monkeypatch.setattr("streams.compat.fetch_answered_ms", lambda consumer, tp: answered["ms"])
     assert worker._caught_up("recommendation", 0)  # nothing handled, nothing known: as before
     worker.handle(t.actions, 0, 7, b"u", b"{broken")
     assert worker._unread("action", 0) is None and not worker._caught_up("action", 0)
@@ -326,7 +326,8 @@ def test_a_refused_commit_does_not_count_as_committed(tmp_path):
     import asyncio
 
     from faust.types import TP
-    from streams.app import COMMIT_REFUSALS, consumer_lags
+    from streams.health import consumer_lags
+    from streams.metrics import COMMIT_REFUSALS
 
     worker = _worker(tmp_path)
     tp = TP(worker.settings.topics.actions, 0)

@@ -59,7 +59,7 @@ def test_poison_records_and_bodies_are_refused_one_by_one(broker, tmp_path):
         publish(settings, settings.topics.cases, [(key, raw) for raw in poison for key in ("a", "b")])
         publish_cases(settings, make_cases(settings, 10))
         bad = _checkpoint_with_unknown_key(settings, 1)
-        publish(settings, settings.topics.checkpoints, [(None, encode(bad)), (None, DEEP)])
+        publish(settings, settings.topics.checkpoints, [("policy", encode(bad)), ("policy", DEEP)])
         wait_for(lambda: server.service.followers and server.service.followers[-1].records_seen >= 2,
                  what="the checkpoint follower read both announcements")
         good = announce(settings, 2)

@@ -15,7 +15,7 @@ import numpy as np
 from aiohttp import web
 
 from harness.broker import free_port
-from memento.checkpoint import save_checkpoint
+from memento.checkpoint import ANNOUNCEMENT_KEY, save_checkpoint
 from memento.config import Settings
 from memento.encoder import ItemEncoder
 from memento.kafka_io import make_consumer, make_producer
@@ -129,12 +129,12 @@ def announce(settings: Settings, version: int, *, seed: int | None = None, state
     ann = save_checkpoint(net, settings.checkpoint_dir, version=version, step=version * 10)
     if sha256 is not None:
         ann = dataclasses.replace(ann, sha256=sha256)
-    publish(settings, settings.topics.checkpoints, [(None, encode(ann))])
+    publish(settings, settings.topics.checkpoints, [(ANNOUNCEMENT_KEY, encode(ann))])
     return ann
 
 
 def send_announcement(settings: Settings, ann) -> None:
-    publish(settings, settings.topics.checkpoints, [(None, encode(ann))])
+    publish(settings, settings.topics.checkpoints, [(ANNOUNCEMENT_KEY, encode(ann))])
 
 
 def read_topic(settings: Settings, topic: str, until, timeout: float = 15.0) -> list:
