@@ -16,6 +16,7 @@ uvloop when it is installed (``--loop auto``), else asyncio's.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import multiprocessing
 import os
@@ -63,9 +64,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 def config_from_args(args: argparse.Namespace, settings: Settings, worker_index: int = 0):
     """Serving's options from the flags given; the rest from the dataclasses' defaults."""
     from serving.app import ServingConfig
-    from serving.policy import PolicyOptions
-
     from serving.auth import ApiTokens
+    from serving.policy import PolicyOptions
 
     options = options_from_args(PolicyOptions, args, top_k=settings.top_k)
     return options_from_args(ServingConfig, args, options=options, api_tokens=ApiTokens.from_env(),
@@ -123,13 +123,12 @@ def run_workers(target: Callable[..., None], args: tuple, workers: int) -> int:
     return code
 
 
-def _serve(args: argparse.Namespace, worker_index: int) -> None:
+def _serve(args: argparse.Namespace, settings: Settings, serving_config, worker_index: int) -> None:
     from serving.app import ServingService, make_app
 
     logging.basicConfig(level=getattr(args, "log_level", "INFO").upper(),
                         format=f"%(asctime)s serving[{worker_index}] %(levelname)s %(name)s: %(message)s")
-    settings = settings_from_args(args)
-    service = ServingService(settings, config_from_args(args, settings, worker_index))
+    service = ServingService(settings, dataclasses.replace(serving_config, worker_index=worker_index))
     log.info("serving worker %d on http://%s:%d (Kafka %s)", worker_index, args.host, args.port,
              settings.bootstrap_servers)
     serve_app(make_app(service), args.host, args.port, reuse_port=args.workers > 1, loop=args.loop)
@@ -139,16 +138,17 @@ def run_from_args(args: argparse.Namespace) -> int:
     """Run serving until SIGTERM/SIGINT; returns the exit code."""
     if args.workers < 1:
         raise SystemExit("--workers must be >= 1")
-    try:  # every option is checked once, by its dataclass, before any process starts
-        config_from_args(args, settings_from_args(args))
+    try:  # every option is read and checked once, by its dataclass, before any process starts
+        settings = settings_from_args(args)
+        serving_config = config_from_args(args, settings)
     except ValueError as exc:
         raise SystemExit(f"memento serve: {exc}") from None
     if args.workers == 1:
-        _serve(args, 0)
+        _serve(args, settings, serving_config, 0)
         return 0
     logging.basicConfig(level=getattr(args, "log_level", "INFO").upper(),
                         format="%(asctime)s serving %(levelname)s %(message)s")
-    code = run_workers(_serve, (args,), args.workers)
+    code = run_workers(_serve, (args, settings, serving_config), args.workers)
     log.info("all %d serving workers stopped", args.workers)
     return code
 

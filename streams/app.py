@@ -205,7 +205,6 @@ class TransitionWorker:
             allowed_lateness_s=settings.allowed_lateness_s, history_len=settings.history_len,
             session_gap_s=settings.session_gap_s, max_windows=settings.max_windows_per_user)
         self.partitions = TOPIC_PARTITIONS["actions"]
-        self.idle_timeout_s = idle_timeout_s
         self.tansu_safe_recovery = tansu_safe_recovery
         self.watermarks = Watermarks(self.INPUTS, idle_timeout_s)
         # (input topic, partition) → (last offset handled, wall time it was handled)

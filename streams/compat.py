@@ -43,7 +43,7 @@ def on_commit_result(consumer, callback: Callable[[Mapping[TP, int], dict[TP, in
     commit_offsets: Callable[..., Awaitable[bool]] = consumer._commit_offsets
 
     async def _commit_offsets(offsets, start_new_transaction: bool = True) -> bool:
-        before = {tp: consumer._committed_offset.get(tp) for tp in offsets}
+        before = {tp: committed_offset(consumer, tp) for tp in offsets}
         done = await commit_offsets(offsets, start_new_transaction=start_new_transaction)
         callback(offsets, before, done)
         return done

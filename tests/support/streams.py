@@ -16,7 +16,7 @@ from harness.processes import ManagedProcess, ProcessGroup, memento_command
 from memento.schemas import Action, Recommendation, encode
 from harness.stream_bench import wait_until_assigned
 from support import common
-from memento.exposition import parse_metrics
+from memento.exposition import Sample, metric_sum, scrape
 from memento.kafka_io import partition_of
 
 PARTITIONS = 4
@@ -119,11 +119,9 @@ def start_worker(group: ProcessGroup, settings: Settings, tmp_path: Path, *, nam
     return group.start(name, cmd, env=settings.to_env(), log_dir=tmp_path / "logs"), port
 
 
-def metrics(port: int) -> list[tuple[str, dict[str, str], float]]:
-    import urllib.request
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
-        return parse_metrics(resp.read().decode())
+def metrics(port: int) -> list[Sample]:
+    """The samples the worker's metrics port serves now."""
+    return scrape(f"http://127.0.0.1:{port}/metrics")
 
 
 def metric(port: int, name: str, strict: bool = False, **labels) -> float:
@@ -135,7 +133,7 @@ def metric(port: int, name: str, strict: bool = False, **labels) -> float:
         if strict:
             raise
         return 0.0
-    return sum(v for n, lab, v in samples if n == name and all(lab.get(k) == w for k, w in labels.items()))
+    return metric_sum(samples, name, **labels)
 
 
 def wait_ticks(port: int, ticks: int, timeout: float = 30.0, group: ProcessGroup | None = None) -> None:
