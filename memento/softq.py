@@ -236,6 +236,18 @@ def entropy(probs: torch.Tensor) -> torch.Tensor:
     return -(probs * torch.log(probs.clamp(min=1e-12))).sum(-1)
 
 
+def policy_logits_numpy(q: np.ndarray, alpha: float, mask: np.ndarray | None = None,
+                        prior: np.ndarray | None = None) -> np.ndarray:
+    """Q/α plus the prior's log-weights, the masked logits of μ before the floor: they order
+    the candidates as μ does, also where probabilities tie at the floor or underflow to 0.
+
+    >>> policy_logits_numpy(np.array([[1.0, 0.0, 5.0]], np.float32), 0.5, np.array([[True, True, False]]))[0, :2]
+    array([2., 0.], dtype=float32)
+    """
+    z = q / np.float32(alpha) if prior is None else q / np.float32(alpha) + prior
+    return z if mask is None else np.where(mask, z, np.float32(_NEG))
+
+
 def policy_probs_numpy(q: np.ndarray, alpha: float, min_prob: float = 0.0,
                        mask: np.ndarray | None = None, prior: np.ndarray | None = None) -> np.ndarray:
     """:func:`policy_probs` on numpy arrays, for serving's small batches (the same arithmetic;
@@ -246,9 +258,7 @@ def policy_probs_numpy(q: np.ndarray, alpha: float, min_prob: float = 0.0,
     >>> bool(np.allclose(policy_probs_numpy(q, 0.5, 0.1, m), t, atol=1e-7))
     True
     """
-    z = q / np.float32(alpha) if prior is None else q / np.float32(alpha) + prior
-    if mask is not None:
-        z = np.where(mask, z, np.float32(_NEG))
+    z = policy_logits_numpy(q, alpha, mask, prior)
     e = np.exp(z - z.max(axis=-1, keepdims=True))
     probs = e / e.sum(axis=-1, keepdims=True)
     if min_prob > 0:

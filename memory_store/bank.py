@@ -54,6 +54,7 @@ logger = logging.getLogger("memory_store.bank")
 
 MANIFEST = "bank.json"
 SMALL_BATCH = 16  # searches of fewer queries use one faiss thread whatever ``omp_threads`` says
+NEWEST_KEPT = 4096  # case ids remembered in add order, for queries with no direction (newest)
 FORMAT_VERSION = 1
 
 
@@ -113,6 +114,7 @@ class CaseBank:
             if num_shards > 1 else None
         self._adds_window: collections.deque = collections.deque()
         self._adds_lock = threading.Lock()
+        self._newest: collections.deque = collections.deque(self._stored_newest(), maxlen=NEWEST_KEPT)
         self._stop = threading.Event()
         self._snapshotter = None
         if self.path is not None and self.options.snapshot_interval_s:
@@ -221,7 +223,37 @@ class CaseBank:
             self._adds_counter.inc(added)
             with self._adds_lock:
                 self._adds_window.append((time.monotonic(), added))
+                self._newest.extend(batch.case_ids[-NEWEST_KEPT:])
         return added
+
+    def _stored_newest(self) -> list[str]:
+        """The ids of the newest stored cases (event time, then insertion), oldest first: what
+        :meth:`newest` knows after a restart."""
+        found = [entry for shard in self.shards for entry in shard.newest(NEWEST_KEPT)]
+        found.sort()
+        return [case_id for _, _, case_id in found[-NEWEST_KEPT:]]
+
+    def newest(self, n: int) -> list[str]:
+        """Ids of the ``n`` most recently added cases still in the bank, newest first (at most
+        :data:`NEWEST_KEPT`).
+
+        >>> bank = CaseBank(None, dim=2)
+        >>> _ = bank.add_arrays(["a", "b", "c"], np.eye(2)[[0, 1, 0]], "i", np.eye(2)[[0, 1, 0]], 1.0, 0.0)
+        >>> bank.newest(2)
+        ['c', 'b']
+        """
+        self._check_open()
+        with self._adds_lock:
+            recent = list(self._newest)
+        out: list[str] = []
+        seen: set[str] = set()
+        for case_id in reversed(recent):
+            if case_id not in seen and case_id in self:
+                seen.add(case_id)
+                out.append(case_id)
+                if len(out) == n:
+                    break
+        return out
 
     # ------------------------------------------------------------------ reads
     def _check_queries(self, queries: np.ndarray, k: int) -> np.ndarray:
@@ -308,16 +340,45 @@ class CaseBank:
 
         Returns scores float32 [B, k] (``-inf`` past the last real hit) and, per query, the ids of
         the real hits, best first."""
-        id_lists, scores, _ = self._search(queries, k, False)
+        id_lists, scores, _ = self._search_or_newest(queries, k, False)
         return scores, id_lists
 
     def search_with_features(self, queries: np.ndarray, k: int
                              ) -> tuple[list[list[str]], np.ndarray, np.ndarray, np.ndarray]:
         """Like :meth:`search`, plus each hit's features (state, item vector, outcome), zero-padded,
         and a mask that is True where a real case is. Returns (ids, scores, features, mask)."""
-        id_lists, scores, features = self._search(queries, k, True)
+        id_lists, scores, features = self._search_or_newest(queries, k, True)
         mask = np.isfinite(scores)
         return id_lists, scores, features, mask
+
+    def _search_or_newest(self, queries: np.ndarray, k: int, with_features: bool):
+        """:meth:`_search`, except that a query of zeros (a user with no history: the state says
+        nothing, every case is equally near) is answered with the :meth:`newest` cases, scored 0,
+        rather than with whichever cases the index lists first."""
+        self._check_open()
+        q = self._check_queries(queries, k)
+        blank = ~q.any(axis=1)
+        if not blank.any():
+            return self._search(q, k, with_features)
+        id_lists: list[list[str]] = [[] for _ in range(len(q))]
+        scores = np.full((len(q), k), -np.inf, np.float32)
+        features = np.zeros((len(q), k, case_feature_dim(self.dim)), np.float32) if with_features else None
+        rows = np.flatnonzero(~blank)
+        if len(rows):
+            found_ids, found_scores, found_features = self._search(np.ascontiguousarray(q[rows]), k, with_features)
+            scores[rows] = found_scores
+            if with_features:
+                features[rows] = found_features
+            for r, ids in zip(rows.tolist(), found_ids):
+                id_lists[r] = ids
+        newest = self.newest(k)
+        newest_features = self.features(newest) if with_features and newest else None
+        for r in np.flatnonzero(blank).tolist():
+            id_lists[r] = list(newest)
+            scores[r, :len(newest)] = 0.0
+            if newest_features is not None:
+                features[r, :len(newest)] = newest_features
+        return id_lists, scores, features
 
     def append_cases(self, queries: np.ndarray, id_lists: list[list[str]], scores: np.ndarray,
                      features: np.ndarray, mask: np.ndarray, extra: Sequence[Sequence[str]]

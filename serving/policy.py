@@ -40,7 +40,7 @@ from memento.config import (DEFAULT_ALPHA, DEFAULT_MIN_PROB, DEFAULT_OWN_CASES, 
 from memento.options import option
 from memento.personal import UserMemory
 from memento.priors import RetrievalPrior, check_prior_mix
-from memento.softq import entropy_numpy, own_recency, policy_probs_numpy, retrieval_prior_numpy
+from memento.softq import entropy_numpy, own_recency, policy_logits_numpy, policy_probs_numpy, retrieval_prior_numpy
 
 __all__ = ["PolicyOptions", "Decision", "RetrievalPolicy", "NoCandidatesError"]
 
@@ -172,6 +172,9 @@ class Decision:
     policy_version: int
     entropy: float = field(default=0.0)
     prior: str | None = None   # key of the retrieval prior the case was drawn under, when μ mixes several
+    # μ's logits under that prior [n]: ranked()'s order, which probabilities lose where they
+    # tie at the floor or underflow (with a sharp prior, past the first few candidates)
+    logits: np.ndarray | None = None
 
     @property
     def case_id(self) -> str:
@@ -186,8 +189,10 @@ class Decision:
         return self.features[self.chosen]
 
     def ranked(self) -> list[int]:
-        """Candidate indices: the chosen one first, then by decreasing probability."""
-        order = [int(i) for i in np.argsort(-self.probs, kind="stable") if int(i) != self.chosen]
+        """Candidate indices: the chosen one first, then in μ's order under the prior the
+        choice was drawn from (decreasing logits; decreasing probability without them)."""
+        scores = self.probs if self.logits is None else self.logits
+        order = [int(i) for i in np.argsort(-scores, kind="stable") if int(i) != self.chosen]
         return [self.chosen] + order
 
 
@@ -269,10 +274,12 @@ class RetrievalPolicy:
         mix = self.options.prior_mix()
         own = own_recency(feats, *recent) if recent is not None and any(p.recency for p, _ in mix) else None
         # μ under each prior [P, B, K]; the mixture's marginal is what a propensity must be
-        per_prior = np.stack([policy_probs_numpy(
-            q_np, self.options.alpha, self.options.min_prob, mask=mask,
-            prior=retrieval_prior_numpy(states, feats, prior.similarity, prior.vote, mask, prior.recency, own)
-        ).astype(np.float64) for prior, _ in mix])
+        logits = np.stack([policy_logits_numpy(
+            q_np, self.options.alpha, mask,
+            retrieval_prior_numpy(states, feats, prior.similarity, prior.vote, mask, prior.recency, own))
+            for prior, _ in mix])
+        per_prior = np.stack([policy_probs_numpy(z, 1.0, self.options.min_prob, mask).astype(np.float64)
+                              for z in logits])
         shares = np.array([share for _, share in mix])
         marginal = np.tensordot(shares, per_prior, axes=1)
         ent = entropy_numpy(marginal).tolist()
@@ -293,5 +300,6 @@ class RetrievalPolicy:
                                 similarities=np.array(similarities[b, :n], copy=True),
                                 features=feats[b, :n].copy(), q=q_np[b, :n].copy(), probs=probs,
                                 chosen=chosen, policy_version=self.version, entropy=float(ent[b]),
-                                prior=mix[k][0].key if len(mix) > 1 else None))
+                                prior=mix[k][0].key if len(mix) > 1 else None,
+                                logits=logits[k, b, :n].copy()))
         return out

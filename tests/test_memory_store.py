@@ -498,3 +498,29 @@ def test_fp16_ivf_index_persists_and_retunes(tmp_path):
     bank.close()
     with pytest.raises(ValueError, match="ivf_encoding must be 'flat' or 'fp16'"):
         CaseBank(None, DIM, ivf_encoding="pq")
+
+
+def test_a_query_of_zeros_gets_the_newest_cases_and_they_survive_a_restart(tmp_path):
+    """A user with no history has a state of zeros: every case is equally near, so the index
+    would answer with whichever cases it lists first. The bank answers with its newest cases
+    instead (scored 0, features as stored), counts no retrieval hit for them, still searches the
+    other rows of the batch, skips evicted cases, and knows its newest cases again after a
+    restart (from the stored event times)."""
+    rng = np.random.default_rng(11)
+    states = unit(rng.standard_normal((300, DIM)))
+    bank = CaseBank(tmp_path / "bank", DIM, num_shards=3, max_cases_per_shard=80, eviction="oldest")
+    for start in range(0, 300, 50):
+        bank.add(make_cases(states[start:start + 50], start))
+    newest = [f"c{i}" for i in range(299, 289, -1)]
+    queries = np.stack([np.zeros(DIM, np.float32), states[5]])
+    ids, scores, features, mask = bank.search_with_features(queries, 10)
+    assert ids[0] == newest and scores[0].tolist() == [0.0] * 10 and mask[0].all()
+    np.testing.assert_array_equal(features[0], bank.features(newest))
+    assert ids[1] == bank.search(states[5][None], 10)[1][0]       # the other row: a plain search
+    assert bank.search(np.zeros((1, DIM), np.float32), 3)[1] == [newest[:3]]
+    assert all(bank.hit_count(c) == 0 for c in newest)
+    assert len(bank.newest(1000)) == len(bank) == 240            # evicted cases are not offered
+    bank.close()
+    with CaseBank(tmp_path / "bank", DIM, num_shards=3, max_cases_per_shard=80, eviction="oldest") as again:
+        assert again.newest(10) == newest
+        assert again.search(np.zeros((1, DIM), np.float32), 10)[1] == [newest]

@@ -287,3 +287,32 @@ def test_vote_prior_ranks_an_untrained_q_by_what_the_neighbours_paid():
     s, c = torch.from_numpy(d.state)[None], torch.from_numpy(d.features)[None]
     mu = policy_probs(net(s, c), 0.1, 0.0, prior=retrieval_prior(s, c, 0.0, 3.0))[0].detach().numpy()
     np.testing.assert_allclose(d.probs, mu, rtol=1e-4)
+
+
+def test_ranked_follows_mus_logits_past_the_floor_and_the_drawn_prior():
+    """A sharp prior (β = 1000) leaves every candidate but the nearest at the floor: their
+    probabilities tie, and in a mixture the other prior's favourites outrank them. The list
+    (``ranked``) still follows μ's order under the prior the case was drawn from: nearest first.
+    Before, the tail came in candidate order or in the other prior's order."""
+    bank = _bank(n=60, items=6)   # items shared by several cases: the vote prior has favourites
+    net = QNetwork(DIM, hidden=16)
+    torch.nn.init.zeros_(net.mlp[-1].weight)
+    torch.nn.init.zeros_(net.mlp[-1].bias)   # Q = 0: μ is the prior
+    state = _state()
+    sharp = RetrievalPolicy(net, 1, bank, PolicyOptions(top_k=16, alpha=0.1, min_prob=0.01, similarity_prior=1000.0,
+                                                        vote_prior=0.0))
+    d = sharp.recommend(state, np.random.default_rng(0))
+    assert np.isclose(d.probs[1:], d.probs[-1]).sum() >= 10           # the floor ties the tail
+    by_nearness = list(np.argsort(-d.similarities, kind="stable"))
+    assert d.ranked() == [d.chosen] + [i for i in by_nearness if i != d.chosen]
+
+    mixed = RetrievalPolicy(net, 1, bank, PolicyOptions(top_k=16, alpha=0.1, min_prob=0.01, similarity_prior=1000.0,
+                                                        vote_prior=0.0, priors=((1000.0, 0.0, 0.5), (0.0, 3.0, 0.5))))
+    rng = np.random.default_rng(1)
+    drawn = {}
+    for _ in range(20):
+        d = mixed.recommend(state, rng)
+        drawn[d.prior] = d
+    near = drawn["1000:0"]
+    assert list(np.argsort(-near.probs, kind="stable")) != by_nearness   # the mixture's order is not μ's
+    assert near.ranked() == [near.chosen] + [i for i in by_nearness if i != near.chosen]
