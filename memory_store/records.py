@@ -68,7 +68,6 @@ class CaseBatch:
 
 def batch_from_cases(cases: Sequence[Case], dim: int) -> CaseBatch:
     """Validate ``cases`` and lay them out in columns; raises ValueError naming the bad case and field."""
-    n = len(cases)
     for row, case in enumerate(cases):
         if not isinstance(case, Case):
             raise TypeError(f"CaseBank.add: expected memento.schemas.Case, got {type(case).__name__} "

@@ -74,7 +74,7 @@ def test_the_learner_signs_its_announcements(tmp_path):
     settings = Settings(data_dir=str(tmp_path / "data"), checkpoint_dir=str(tmp_path / "ckpt"), item_dim=4,
                         top_k=2, checkpoint_key="s3cret")
     service = LearnerService(settings, SoftQConfig(top_k=2, hidden=8), LearnerServiceConfig(), metrics_port=None)
-    service.producer = producer = RecordingProducer()
+    service.producer = RecordingProducer()
     ann = service.publish()
     assert ann.signature and announcement_problem(ann, "s3cret") is None
     assert announcement_problem(ann, "other") == "announcement of version 0 has a wrong signature"
