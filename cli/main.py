@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 import sys
 
 from memento.config import settings_from_args
+from memento.options import log_level
 
 __all__ = ["main"]
 
@@ -86,7 +86,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="memento", description=__doc__)
     parser.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS,
-                        default=os.environ.get("MEMENTO_LOG_LEVEL", "INFO").upper(),
+                        default=log_level(),
                         help="log level of the command (env MEMENTO_LOG_LEVEL; default INFO)")
     sub = parser.add_subparsers(dest="command", required=True)
     broker = sub.add_parser("broker", help="start/stop/status an embedded Kafka-protocol broker")

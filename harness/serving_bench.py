@@ -18,8 +18,14 @@ answers a fixed recommendation — the cost of HTTP alone on this machine. The l
 speaks HTTP/1.1 over keep-alive connections with pre-encoded requests; open-loop latencies run
 from each request's scheduled send time, so a stalled server cannot hide queueing delay.
 
+Reference, in the same run, on the same bank and under the same load: the same-work server of
+:mod:`harness.serving_reference`, which does only what a recommendation cannot avoid (state
+encoding, one search, the numpy Q over the same K, sampling, one record through a producer with
+serving's settings). Ours over it, phase by phase, is under ``vs_reference``: what serving's own
+code costs beyond the work.
+
 Figures go to ``--json``: latencies in keys ending ``_ms``, rates in keys ending ``_per_s``,
-the baseline's under ``baseline``.
+the baseline's under ``baseline``, the reference's under ``reference``.
 
 >>> import argparse
 >>> p = argparse.ArgumentParser(); add_arguments(p)
@@ -76,6 +82,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bootstrap-servers", default=None, help="use this Kafka instead of an embedded broker")
     parser.add_argument("--item-dim", type=int, default=32, help="state and item dimension")
     parser.add_argument("--no-baseline", action="store_true", help="skip the trivial-server baseline")
+    parser.add_argument("--no-reference", action="store_true",
+                        help="skip the same-work reference server (harness.serving_reference)")
     parser.add_argument("--json", default=None, help="write the figures to this file")
     parser.add_argument("--work-dir", default=None, help="where to put the bank and logs (default: a temp dir)")
     parser.add_argument("--seed", type=int, default=0)
@@ -426,15 +434,33 @@ def _brief(phase: dict) -> str:
     return ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in phase.items())
 
 
-def _ratios(figures: dict, baseline: dict) -> dict:
+def _reference_phases(settings, args: argparse.Namespace, work: Path) -> dict:
+    """The load phases against the same-work reference server (:mod:`harness.serving_reference`)
+    on the serving bank."""
+    from harness.broker import free_port
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "harness.serving_reference", "--port", str(port),
+                               "--workers", str(args.workers)], cwd=ROOT,
+                              env={**os.environ, **settings.to_env(), "PYTHONPATH": str(ROOT),
+                                   "MEMENTO_LOG_LEVEL": "WARNING"})
+    try:
+        _wait_ready(f"http://127.0.0.1:{port}", server, 600)
+        return _load_phases(f"http://127.0.0.1:{port}", args, work, "reference", server.pid)
+    finally:
+        _stop(server)
+
+
+def _ratios(figures: dict, baseline: dict, name: str = "baseline") -> dict:
+    """``<phase>_<figure>_vs_<name>``: ours over the other server's, phase by phase."""
     out = {}
     for phase, values in figures.items():
         base = baseline.get(phase)
         if isinstance(values, dict) and isinstance(base, dict):
-            for key, name in (("throughput_per_s", "throughput"), ("p99_ms", "p99"),
+            for key, label in (("throughput_per_s", "throughput"), ("p99_ms", "p99"),
                               ("server_cpu_per_request_ms", "server_cpu")):
                 if values.get(key) and base.get(key):
-                    out[f"{phase}_{name}_vs_baseline"] = values[key] / base[key]
+                    out[f"{phase}_{label}_vs_{name}"] = values[key] / base[key]
     return out
 
 
@@ -482,6 +508,8 @@ def run(args: argparse.Namespace) -> dict:
         print(f"bank: {_brief(figures['bank'])}", flush=True)
         for worker in range(1, args.workers):  # each serving worker owns a copy of the bank
             shutil.copytree(Path(settings.data_dir) / "serving-bank", Path(settings.data_dir) / f"serving-bank-{worker}")
+        if not args.no_reference:  # before serving: the two cannot hold the bank at once
+            figures["reference"] = _reference_phases(settings, args, work)
         producer = make_producer(settings)
 
         def announce(version: int) -> float:
@@ -520,6 +548,8 @@ def run(args: argparse.Namespace) -> dict:
             broker.stop()
     if "baseline" in figures:
         figures["vs_baseline"] = _ratios(figures, figures["baseline"])
+    if "reference" in figures:
+        figures["vs_reference"] = _ratios(figures, figures["reference"], "reference")
     figures["loadavg_end"] = list(os.getloadavg())
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))

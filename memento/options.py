@@ -25,7 +25,7 @@ import argparse
 from dataclasses import MISSING, field, fields
 from typing import Any, Sequence
 
-__all__ = ["option", "add_dataclass_options", "options_from_args"]
+__all__ = ["option", "add_dataclass_options", "options_from_args", "log_level"]
 
 
 def option(default: Any, help: str, *, choices: Sequence[str] | None = None):
@@ -70,3 +70,17 @@ def options_from_args(cls, args: argparse.Namespace, **fallback):
     for key, value in fallback.items():
         values.setdefault(key, value)
     return cls(**values)
+
+
+def log_level(args: argparse.Namespace | None = None) -> str:
+    """The log level of a process: ``memento --log-level`` when it was parsed, else the
+    environment's ``MEMENTO_LOG_LEVEL`` (how a parent hands it to a child started as
+    ``python -m ...``), else INFO.
+
+    >>> log_level(argparse.Namespace(log_level="debug"))
+    'DEBUG'
+    """
+    import os
+
+    given = getattr(args, "log_level", None) if args is not None else None
+    return (given or os.environ.get("MEMENTO_LOG_LEVEL") or "INFO").upper()

@@ -31,7 +31,8 @@ import torch
 
 from memento.encoder import case_item, case_outcome, case_state
 
-__all__ = ["soft_value", "policy_probs", "td_target", "entropy", "policy_probs_numpy", "entropy_numpy",
+__all__ = ["soft_value", "policy_probs", "td_target", "entropy", "policy_logits_numpy", "policy_probs_numpy",
+           "entropy_numpy",
            "retrieval_prior", "retrieval_prior_numpy", "neighbour_votes", "own_recency", "item_key",
            "histogram_support", "histogram_mean", "histogram_target"]
 

@@ -422,6 +422,12 @@ class CaseBank:
         self._check_open()
         return self.shards[shard_of(case_id, self.num_shards)].get(case_id)
 
+    def item_of(self, case_id: str) -> str | None:
+        """The item of ``case_id`` (None if unknown): :meth:`get`'s ``item_id`` without building
+        the case, for the request path."""
+        self._check_open()
+        return self.shards[shard_of(case_id, self.num_shards)].item_of(case_id)
+
     def features(self, case_ids: Sequence[str]) -> np.ndarray:
         """Features [n, 2*dim+1] of ``case_ids``; KeyError naming the first unknown id."""
         self._check_open()

@@ -326,6 +326,11 @@ class Shard:
                         item_vec=case_item(row).tolist(), outcome=float(case_outcome(row)),
                         ts=float(self.ts[slot]), source=self.sources[slot])
 
+    def item_of(self, case_id: str) -> str | None:
+        with self._lock:
+            slot = self.slot_of.get(case_id)
+            return None if slot is None else self.item_ids[slot]
+
     def features_of(self, case_ids: list[str]) -> np.ndarray:
         with self._lock:
             slots = []

@@ -49,7 +49,7 @@ from serving.ids import RequestIds
 from serving.metrics import ServingMetrics
 from serving.openapi import openapi_document
 from serving.policy import NoCandidatesError, PolicyOptions, RetrievalPolicy
-from serving.publisher import Publisher
+from serving.publisher import PRODUCER_OPTIONS, Publisher
 from serving.validation import RequestError, parse_feedback, parse_json, parse_recommend
 
 __all__ = ["ServingConfig", "ServingService", "make_app", "SERVICE_KEY"]
@@ -272,9 +272,7 @@ class ServingService:
         delay = 0.2
         while not self._closing.is_set():
             try:
-                # Records are published off the request path; a longer linger and larger batches
-                # halve the producer's CPU per record (docs/benchmarks.md).
-                return make_producer(self.settings, linger_ms=20, batch_size=512 * 1024)
+                return make_producer(self.settings, **PRODUCER_OPTIONS)
             except Exception as exc:  # NoBrokersAvailable and socket errors
                 log.warning("cannot reach Kafka at %s (%s); retrying", self.settings.bootstrap_servers, exc)
                 self._closing.wait(delay)

@@ -26,7 +26,7 @@ from typing import Callable
 
 from memento import config
 from memento.config import Settings
-from memento.options import add_dataclass_options, options_from_args
+from memento.options import add_dataclass_options, log_level, options_from_args
 
 __all__ = ["add_arguments", "run_from_args", "settings_from_args", "config_from_args", "serve_app",
            "run_workers", "new_event_loop"]
@@ -126,7 +126,7 @@ def run_workers(target: Callable[..., None], args: tuple, workers: int) -> int:
 def _serve(args: argparse.Namespace, settings: Settings, serving_config, worker_index: int) -> None:
     from serving.app import ServingService, make_app
 
-    logging.basicConfig(level=getattr(args, "log_level", "INFO").upper(),
+    logging.basicConfig(level=log_level(args),
                         format=f"%(asctime)s serving[{worker_index}] %(levelname)s %(name)s: %(message)s")
     service = ServingService(settings, dataclasses.replace(serving_config, worker_index=worker_index))
     log.info("serving worker %d on http://%s:%d (Kafka %s)", worker_index, args.host, args.port,
@@ -146,7 +146,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     if args.workers == 1:
         _serve(args, settings, serving_config, 0)
         return 0
-    logging.basicConfig(level=getattr(args, "log_level", "INFO").upper(),
+    logging.basicConfig(level=log_level(args),
                         format="%(asctime)s serving %(levelname)s %(message)s")
     code = run_workers(_serve, (args, settings, serving_config), args.workers)
     log.info("all %d serving workers stopped", args.workers)

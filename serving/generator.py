@@ -9,10 +9,10 @@ off by default and falls back to the default generator on any error.
 
 >>> import numpy as np
 >>> from serving.policy import Decision
->>> class Bank:  # anything with get(case_id) -> object with item_id
+>>> class Bank:  # anything with item_of(case_id) -> item id
 ...     items = {"a": "i1", "b": "i1", "c": "i2"}
-...     def get(self, cid):
-...         return type("Case", (), {"item_id": self.items[cid]})()
+...     def item_of(self, cid):
+...         return self.items.get(cid)
 >>> d = Decision(np.zeros(2, np.float32), ["a", "b", "c"], np.zeros(3), np.zeros((3, 5)),
 ...              np.zeros(3), np.array([0.2, 0.5, 0.3]), chosen=0, policy_version=1)
 >>> CaseItemGenerator(Bank()).generate(d, k=2)
@@ -74,15 +74,14 @@ class CaseItemGenerator(Generator):
     Parameters
     ----------
     bank
-        The case bank (``get`` and, for filling up, ``search``).
+        The case bank (``item_of`` and, for filling up, ``search``).
     """
 
     def __init__(self, bank):
         self.bank = bank
 
     def _item(self, case_id: str) -> str | None:
-        case = self.bank.get(case_id)
-        return None if case is None else case.item_id
+        return self.bank.item_of(case_id)
 
     def _generate(self, decision: Decision, k: int, history: list[HistoryEntry]) -> list[str]:
         return first_distinct(self._items_in_order(decision, k), k)
@@ -160,9 +159,9 @@ class ChatCompletionGenerator(Generator):
         bank = getattr(self.fallback, "bank", None)
         items = []
         for index in decision.ranked():
-            case = bank.get(decision.case_ids[index]) if bank is not None else None
-            if case is not None:
-                items.append(case.item_id)
+            item = bank.item_of(decision.case_ids[index]) if bank is not None else None
+            if item is not None:
+                items.append(item)
         return list(dict.fromkeys(items))
 
     def _messages(self, decision: Decision, k: int, history: list[HistoryEntry],

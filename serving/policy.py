@@ -281,7 +281,7 @@ class RetrievalPolicy:
         per_prior = np.stack([policy_probs_numpy(z, 1.0, self.options.min_prob, mask).astype(np.float64)
                               for z in logits])
         shares = np.array([share for _, share in mix])
-        marginal = np.tensordot(shares, per_prior, axes=1)
+        marginal = per_prior[0] if len(mix) == 1 else np.tensordot(shares, per_prior, axes=1)
         ent = entropy_numpy(marginal).tolist()
         draws = rng.random(len(states))
         # drawn only when there is a choice of prior, so a single prior samples as it always did

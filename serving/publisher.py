@@ -34,9 +34,13 @@ from kafka import KafkaProducer
 from memento.schemas import encode
 from serving.metrics import ServingMetrics
 
-__all__ = ["Publisher"]
+__all__ = ["Publisher", "PRODUCER_OPTIONS"]
 
 log = logging.getLogger(__name__)
+
+# Records are published off the request path: a longer linger and larger batches halve the
+# producer's CPU per record (docs/benchmarks.md).
+PRODUCER_OPTIONS = {"linger_ms": 20, "batch_size": 512 * 1024}
 
 _STOP = object()
 

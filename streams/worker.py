@@ -17,6 +17,7 @@ from prometheus_client import start_http_server
 
 from memento.config import add_settings_arguments, settings_from_args
 from memento.kafka_io import ensure_topics, wait_for_broker
+from memento.options import log_level
 
 __all__ = ["add_arguments", "run_from_args"]
 
@@ -74,7 +75,7 @@ def run_from_args(args: argparse.Namespace) -> int:
                               tansu_safe_recovery=args.tansu_safe_recovery, batch_size=args.batch_size,
                               batch_within_s=args.batch_within, stall_timeout_s=args.stall_timeout)
     logging.getLogger("kafka").setLevel(logging.WARNING)
-    faust_worker = Worker(worker.app, loglevel=getattr(args, "log_level", "INFO").lower(), quiet=True)
+    faust_worker = Worker(worker.app, loglevel=log_level(args).lower(), quiet=True)
     # At log level warning or above Faust's progress spinner sets the root logger to DEBUG for
     # good, so that every aiokafka debug call builds a log record (a cost in docs/benchmarks.md).
     faust_worker.spinner = None

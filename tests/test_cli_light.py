@@ -40,3 +40,17 @@ def test_the_invoked_command_still_gets_its_arguments():
     args = build_parser(["eval", "--vote-prior", "3"]).parse_args(["eval", "--vote-prior", "3"])
     assert args.vote_prior == 3.0 and args.module == "evaluation.cli"
     assert "torch" in _imported_after(["eval", "--source", "synthetic"])
+
+
+def test_a_child_started_without_the_memento_command_takes_the_log_level_from_the_environment(monkeypatch):
+    """Benches and tests start serving and the stream worker as ``python -m ...`` children with
+    MEMENTO_LOG_LEVEL set; before, those children logged at INFO whatever it said."""
+    import argparse
+
+    from memento.options import log_level
+
+    monkeypatch.setenv("MEMENTO_LOG_LEVEL", "warning")
+    assert log_level(argparse.Namespace()) == "WARNING"          # python -m serving.cli: no --log-level
+    assert log_level(argparse.Namespace(log_level="ERROR")) == "ERROR"
+    monkeypatch.delenv("MEMENTO_LOG_LEVEL")
+    assert log_level() == "INFO"
