@@ -62,7 +62,7 @@ from memento.config import Settings, add_settings_arguments, settings_from_args
 from memento.options import add_dataclass_options, option, options_from_args
 from memento.encoder import case_feature_dim
 from memento.kafka_io import DeadLetterWriter, client_kwargs, fetch_kwargs, make_consumer, make_producer, poll
-from memento.schemas import Case, CheckpointAnnouncement, SchemaError, Transition, decode, encode
+from memento.schemas import MAX_CHECKPOINT_RECORD_BYTES, Case, CheckpointAnnouncement, SchemaError, Transition, decode, encode
 from memento.threads import limit_threads
 
 __all__ = ["LearnerServiceConfig", "LearnerService", "LearnerMetrics", "latest_checkpoint",
@@ -501,7 +501,7 @@ class LearnerService:
                 server, _ = start_http_server(self.metrics_port, registry=self.metrics.registry)
                 self.metrics_port = server.server_port
                 log.info("metrics on :%d/metrics", self.metrics_port)
-            self.producer = make_producer(self.settings)
+            self.producer = make_producer(self.settings, max_request_size=MAX_CHECKPOINT_RECORD_BYTES)
             self.dead_letter = DeadLetterWriter(self.settings, self.producer)
             self.continue_versions()
             if self.publish() is None:

@@ -26,6 +26,8 @@ PolicyParams(alpha=0.25, min_prob=0.01, top_k=8, similarity_prior=0.0, vote_prio
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
 import json
@@ -44,10 +46,10 @@ from safetensors.torch import save as st_save
 from memento.atomic import write_atomic
 from memento.priors import check_prior_mix
 from memento.qnet import QNetwork
-from memento.schemas import CheckpointAnnouncement
+from memento.schemas import MAX_INLINE_CHECKPOINT_BYTES, CheckpointAnnouncement
 
 __all__ = ["ANNOUNCEMENT_KEY", "CheckpointError", "PolicyParams", "Checkpoint", "save_checkpoint", "read_checkpoint",
-           "load_checkpoint", "sha256_bytes", "MAX_CHECKPOINT_BYTES", "MAX_TOP_K", "CHECKPOINT_NAME",
+           "load_checkpoint", "read_announced", "parse_checkpoint", "sha256_bytes", "MAX_CHECKPOINT_BYTES", "MAX_TOP_K", "CHECKPOINT_NAME",
            "checkpoint_file_name", "sign_announcement", "announcement_problem"]
 
 # The key of every checkpoint announcement: the checkpoints topic is compacted (memento.config.
@@ -87,7 +89,7 @@ def announcement_problem(ann: CheckpointAnnouncement, key: str = "") -> str | No
     learner writes for that version (a path elsewhere, ``/dev/zero``, an old file announced as a
     new version), or, with a ``key``, its signature is missing or wrong.
 
-    >>> from memento.schemas import CheckpointAnnouncement
+    >>> from memento.schemas import MAX_INLINE_CHECKPOINT_BYTES, CheckpointAnnouncement
     >>> ann = CheckpointAnnouncement(3, "/x/policy-v000003.safetensors", "ab", 0.0, 0, 4, 4)
     >>> announcement_problem(ann) is None, announcement_problem(ann, key="k")
     (True, 'announcement of version 3 is not signed (a checkpoint key is configured)')
@@ -208,10 +210,11 @@ def save_checkpoint(net: QNetwork, directory: str | Path, *, version: int, step:
     data = st_save(tensors, metadata=meta)
     path = directory / checkpoint_file_name(version)
     write_atomic(path, data)  # a full disk leaves no partial file behind
+    inline = base64.b64encode(data).decode("ascii") if len(data) <= MAX_INLINE_CHECKPOINT_BYTES else None
     return CheckpointAnnouncement(
         version=version, path=str(path.resolve()), sha256=sha256_bytes(data), created_at=time.time(),
         step=step, state_dim=net.state_dim, item_dim=net.state_dim,
-        metrics={k: float(v) for k, v in (metrics or {}).items()})
+        metrics={k: float(v) for k, v in (metrics or {}).items()}, data=inline)
 
 
 def load_checkpoint(path: str | Path, sha256: str, *, expect_state_dim: int) -> QNetwork:
@@ -233,6 +236,36 @@ def read_checkpoint(path: str | Path, sha256: str, *, expect_state_dim: int) -> 
             data = fh.read(MAX_CHECKPOINT_BYTES + 1)
     except OSError as exc:
         raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from None
+    return parse_checkpoint(data, sha256, expect_state_dim=expect_state_dim, name=str(path))
+
+
+def read_announced(ann: CheckpointAnnouncement, directory: str | Path, *, expect_state_dim: int) -> Checkpoint:
+    """The checkpoint ``ann`` announces: from its inline bytes when it carries them (no shared
+    volume needed), else from the file of the announced name in ``directory``; verified against
+    the announced sha256 before it is parsed, as :func:`read_checkpoint`.
+
+    >>> import tempfile
+    >>> from memento.qnet import QNetwork
+    >>> ann = save_checkpoint(QNetwork(4, 8), tempfile.mkdtemp(), version=1, step=1)
+    >>> read_announced(ann, "/nonexistent", expect_state_dim=4).net.state_dim   # the bytes travelled
+    4
+    """
+    name = Path(ann.path).name
+    if ann.data is None:
+        return read_checkpoint(Path(directory) / name, ann.sha256, expect_state_dim=expect_state_dim)
+    try:
+        data = base64.b64decode(ann.data, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {name}: its inline data is not base64 ({exc})") from None
+    return parse_checkpoint(data, ann.sha256, expect_state_dim=expect_state_dim, name=name)
+
+
+def parse_checkpoint(data: bytes, sha256: str, *, expect_state_dim: int, name: str = "checkpoint") -> Checkpoint:
+    """Verify ``data`` (size, then sha256) and only then parse it as a safetensors policy;
+    raises :class:`CheckpointError` naming ``name`` on any mismatch."""
+    path = name
+    if len(data) > MAX_CHECKPOINT_BYTES:
+        raise CheckpointError(f"checkpoint {path} is {len(data)} bytes, more than {MAX_CHECKPOINT_BYTES}")
     digest = sha256_bytes(data)
     if digest != sha256:
         raise CheckpointError(f"checkpoint {path}: sha256 {digest[:12]}… does not match the "

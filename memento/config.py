@@ -14,6 +14,8 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from memento.schemas import MAX_CHECKPOINT_RECORD_BYTES
+
 __all__ = ["Settings", "TopicNames", "RewardWeights", "parse_reward_mapping", "TOPIC_PARTITIONS",
            "DEFAULT_ALPHA", "DEFAULT_MIN_PROB", "DEFAULT_SIMILARITY_PRIOR", "DEFAULT_VOTE_PRIOR", "DEFAULT_TOP_K",
            "DEFAULT_ALTERNATIVE_PRIORS", "DEFAULT_OWN_CASES",
@@ -79,7 +81,8 @@ TOPIC_PARTITIONS: dict[str, int] = {
 
 # Topic configs by role, on top of the broker's defaults: checkpoint announcements and cases are
 # compacted (the latest record per key is what a new reader needs; cases are also kept by the
-# case bank's own WAL), the event topics are kept for a week (a restarted worker or learner reads
+# case bank's own WAL; an announcement carries its checkpoint's bytes, so it may be larger than
+# the broker's default record size), the event topics are kept for a week (a restarted worker or learner reads
 # back at most that far), ticks and dead letters for a day and a month.
 TOPIC_CONFIGS: dict[str, dict[str, str]] = {
     "actions": {"retention.ms": str(7 * 86_400_000)},
@@ -87,7 +90,7 @@ TOPIC_CONFIGS: dict[str, dict[str, str]] = {
     "ticks": {"retention.ms": str(86_400_000)},
     "transitions": {"retention.ms": str(7 * 86_400_000)},
     "cases": {"cleanup.policy": "compact"},
-    "checkpoints": {"cleanup.policy": "compact"},
+    "checkpoints": {"cleanup.policy": "compact", "max.message.bytes": str(MAX_CHECKPOINT_RECORD_BYTES)},
     "dead_letter": {"retention.ms": str(30 * 86_400_000)},
 }
 

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 __all__ = [
     "ACTIONS", "ACTION_ALIASES", "SchemaError", "Action", "Recommendation", "Transition", "Case",
     "CheckpointAnnouncement", "DeadLetter", "organic_case_id", "encode", "decode", "from_dict", "to_dict",
-    "load_json", "finite_float", "short_repr", "future_time_problem", "MAX_INT", "MAX_STRING_LENGTH", "MAX_ORIGINAL_BYTES",
+    "load_json", "finite_float", "short_repr", "future_time_problem", "MAX_INT", "MAX_STRING_LENGTH", "MAX_INLINE_CHECKPOINT_BYTES", "MAX_CHECKPOINT_RECORD_BYTES", "MAX_ORIGINAL_BYTES",
 ]
 
 ACTIONS = ("click", "collect", "cart", "purchase")
@@ -181,9 +181,17 @@ class Case:
     source: str = "recommendation"
 
 
+# Checkpoints up to this size travel inside their announcement (base64 in ``data``), so serving
+# needs no volume shared with the learner; a larger one is announced by file only.
+MAX_INLINE_CHECKPOINT_BYTES = 8 << 20
+# The largest checkpoint announcement: the inline bytes as base64 (4/3 of them) and the rest.
+MAX_CHECKPOINT_RECORD_BYTES = 12 << 20
+
+
 @dataclass(frozen=True)
 class CheckpointAnnouncement:
-    """A new policy version: a safetensors file and its sha256."""
+    """A new policy version: a safetensors file and its sha256, and the file's bytes (base64)
+    when it is at most :data:`MAX_INLINE_CHECKPOINT_BYTES`."""
 
     version: int
     path: str
@@ -194,6 +202,7 @@ class CheckpointAnnouncement:
     item_dim: int
     metrics: dict[str, float] = field(default_factory=dict)
     signature: str | None = None  # HMAC of version, file name and sha256 (memento.checkpoint.sign_announcement)
+    data: str | None = None  # the file's bytes, base64 (verified against sha256 before it is parsed)
 
 
 @dataclass(frozen=True)
@@ -209,7 +218,8 @@ class DeadLetter:
 
 
 # string fields with another bound than MAX_STRING_LENGTH (None: none)
-_STRING_LIMITS = {("CheckpointAnnouncement", "path"): 4096, ("DeadLetter", "reason"): None,
+_STRING_LIMITS = {("CheckpointAnnouncement", "path"): 4096,
+                  ("CheckpointAnnouncement", "data"): 4 * -(-MAX_INLINE_CHECKPOINT_BYTES // 3), ("DeadLetter", "reason"): None,
                   ("DeadLetter", "original"): None}
 
 T = TypeVar("T")

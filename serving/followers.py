@@ -19,17 +19,16 @@ import abc
 import logging
 import threading
 import time
-from pathlib import Path
 from typing import Callable
 
 from kafka.errors import KafkaError
 
-from memento.checkpoint import Checkpoint, CheckpointError, announcement_problem, read_checkpoint
+from memento.checkpoint import Checkpoint, CheckpointError, announcement_problem, read_announced
 from memento.config import Settings
 from memento.encoder import HistoryEntry
 from memento.history import UserHistories
 from memento.kafka_io import DeadLetterWriter, make_consumer, poll
-from memento.schemas import Action, Case, CheckpointAnnouncement, SchemaError, decode
+from memento.schemas import MAX_CHECKPOINT_RECORD_BYTES, Action, Case, CheckpointAnnouncement, SchemaError, decode
 from serving.metrics import ServingMetrics
 
 __all__ = ["TopicFollower", "ActionFollower", "CaseFollower", "CheckpointFollower"]
@@ -57,8 +56,9 @@ class TopicFollower(threading.Thread, abc.ABC):
     """
 
     def __init__(self, settings: Settings, topic: str, metrics: ServingMetrics, *,
-                 poll_timeout_ms: int = 200, max_records: int = 1000):
+                 poll_timeout_ms: int = 200, max_records: int = 1000, consumer_options: dict | None = None):
         super().__init__(name=f"follow-{topic}", daemon=True)
+        self.consumer_options = consumer_options or {}
         self.settings = settings
         self.topic = topic
         self.metrics = metrics
@@ -72,7 +72,8 @@ class TopicFollower(threading.Thread, abc.ABC):
         while not self._stop_event.is_set():
             try:
                 consumer = make_consumer(self.settings, [self.topic], group_id=None,
-                                         from_beginning=True, max_poll_records=self.max_records)
+                                         from_beginning=True, max_poll_records=self.max_records,
+                                         **self.consumer_options)
             except (KafkaError, OSError) as exc:
                 log.warning("%s: cannot connect to Kafka at %s (%s); retrying", self.name,
                             self.settings.bootstrap_servers, exc)
@@ -192,21 +193,25 @@ class CheckpointFollower(TopicFollower):
                  current_version: Callable[[], int | None],
                  on_policy: Callable[[Checkpoint, CheckpointAnnouncement], None],
                  checkpoint_dir: str | None = None, **kwargs):
+        # an announcement carries its checkpoint: let one fetch hold the largest
+        kwargs.setdefault("consumer_options", {"max_partition_fetch_bytes": MAX_CHECKPOINT_RECORD_BYTES,
+                                               "fetch_max_bytes": MAX_CHECKPOINT_RECORD_BYTES})
         super().__init__(settings, settings.topics.checkpoints, metrics, **kwargs)
         self.current_version = current_version
         self.on_policy = on_policy
         self.checkpoint_dir = checkpoint_dir if checkpoint_dir is not None else settings.checkpoint_dir
         self.rejected: dict[int, str] = {}
 
-    def _resolve(self, ann: CheckpointAnnouncement) -> str:
-        """The file to read for ``ann``: the file of that name in serving's checkpoint directory
-        (wherever the learner's copy was: a shared volume may be mounted elsewhere), once the
-        name is the one the learner writes for that version and, with a checkpoint key, the
-        announcement is signed with it; CheckpointError otherwise."""
+    def _read(self, ann: CheckpointAnnouncement) -> Checkpoint:
+        """The checkpoint of ``ann``, once its file name is the one the learner writes for that
+        version and, with a checkpoint key, the announcement is signed with it: from the bytes
+        the announcement carries, else from the file of that name in serving's checkpoint
+        directory (a shared volume may be mounted elsewhere than the learner's);
+        CheckpointError otherwise."""
         problem = announcement_problem(ann, self.settings.checkpoint_key)
         if problem is not None:
             raise CheckpointError(problem)
-        return str(Path(self.checkpoint_dir) / Path(ann.path).name)
+        return read_announced(ann, self.checkpoint_dir, expect_state_dim=self.settings.state_dim)
 
     def _handle(self, records: list) -> None:
         announcements = []
@@ -225,8 +230,7 @@ class CheckpointFollower(TopicFollower):
                 if ann.state_dim != self.settings.state_dim:
                     raise CheckpointError(f"announced state_dim {ann.state_dim} != serving's "
                                           f"{self.settings.state_dim}")
-                checkpoint = read_checkpoint(self._resolve(ann), ann.sha256,
-                                             expect_state_dim=self.settings.state_dim)
+                checkpoint = self._read(ann)
             except Exception as exc:  # CheckpointError, or a reader bug: either way not served, and counted
                 self.rejected[ann.version] = str(exc)
                 self.metrics.reload_failures.inc()

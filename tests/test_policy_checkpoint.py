@@ -179,7 +179,8 @@ def test_a_malformed_policy_entry_rejects_the_checkpoint(tmp_path, policy, why):
                    metadata={"version": "2", "step": "0", "config": json.dumps(net.config()), "policy": policy})
     path = tmp_path / "ckpt" / "policy-v000002.safetensors"
     path.write_bytes(data)
-    _announce(follower, dataclasses.replace(good, version=2, path=str(path), sha256=sha256_bytes(data)), offset=1)
+    _announce(follower, dataclasses.replace(good, version=2, path=str(path), sha256=sha256_bytes(data), data=None),
+              offset=1)
     assert service.policy.version == 1 and service.policy.options.alpha == pytest.approx(0.2)
     assert why in follower.rejected[2]
     assert _metric(service, "memento_serving_reload_failures_total") == 1.0

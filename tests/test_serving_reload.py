@@ -108,7 +108,7 @@ def test_corrupt_checkpoints_rejected_old_version_keeps_serving(broker, tmp_path
         pickled = Path(settings.checkpoint_dir) / "policy-v000004.pt"
         pickled.write_bytes(pickle.dumps({"mlp.0.weight": [[0.0]]}))
         send_announcement(settings, dataclasses.replace(
-            good, version=4, path=str(pickled), sha256=hashlib.sha256(pickled.read_bytes()).hexdigest()))
+            good, version=4, path=str(pickled), sha256=hashlib.sha256(pickled.read_bytes()).hexdigest(), data=None))
         wait_for(lambda: failures() == 3, what="pickle rejected")
         still_serving_v1()
 
@@ -118,7 +118,8 @@ def test_corrupt_checkpoints_rejected_old_version_keeps_serving(broker, tmp_path
         still_serving_v1()
 
         # 4. A missing file.
-        send_announcement(settings, dataclasses.replace(good, version=6, path=str(tmp_path / "gone.safetensors")))
+        send_announcement(settings, dataclasses.replace(good, version=6, path=str(tmp_path / "gone.safetensors"),
+                                                        data=None))
         wait_for(lambda: failures() == 5, what="missing file rejected")
         still_serving_v1()
 
@@ -132,3 +133,30 @@ def test_corrupt_checkpoints_rejected_old_version_keeps_serving(broker, tmp_path
                  what="v7 served")
         status, stats = http("GET", f"{server.url}/v1/stats")
         assert stats["reloads"] == 2 and stats["reload_failures"] == 5
+
+
+def test_serving_needs_no_volume_shared_with_the_learner(broker, tmp_path):
+    """A checkpoint of the learner's default size (hidden 128, 4,096 item buckets: 240 kB at this state size)
+    travels through the broker inside its announcement; serving's checkpoint directory never
+    holds the file, and the version is served."""
+    import torch
+
+    from learner.trainer import SoftQConfig
+    from memento.checkpoint import ANNOUNCEMENT_KEY, save_checkpoint
+    from memento.qnet import QNetwork
+    from memento.schemas import encode
+    from support.serving import publish
+
+    settings = fresh_settings(broker, tmp_path)
+    learner_dir = tmp_path / "learner-volume"
+    config = SoftQConfig()
+    torch.manual_seed(0)
+    net = QNetwork(settings.state_dim, hidden=config.hidden, item_buckets=config.item_buckets)
+    with ServerThread(settings) as server:
+        publish_cases(settings, make_cases(settings, 50))
+        ann = save_checkpoint(net, learner_dir, version=1, step=1)
+        assert ann.data is not None and Path(ann.path).stat().st_size > 200_000
+        publish(settings, settings.topics.checkpoints, [(ANNOUNCEMENT_KEY, encode(ann))])
+        wait_for(lambda: http("GET", f"{server.url}/readyz")[0] == 200, what="ready")
+        assert http("POST", f"{server.url}/v1/recommend", {"user_id": "u"})[1]["policy_version"] == 1
+        assert not any(Path(settings.checkpoint_dir).glob("*.safetensors"))

@@ -37,8 +37,9 @@ def _announce(follower, ann, offset=0) -> None:
 
 
 def test_only_the_learners_file_for_that_version_is_read(tmp_path):
+    """Announcements by file only (a checkpoint over the inline limit, or an older learner)."""
     follower, settings, served = _follower(tmp_path)
-    good = save_checkpoint(QNetwork(4, 8), settings.checkpoint_dir, version=1, step=0)
+    good = dataclasses.replace(save_checkpoint(QNetwork(4, 8), settings.checkpoint_dir, version=1, step=0), data=None)
     _announce(follower, dataclasses.replace(good, version=5))                       # an old file as a new version
     _announce(follower, dataclasses.replace(good, version=6, path="/dev/zero"))     # not a checkpoint file
     os.symlink("/dev/zero", os.path.join(settings.checkpoint_dir, "policy-v000007.safetensors"))
@@ -106,3 +107,40 @@ def test_a_full_disk_while_writing_a_checkpoint_is_counted_and_retried(tmp_path,
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["policy-v000000.safetensors"]
     monkeypatch.setattr(checkpoint_module.os, "fsync", real_fsync)
     assert service.publish().version == 1 and len(sent) == 2
+
+
+def test_the_checkpoint_travels_in_its_announcement_and_is_verified_before_it_is_parsed(tmp_path):
+    """No volume shared with the learner: the announcement carries the file's bytes, serving's
+    checkpoint directory does not have the file, and the checkpoint is served from the bytes.
+    Bytes that do not match the (signed) sha256, or that are not base64, are rejected before
+    any parsing; a checkpoint over the inline limit is announced by file only."""
+    import base64
+
+    from memento import checkpoint
+
+    follower, settings, served = _follower(tmp_path, key="s3cret")
+    learner_dir = tmp_path / "learner-only"
+    ann = save_checkpoint(QNetwork(4, 8), learner_dir, version=1, step=0)
+    assert ann.data is not None and not os.path.exists(os.path.join(settings.checkpoint_dir, "policy-v000001.safetensors"))
+    _announce(follower, dataclasses.replace(ann, signature=sign_announcement(ann, "s3cret")))
+    assert [a.version for _, a in served] == [1] and served[0][0].net.state_dim == 4
+
+    ann2 = save_checkpoint(QNetwork(4, 8), learner_dir, version=2, step=0)
+    raw = bytearray(base64.b64decode(ann2.data))
+    raw[-1] ^= 1                                                                 # one bit flipped in a weight
+    tampered = dataclasses.replace(ann2, data=base64.b64encode(bytes(raw)).decode())
+    _announce(follower, dataclasses.replace(tampered, signature=sign_announcement(tampered, "s3cret")))
+    ann3 = save_checkpoint(QNetwork(4, 8), learner_dir, version=3, step=0)
+    garbled = dataclasses.replace(ann3, data="not base64!")
+    _announce(follower, dataclasses.replace(garbled, signature=sign_announcement(garbled, "s3cret")))
+    assert "does not match the announced" in follower.rejected[2]
+    assert "not base64" in follower.rejected[3]
+    assert [a.version for _, a in served] == [1]
+
+    small = checkpoint.MAX_INLINE_CHECKPOINT_BYTES
+    try:
+        checkpoint.MAX_INLINE_CHECKPOINT_BYTES = 1000
+        big = save_checkpoint(QNetwork(4, 8), learner_dir, version=4, step=0)
+    finally:
+        checkpoint.MAX_INLINE_CHECKPOINT_BYTES = small
+    assert big.data is None and os.path.getsize(big.path) > 1000
