@@ -15,17 +15,15 @@ serving uses, one request at a time:
 
 No micro-batching, user histories, own cases, retrieval priors, validation beyond ``user_id``,
 metrics, auth, followers or generator: the difference between serving and this server under
-the same load is what those cost. Run it as ``python -m harness.serving_reference --port P``
+the same load is what those cost. Run it as ``python -m harness.serving_bench reference --port P``
 with the settings in the environment (``Settings.from_env``); ``/readyz`` answers once the
 bank is open.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
@@ -154,19 +152,3 @@ def serve_reference(port: int, workers: int = 1) -> None:
         _reference_worker(port, False)
     else:
         run_workers(_reference_worker, (port, True), workers)
-
-
-def main(argv: list[str] | None = None) -> int:
-    from memento.options import log_level
-
-    p = argparse.ArgumentParser(prog="harness.serving_reference", description=__doc__.split("\n\n")[0])
-    p.add_argument("--port", type=int, required=True)
-    p.add_argument("--workers", type=int, default=1)
-    a = p.parse_args(argv)
-    logging.basicConfig(level=log_level(), format="%(asctime)s reference %(levelname)s %(name)s: %(message)s")
-    serve_reference(a.port, a.workers)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,47 @@
+"""The baseline server: a trivial aiohttp server (parse the JSON, check ``user_id``, answer a fixed
+recommendation) with serving's event loop, the cost of HTTP alone on the machine."""
+
+from __future__ import annotations
+
+import json
+
+__all__ = ["serve_baseline"]
+
+
+async def _baseline_recommend(request):
+    from aiohttp import web
+
+    body = json.loads(await request.read())
+    if not isinstance(body, dict) or not isinstance(body.get("user_id"), str):
+        return web.json_response({"error": "field 'user_id' is required"}, status=422)
+    return web.json_response({"request_id": "0" * 32, "user_id": body["user_id"], "item_id": "item0",
+                              "items": ["item0"], "case_id": "case0", "propensity": 1.0,
+                              "policy_version": 0, "ts": body.get("ts", 0.0)})
+
+
+async def _baseline_ready(request):
+    from aiohttp import web
+
+    return web.json_response({"ready": True})
+
+
+def _baseline_worker(port: int, reuse_port: bool, worker_index: int = 0) -> None:
+    from aiohttp import web
+
+    from serving.cli import serve_app
+
+    app = web.Application()
+    app.router.add_post("/v1/recommend", _baseline_recommend)
+    app.router.addget_json("/readyz", _baseline_ready)
+    serve_app(app, "127.0.0.1", port, reuse_port=reuse_port)
+
+
+def serve_baseline(port: int, workers: int = 1) -> None:
+    """A trivial aiohttp server (parse JSON, check ``user_id``, answer a fixed recommendation)
+    on ``port`` with ``workers`` processes and serving's event loop; runs until SIGTERM."""
+    from serving.cli import run_workers
+
+    if workers == 1:
+        _baseline_worker(port, False)
+    else:
+        run_workers(_baseline_worker, (port, True), workers)
