@@ -32,7 +32,7 @@ def _baseline_worker(port: int, reuse_port: bool, worker_index: int = 0) -> None
 
     app = web.Application()
     app.router.add_post("/v1/recommend", _baseline_recommend)
-    app.router.addget_json("/readyz", _baseline_ready)
+    app.router.add_get("/readyz", _baseline_ready)
     serve_app(app, "127.0.0.1", port, reuse_port=reuse_port)
 
 
