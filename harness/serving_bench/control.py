@@ -2,36 +2,34 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
-__all__ = ["get_json", "wait_ready", "stop_server", "cpu_seconds"]
-
-
-def get_json(url: str) -> tuple[int, dict]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read() or b"{}")
-    except OSError:
-        return 0, {}
+__all__ = ["wait_ready", "stop_server", "cpu_seconds"]
 
 
 def wait_ready(url: str, server: subprocess.Popen, timeout: float = 600) -> None:
+    """Until ``url`` answers ``/readyz`` (:meth:`serving.client.ServingClient.wait_ready`, in
+    short rounds), failing at once if the ``server`` process exits first."""
+    from serving.client import ServingClient, ServingNotReady
+
+    client = ServingClient(url, timeout_s=5.0)
     deadline = time.monotonic() + timeout
-    while get_json(f"{url}/readyz")[0] != 200:
-        if server.poll() is not None:
-            raise RuntimeError(f"server exited with {server.returncode} before it was ready")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"server not ready after {timeout:.0f} s")
-        time.sleep(0.5)
+    try:
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"server exited with {server.returncode} before it was ready")
+            try:
+                client.wait_ready(timeout_s=min(2.0, max(0.0, deadline - time.monotonic())), poll_s=0.5)
+                return
+            except ServingNotReady as exc:
+                if time.monotonic() >= deadline:
+                    raise RuntimeError(str(exc)) from None
+    finally:
+        client.close()
 
 
 def stop_server(server: subprocess.Popen | None) -> None:
