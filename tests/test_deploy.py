@@ -334,6 +334,21 @@ def test_k8s_workloads():
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
 
 
+def test_k8s_pods_share_no_volume():
+    """Checkpoints travel inside their announcements on Kafka, so no claim is ReadWriteMany
+    (default storage classes do not provide it) and every volume claim is a pod's own
+    (a StatefulSet's claim template); before, the learner and every serving replica mounted
+    one ReadWriteMany claim for the checkpoint files."""
+    docs = _load_yaml(K8S)
+    claims = [d for d in docs if d and d.get("kind") == "PersistentVolumeClaim"]
+    assert claims == []
+    for w in _workloads(docs):
+        pod = w["spec"]["template"]["spec"]
+        assert not [v for v in pod.get("volumes", []) if "persistentVolumeClaim" in v], w["metadata"]["name"]
+        for t in w["spec"].get("volumeClaimTemplates", []):
+            assert t["spec"]["accessModes"] == ["ReadWriteOnce"]
+
+
 def test_k8s_pdb_for_serving():
     docs = _load_yaml(K8S)
     serve = next(w for w in _workloads(docs) if w["metadata"]["name"] == "memento-serve")
