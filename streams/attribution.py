@@ -58,7 +58,6 @@ With a session gap of 100 s, the same window (end 160) waits for the gap (160, 2
 
 from __future__ import annotations
 
-import base64
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,7 +65,7 @@ import numpy as np
 
 from memento.config import RewardWeights
 from memento.encoder import HistoryEntry, StateEncoder
-from memento.schemas import Case, Recommendation, Transition, organic_case_id
+from memento.schemas import Case, Recommendation, Transition, organic_case_id, pack_vector, unpack_vector
 
 __all__ = ["RewardAttribution", "RewardWindow", "AttributionStats"]
 
@@ -270,7 +269,7 @@ class RewardAttribution:
             any(self.window.in_gap(start, h[2]) for h in state["history"])
             or any(self.window.in_gap(start, p["ts"]) for p in state["pending"])
             or any(self.window.in_gap(start, h["ts"]) for h in state["held"]))
-        return {**rec, "reward": max(weights, default=0.0), "next_state": _pack(next_state), "active": active}
+        return {**rec, "reward": max(weights, default=0.0), "next_state": pack_vector(next_state), "active": active}
 
     def _emit(self, state: dict[str, Any], held: dict[str, Any], now: float) -> tuple[Transition, Case]:
         rec, reward = held, held["reward"]  # a held window is its recommendation dict + results
@@ -316,15 +315,13 @@ class RewardAttribution:
         """The compact form kept in the user's open windows (vectors as base64 float32)."""
         return {"request_id": rec.request_id, "user_id": rec.user_id, "item_id": rec.item_id,
                 "case_id": rec.case_id, "propensity": rec.propensity,
-                "policy_version": rec.policy_version, "ts": rec.ts, "state": _pack(rec.state),
-                "case_features": _pack(rec.case_features), "prior": rec.prior}
-
-
-def _pack(vector) -> str:
-    return base64.b64encode(np.asarray(vector, dtype=np.float32).tobytes()).decode("ascii")
+                "policy_version": rec.policy_version, "ts": rec.ts, "state": pack_vector(rec.state),
+                "case_features": pack_vector(rec.case_features), "prior": rec.prior}
 
 
 def _unpack(packed) -> list[float]:
+    """A vector kept in a user's state: packed (:func:`memento.schemas.pack_vector`), or a list
+    in states written by an older worker."""
     if isinstance(packed, list):
         return [float(x) for x in packed]
-    return np.frombuffer(base64.b64decode(packed), dtype=np.float32).astype(float).tolist()
+    return unpack_vector(packed)

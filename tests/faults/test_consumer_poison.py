@@ -4,6 +4,8 @@ dead-lettered with its reason and the next record is handled. Before the fix the
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 from collections import namedtuple
 
@@ -72,10 +74,13 @@ def test_worker_dead_letters_records_that_would_grow_its_state(tmp_path):
     t = worker.settings.topics
     big = Recommendation(request_id="r1", user_id="u", item_id="i", case_id="c", propensity=0.5, policy_version=0,
                          ts=1.0, state=[0.0] * 100_000, case_features=[0.0] * 9)
+    wrong = dataclasses.replace(big, state=[0.0] * 1000)
     long_id = Action(event_id="e" * 300, user_id="u", item_id="i", action="click", ts=1.0)
     worker.handle(t.recommendations, 0, 0, b"u", encode(big))
-    worker.handle(t.actions, 0, 1, b"u", encode(long_id))
+    worker.handle(t.recommendations, 0, 1, b"u", encode(wrong))
+    worker.handle(t.actions, 0, 2, b"u", encode(long_id))
     letters = [decode(DeadLetter, value).reason for topic, _, value in worker._outbox if topic == t.dead_letter]
-    assert letters == ["Recommendation: fields 'state' and 'case_features' must have 4 and 9 values, got 100000 "
-                       f"and 9 (original: first 65536 of {len(encode(big))} bytes)",
+    assert letters == ["Recommendation: field 'state' holds more than 65536 numbers "
+                       f"(original: first 65536 of {len(encode(big))} bytes)",
+                       "Recommendation: fields 'state' and 'case_features' must have 4 and 9 values, got 1000 and 9",
                        "Action: field 'event_id' is 300 characters long, more than 256"]
