@@ -10,7 +10,7 @@ serving uses, one request at a time:
    index, same nprobe: :meth:`serving.app.ServingConfig.open_bank`);
 3. score them with the same numpy Q network (:class:`memento.qnet.FrozenQ` of a network shaped
    like the learner's) and sample one from softmax(Q/α);
-4. send one record of the size serving sends (state and case features) through a producer with
+4. send one record of the size serving sends (state and case features, packed) through a producer with
    serving's settings (:data:`serving.publisher.PRODUCER_OPTIONS`), and answer.
 
 No micro-batching, user histories, own cases, retrieval priors, validation beyond ``user_id``,
@@ -59,7 +59,8 @@ class ReferenceRecommender:
     >>> ref = ReferenceRecommender(bank, QNetwork(4, hidden=8), items, top_k=2, alpha=0.1)
     >>> answer, record = ref.recommend({"user_id": "u", "context": {"recent_items": [{"item_id": "x"}]}},
     ...                                np.random.default_rng(0))
-    >>> answer["item_id"] in ("x", "y"), len(json.loads(record)["case_features"])
+    >>> from memento.schemas import unpack_vector
+    >>> answer["item_id"] in ("x", "y"), len(unpack_vector(json.loads(record)["case_features"]))
     (True, 9)
     """
 
@@ -76,6 +77,7 @@ class ReferenceRecommender:
     def recommend(self, body: dict, rng: np.random.Generator) -> tuple[dict, bytes]:
         """(the answer, the record to publish) for one request body."""
         from memento.encoder import HistoryEntry
+        from memento.schemas import pack_vector
 
         recent = body.get("context", {}).get("recent_items", [])
         history = [HistoryEntry(str(e["item_id"]), str(e.get("action", "click")), float(e.get("ts", 0.0)))
@@ -92,8 +94,8 @@ class ReferenceRecommender:
         item = self.bank.get(case_id).item_id
         answer = {"user_id": body["user_id"], "item_id": item, "case_id": case_id,
                   "propensity": float(p[chosen])}
-        record = json.dumps({**answer, "state": state[0].tolist(),
-                             "case_features": features[0, chosen].tolist()}, separators=(",", ":")).encode()
+        record = json.dumps({**answer, "state": pack_vector(state[0]),
+                             "case_features": pack_vector(features[0, chosen])}, separators=(",", ":")).encode()
         return answer, record
 
 
