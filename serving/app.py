@@ -52,7 +52,7 @@ from serving.policy import NoCandidatesError, PolicyOptions, RetrievalPolicy
 from serving.publisher import PRODUCER_OPTIONS, Publisher
 from serving.validation import RequestError, parse_feedback, parse_json, parse_recommend
 
-__all__ = ["ServingConfig", "ServingService", "make_app", "SERVICE_KEY"]
+__all__ = ["ServingConfig", "ServingService", "make_app", "serving_bank_path", "SERVICE_KEY"]
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +175,15 @@ class ServingConfig:
                         max_cases_per_shard=per_shard, eviction="oldest")
 
 
+def serving_bank_path(data_dir: str | Path, worker_index: int = 0) -> Path:
+    """The case bank directory of serving worker ``worker_index`` (each worker owns one).
+
+    >>> serving_bank_path("/data").name, serving_bank_path("/data", 2).name
+    ('serving-bank', 'serving-bank-2')
+    """
+    return Path(data_dir) / ("serving-bank" if worker_index == 0 else f"serving-bank-{worker_index}")
+
+
 class ServingService:
     """One serving process's state and background work.
 
@@ -215,8 +224,7 @@ class ServingService:
     # -- lifecycle ---------------------------------------------------------------------------
     @property
     def bank_path(self) -> Path:
-        name = "serving-bank" if self.config.worker_index == 0 else f"serving-bank-{self.config.worker_index}"
-        return Path(self.settings.data_dir) / name
+        return serving_bank_path(self.settings.data_dir, self.config.worker_index)
 
     def start(self) -> None:
         """Open the bank, connect to Kafka, start the followers (blocking; run off the loop)."""

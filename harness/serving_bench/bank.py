@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -20,13 +19,14 @@ def build_bank(settings, n: int, items: int, seed: int, shards: int = 1) -> tupl
 
     from memento.encoder import ItemEncoder
     from memory_store import CaseBank
+    from serving.app import serving_bank_path
 
     rng = np.random.default_rng(seed)
     item_vecs = ItemEncoder(settings.item_dim).encode_many([f"item{i}" for i in range(items)])
     weights = HISTORY_DECAY ** np.arange(5, dtype=np.float32)
     all_states = np.empty((n, settings.item_dim), np.float32)
     started = time.perf_counter()
-    bank = CaseBank(Path(settings.data_dir) / "serving-bank", dim=settings.item_dim, num_shards=shards,
+    bank = CaseBank(serving_bank_path(settings.data_dir), dim=settings.item_dim, num_shards=shards,
                     fsync=False, tune_k=settings.top_k, ivf_encoding="fp16")  # as serving opens it
     try:
         batch = 50_000
@@ -58,7 +58,7 @@ def bank_figures(settings, states: np.ndarray, args: argparse.Namespace, queries
     import faiss
 
     from memento.encoder import ItemEncoder, StateEncoder
-    from serving.app import ServingConfig
+    from serving.app import ServingConfig, serving_bank_path
     from serving.policy import PolicyOptions
     from serving.validation import parse_json, parse_recommend
 
@@ -68,7 +68,7 @@ def bank_figures(settings, states: np.ndarray, args: argparse.Namespace, queries
     k = settings.top_k
     exact, _ = faiss.knn(q, states, k, metric=faiss.METRIC_INNER_PRODUCT)
     config = ServingConfig(options=PolicyOptions(top_k=k), bank_shards=args.bank_shards, bank_nprobe=args.bank_nprobe)
-    bank = config.open_bank(Path(settings.data_dir) / "serving-bank", settings.state_dim)
+    bank = config.open_bank(serving_bank_path(settings.data_dir), settings.state_dim)
     try:
         bank.search(q[:16], k)  # first touch
         cpu = time.thread_time()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+from harness.serving_bench.control import bad_request, serve_workers
+
 __all__ = ["serve_baseline"]
 
 
@@ -12,8 +14,9 @@ async def _baseline_recommend(request):
     from aiohttp import web
 
     body = json.loads(await request.read())
-    if not isinstance(body, dict) or not isinstance(body.get("user_id"), str):
-        return web.json_response({"error": "field 'user_id' is required"}, status=422)
+    problem = bad_request(body)
+    if problem is not None:
+        return web.json_response(problem, status=422)
     return web.json_response({"request_id": "0" * 32, "user_id": body["user_id"], "item_id": "item0",
                               "items": ["item0"], "case_id": "case0", "propensity": 1.0,
                               "policy_version": 0, "ts": body.get("ts", 0.0)})
@@ -39,9 +42,4 @@ def _baseline_worker(port: int, reuse_port: bool, worker_index: int = 0) -> None
 def serve_baseline(port: int, workers: int = 1) -> None:
     """A trivial aiohttp server (parse JSON, check ``user_id``, answer a fixed recommendation)
     on ``port`` with ``workers`` processes and serving's event loop; runs until SIGTERM."""
-    from serving.cli import run_workers
-
-    if workers == 1:
-        _baseline_worker(port, False)
-    else:
-        run_workers(_baseline_worker, (port, True), workers)
+    serve_workers(_baseline_worker, port, workers)

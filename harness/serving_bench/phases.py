@@ -6,17 +6,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Callable
 
 from harness.serving_bench.bank import bank_figures, build_bank
-from harness.serving_bench.control import cpu_seconds, stop_server, wait_ready
-from harness.serving_bench.load import ROOT, driver_process, run_driver, summarise, wait_driver
+from harness.serving_bench.control import cpu_seconds, start_server, stop_server
+from harness.serving_bench.load import driver_process, run_driver, summarise, wait_driver
 
 __all__ = ["load_phases", "brief", "ratios", "baseline_phase", "bank_phase", "reference_phase",
            "serving_phase", "swap_phase"]
@@ -74,15 +72,9 @@ def ratios(figures: dict, other: dict, name: str = "baseline") -> dict:
 
 def _measure_server(command: list[str], env: dict, args: argparse.Namespace, work: Path, label: str,
                     ready_timeout: float) -> dict:
-    """Start ``python -m <command>`` on a free port, run :func:`load_phases` on it, stop it."""
-    from harness.broker import free_port
-
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", *command, "--port", str(port)], cwd=ROOT,
-                              env={**os.environ, **env, "PYTHONPATH": str(ROOT)})
+    """Start ``python -m <command>``, run :func:`load_phases` on it, stop it."""
+    server, url = start_server(command, env, ready_timeout)
     try:
-        wait_ready(url, server, ready_timeout)
         return load_phases(url, args, work, label, server.pid)
     finally:
         stop_server(server)
@@ -97,12 +89,14 @@ def baseline_phase(args: argparse.Namespace, work: Path) -> dict:
 def bank_phase(settings, args: argparse.Namespace) -> dict:
     """Build the serving bank (and one copy per further worker) and measure its search alone:
     ``bank_build_s`` and ``bank``."""
+    from serving.app import serving_bank_path
+
     build_s, states = build_bank(settings, args.cases, args.items, args.seed, args.bank_shards)
     figures = {"bank_build_s": build_s, "bank": bank_figures(settings, states, args)}
     del states
     print(f"bank: {brief(figures['bank'])}", flush=True)
     for worker in range(1, args.workers):  # each serving worker owns a copy of the bank
-        shutil.copytree(Path(settings.data_dir) / "serving-bank", Path(settings.data_dir) / f"serving-bank-{worker}")
+        shutil.copytree(serving_bank_path(settings.data_dir), serving_bank_path(settings.data_dir, worker))
     return figures
 
 
@@ -116,18 +110,11 @@ def reference_phase(settings, args: argparse.Namespace, work: Path) -> dict:
 def serving_phase(settings, args: argparse.Namespace, work: Path) -> tuple[dict, subprocess.Popen, str]:
     """Start serving on the bank (version 1 must be announced) and run the load phases; returns
     (figures, the running server, its URL) for :func:`swap_phase`. The caller stops the server."""
-    from harness.broker import free_port
-
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "serving.cli", "--port", str(port),
-                               "--workers", str(args.workers), "--seed", str(args.seed),
-                               "--max-batch", str(args.max_batch), "--bank-shards", str(args.bank_shards)]
-                              + ([] if args.bank_nprobe is None else ["--bank-nprobe", str(args.bank_nprobe)]),
-                              cwd=ROOT, env={**os.environ, **settings.to_env(), "PYTHONPATH": str(ROOT),
-                                             "MEMENTO_LOG_LEVEL": "WARNING"})
+    server, url = start_server(["serving.cli", "--workers", str(args.workers), "--seed", str(args.seed),
+                                "--max-batch", str(args.max_batch), "--bank-shards", str(args.bank_shards)]
+                               + ([] if args.bank_nprobe is None else ["--bank-nprobe", str(args.bank_nprobe)]),
+                               {**settings.to_env(), "MEMENTO_LOG_LEVEL": "WARNING"})
     try:
-        wait_ready(url, server)
         return load_phases(url, args, work, "serving", server.pid), server, url
     except BaseException:
         stop_server(server)

@@ -25,9 +25,10 @@ from __future__ import annotations
 import json
 import logging
 import time
-from pathlib import Path
 
 import numpy as np
+
+from harness.serving_bench.control import bad_request, serve_workers
 
 __all__ = ["ReferenceRecommender", "serve_reference"]
 
@@ -107,15 +108,14 @@ def _reference_worker(port: int, reuse_port: bool, worker_index: int = 0) -> Non
     from memento.kafka_io import make_producer
     from memento.qnet import QNetwork
     from memento.threads import limit_threads
-    from serving.app import ServingConfig
+    from serving.app import ServingConfig, serving_bank_path
     from serving.cli import serve_app
     from serving.publisher import PRODUCER_OPTIONS
 
     settings = Settings.from_env()
     config = ServingConfig()
     limit_threads(config.compute_threads)
-    name = "serving-bank" if worker_index == 0 else f"serving-bank-{worker_index}"
-    bank = config.open_bank(Path(settings.data_dir) / name, settings.state_dim)
+    bank = config.open_bank(serving_bank_path(settings.data_dir, worker_index), settings.state_dim)
     producer = make_producer(settings, **PRODUCER_OPTIONS)
     ref = ReferenceRecommender(bank, QNetwork(settings.state_dim), ItemEncoder(settings.item_dim),
                                top_k=config.options.top_k, alpha=config.options.alpha)
@@ -124,8 +124,9 @@ def _reference_worker(port: int, reuse_port: bool, worker_index: int = 0) -> Non
 
     async def recommend(request):
         body = json.loads(await request.read())
-        if not isinstance(body, dict) or not isinstance(body.get("user_id"), str):
-            return web.json_response({"error": "field 'user_id' is required"}, status=422)
+        problem = bad_request(body)
+        if problem is not None:
+            return web.json_response(problem, status=422)
         answer, record = ref.recommend(body, rng)
         producer.send(topic, key=body["user_id"], value=record)
         answer["ts"] = body.get("ts", time.time())
@@ -148,9 +149,4 @@ def _reference_worker(port: int, reuse_port: bool, worker_index: int = 0) -> Non
 def serve_reference(port: int, workers: int = 1) -> None:
     """The reference server on ``port`` with ``workers`` processes (worker i opens the bank
     serving's worker i opens); runs until SIGTERM."""
-    from serving.cli import run_workers
-
-    if workers == 1:
-        _reference_worker(port, False)
-    else:
-        run_workers(_reference_worker, (port, True), workers)
+    serve_workers(_reference_worker, port, workers)
