@@ -89,7 +89,7 @@ def announcement_problem(ann: CheckpointAnnouncement, key: str = "") -> str | No
     learner writes for that version (a path elsewhere, ``/dev/zero``, an old file announced as a
     new version), or, with a ``key``, its signature is missing or wrong.
 
-    >>> from memento.schemas import MAX_INLINE_CHECKPOINT_BYTES, CheckpointAnnouncement
+    >>> from memento.schemas import CheckpointAnnouncement
     >>> ann = CheckpointAnnouncement(3, "/x/policy-v000003.safetensors", "ab", 0.0, 0, 4, 4)
     >>> announcement_problem(ann) is None, announcement_problem(ann, key="k")
     (True, 'announcement of version 3 is not signed (a checkpoint key is configured)')
@@ -263,12 +263,11 @@ def read_announced(ann: CheckpointAnnouncement, directory: str | Path, *, expect
 def parse_checkpoint(data: bytes, sha256: str, *, expect_state_dim: int, name: str = "checkpoint") -> Checkpoint:
     """Verify ``data`` (size, then sha256) and only then parse it as a safetensors policy;
     raises :class:`CheckpointError` naming ``name`` on any mismatch."""
-    path = name
     if len(data) > MAX_CHECKPOINT_BYTES:
-        raise CheckpointError(f"checkpoint {path} is {len(data)} bytes, more than {MAX_CHECKPOINT_BYTES}")
+        raise CheckpointError(f"checkpoint {name} is {len(data)} bytes, more than {MAX_CHECKPOINT_BYTES}")
     digest = sha256_bytes(data)
     if digest != sha256:
-        raise CheckpointError(f"checkpoint {path}: sha256 {digest[:12]}… does not match the "
+        raise CheckpointError(f"checkpoint {name}: sha256 {digest[:12]}… does not match the "
                               f"announced {sha256[:12]}…")
     try:
         header_len = int.from_bytes(data[:8], "little")
@@ -279,18 +278,18 @@ def parse_checkpoint(data: bytes, sha256: str, *, expect_state_dim: int, name: s
         config = json.loads(meta["config"])
         policy = PolicyParams.from_json(meta["policy"]) if "policy" in meta else None
     except Exception as exc:  # safetensors raises several error types for bad files
-        raise CheckpointError(f"checkpoint {path} is not a valid safetensors policy: {exc}") from None
+        raise CheckpointError(f"checkpoint {name} is not a valid safetensors policy: {exc}") from None
     try:
         net = QNetwork.from_config(config)
     except ValueError as exc:
-        raise CheckpointError(f"checkpoint {path}: {exc}") from None
+        raise CheckpointError(f"checkpoint {name}: {exc}") from None
     if net.state_dim != expect_state_dim:
-        raise CheckpointError(f"checkpoint {path}: state_dim {net.state_dim} != serving's {expect_state_dim}")
+        raise CheckpointError(f"checkpoint {name}: state_dim {net.state_dim} != serving's {expect_state_dim}")
     expected = net.state_dict()
     if set(tensors) != set(expected) or any(tensors[k].shape != expected[k].shape for k in expected):
-        raise CheckpointError(f"checkpoint {path}: tensor names or shapes do not match QNetwork{config}")
+        raise CheckpointError(f"checkpoint {name}: tensor names or shapes do not match QNetwork{config}")
     if not all(torch.isfinite(t).all() for t in tensors.values()):
-        raise CheckpointError(f"checkpoint {path}: non-finite weights")
+        raise CheckpointError(f"checkpoint {name}: non-finite weights")
     net.load_state_dict(tensors)
     net.eval()
     return Checkpoint(net, policy)

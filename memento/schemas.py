@@ -48,6 +48,11 @@ MAX_ORIGINAL_BYTES = 64 * 1024  # of a dead-lettered message kept in its DeadLet
 MAX_VECTOR_LENGTH = 1 << 16  # numbers in one vector field (a state is tens to hundreds)
 
 
+def _base64_length(n_bytes: int) -> int:
+    """Characters of the base64 text of ``n_bytes`` bytes (padded)."""
+    return 4 * -(-n_bytes // 3)
+
+
 def pack_vector(values) -> str:
     """A vector as it travels: its float32 values, little-endian, base64. Every consumer computes
     in float32; a JSON list of the same values is about four times longer and far slower to write
@@ -71,7 +76,7 @@ def unpack_vector(text: str, where: str = "vector") -> list[float]:
     ...
     memento.schemas.SchemaError: Case: field 'state' must hold finite numbers, got nan
     """
-    if len(text) > 4 * -(-4 * MAX_VECTOR_LENGTH // 3):
+    if len(text) > _base64_length(4 * MAX_VECTOR_LENGTH):
         raise SchemaError(f"{where} holds more than {MAX_VECTOR_LENGTH} numbers")
     try:
         raw = base64.b64decode(text, validate=True)
@@ -263,7 +268,7 @@ class DeadLetter:
 
 # string fields with another bound than MAX_STRING_LENGTH (None: none)
 _STRING_LIMITS = {("CheckpointAnnouncement", "path"): 4096,
-                  ("CheckpointAnnouncement", "data"): 4 * -(-MAX_INLINE_CHECKPOINT_BYTES // 3), ("DeadLetter", "reason"): None,
+                  ("CheckpointAnnouncement", "data"): _base64_length(MAX_INLINE_CHECKPOINT_BYTES), ("DeadLetter", "reason"): None,
                   ("DeadLetter", "original"): None}
 
 T = TypeVar("T")

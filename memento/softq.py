@@ -31,7 +31,7 @@ import torch
 
 from memento.encoder import case_item, case_outcome, case_state
 
-__all__ = ["soft_value", "policy_probs", "td_target", "entropy", "policy_logits_numpy", "policy_probs_numpy",
+__all__ = ["soft_value", "policy_probs", "td_target", "entropy", "policy_logits_numpy", "policy_probs_numpy", "probs_from_logits_numpy",
            "entropy_numpy",
            "retrieval_prior", "retrieval_prior_numpy", "neighbour_votes", "own_recency", "item_key",
            "histogram_support", "histogram_mean", "histogram_target"]
@@ -259,13 +259,23 @@ def policy_probs_numpy(q: np.ndarray, alpha: float, min_prob: float = 0.0,
     >>> bool(np.allclose(policy_probs_numpy(q, 0.5, 0.1, m), t, atol=1e-7))
     True
     """
-    z = policy_logits_numpy(q, alpha, mask, prior)
+    return probs_from_logits_numpy(policy_logits_numpy(q, alpha, mask, prior), min_prob, mask)
+
+
+def probs_from_logits_numpy(z: np.ndarray, min_prob: float = 0.0, mask: np.ndarray | None = None) -> np.ndarray:
+    """μ from its masked logits (:func:`policy_logits_numpy`): softmax, then the floor
+    ``min_prob`` mixed in over the valid candidates.
+
+    >>> z = policy_logits_numpy(np.array([[1.0, 0.0]], np.float32), 0.5)
+    >>> bool(np.allclose(probs_from_logits_numpy(z, 0.1), policy_probs_numpy(np.array([[1.0, 0.0]], np.float32), 0.5, 0.1)))
+    True
+    """
     e = np.exp(z - z.max(axis=-1, keepdims=True))
     probs = e / e.sum(axis=-1, keepdims=True)
     if min_prob > 0:
-        n = np.full(q.shape[:-1] + (1,), q.shape[-1], q.dtype) if mask is None else \
-            mask.sum(axis=-1, keepdims=True).astype(q.dtype)
-        floor = np.minimum(min_prob * n, 1.0).astype(q.dtype)
+        n = np.full(z.shape[:-1] + (1,), z.shape[-1], z.dtype) if mask is None else \
+            mask.sum(axis=-1, keepdims=True).astype(z.dtype)
+        floor = np.minimum(min_prob * n, 1.0).astype(z.dtype)
         uniform = np.broadcast_to(1.0 / np.maximum(n, 1), probs.shape)
         if mask is not None:
             uniform = uniform * mask

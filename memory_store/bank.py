@@ -277,9 +277,8 @@ class CaseBank:
         # on shared cores the waits for a descheduled thread cost several times the scan.
         faiss.omp_set_num_threads(1 if batch is not None and batch < SMALL_BATCH else self._omp_threads)
 
-    def _search(self, queries: np.ndarray, k: int, with_features: bool):
-        self._check_open()
-        q = self._check_queries(queries, k)
+    def _search(self, q: np.ndarray, k: int, with_features: bool):
+        """Top ``k`` of each row of ``q`` (checked by :meth:`_search_or_newest`: float32 [B, dim])."""
         started = time.perf_counter()
         num_shards, batch = self.num_shards, len(q)
         self._use_omp_threads(batch)

@@ -40,7 +40,7 @@ from memento.config import (DEFAULT_ALPHA, DEFAULT_MIN_PROB, DEFAULT_OWN_CASES, 
 from memento.options import option
 from memento.personal import UserMemory
 from memento.priors import RetrievalPrior, check_prior_mix
-from memento.softq import entropy_numpy, own_recency, policy_logits_numpy, policy_probs_numpy, retrieval_prior_numpy
+from memento.softq import entropy_numpy, own_recency, policy_logits_numpy, probs_from_logits_numpy, retrieval_prior_numpy
 
 __all__ = ["PolicyOptions", "Decision", "RetrievalPolicy", "NoCandidatesError"]
 
@@ -278,7 +278,7 @@ class RetrievalPolicy:
             q_np, self.options.alpha, mask,
             retrieval_prior_numpy(states, feats, prior.similarity, prior.vote, mask, prior.recency, own))
             for prior, _ in mix])
-        per_prior = np.stack([policy_probs_numpy(z, 1.0, self.options.min_prob, mask).astype(np.float64)
+        per_prior = np.stack([probs_from_logits_numpy(z, self.options.min_prob, mask).astype(np.float64)
                               for z in logits])
         shares = np.array([share for _, share in mix])
         marginal = per_prior[0] if len(mix) == 1 else np.tensordot(shares, per_prior, axes=1)

@@ -142,10 +142,8 @@ def test_serving_needs_no_volume_shared_with_the_learner(broker, tmp_path):
     import torch
 
     from learner.trainer import SoftQConfig
-    from memento.checkpoint import ANNOUNCEMENT_KEY, save_checkpoint
+    from memento.checkpoint import save_checkpoint
     from memento.qnet import QNetwork
-    from memento.schemas import encode
-    from support.serving import publish
 
     settings = fresh_settings(broker, tmp_path)
     learner_dir = tmp_path / "learner-volume"
@@ -156,7 +154,7 @@ def test_serving_needs_no_volume_shared_with_the_learner(broker, tmp_path):
         publish_cases(settings, make_cases(settings, 50))
         ann = save_checkpoint(net, learner_dir, version=1, step=1)
         assert ann.data is not None and Path(ann.path).stat().st_size > 200_000
-        publish(settings, settings.topics.checkpoints, [(ANNOUNCEMENT_KEY, encode(ann))])
+        send_announcement(settings, ann)
         wait_for(lambda: http("GET", f"{server.url}/readyz")[0] == 200, what="ready")
         assert http("POST", f"{server.url}/v1/recommend", {"user_id": "u"})[1]["policy_version"] == 1
         assert not any(Path(settings.checkpoint_dir).glob("*.safetensors"))
