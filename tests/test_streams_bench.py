@@ -32,9 +32,13 @@ def test_producing_trivial_agent_sends_the_measured_outputs(noida, tmp_path):  #
         phase.drain(total, timeout=120)
         topics = {o.role: f"{phase.prefix}.out.{o.role}" for o in told}
         measured = measure_outputs(phase.settings, topics, (0.0, math.inf), total)
+        # noida answers a fetch with all it holds of every partition asked for: read together,
+        # the changelog's 4 partitions (~30 kB) would be over this guard, and nothing was read
+        guarded = measure_outputs(phase.settings, topics, (0.0, math.inf), total, frame_guard=12_000)
         before = measure_outputs(phase.settings, topics, (0.0, phase.span[0] - 60), total)
     finally:
         bench.close()
     assert measured == [Output("changelog", topics["changelog"], 4, round(int(total * 0.5) / total, 4), 100),
                         Output("cases", topics["cases"], 2, round(int(total * 1.25) / total, 4), 40)]
     assert before == []  # records are counted by their timestamps
+    assert guarded == measured  # one partition at a time: each answer is under the guard
