@@ -30,7 +30,7 @@ __all__ = [
     "ACTIONS", "ACTION_ALIASES", "SchemaError", "Action", "Recommendation", "Transition", "Case",
     "CheckpointAnnouncement", "DeadLetter", "organic_case_id", "encode", "decode", "from_dict", "to_dict",
     "load_json", "finite_float", "short_repr", "future_time_problem", "MAX_INT", "MAX_STRING_LENGTH", "MAX_INLINE_CHECKPOINT_BYTES", "MAX_CHECKPOINT_RECORD_BYTES", "MAX_ORIGINAL_BYTES",
-    "MAX_VECTOR_LENGTH", "pack_vector", "unpack_vector",
+    "MAX_VECTOR_LENGTH", "pack_vector", "unpack_vector", "packed_length",
 ]
 
 ACTIONS = ("click", "collect", "cart", "purchase")
@@ -76,6 +76,11 @@ def unpack_vector(text: str, where: str = "vector") -> list[float]:
     ...
     memento.schemas.SchemaError: Case: field 'state' must hold finite numbers, got nan
     """
+    return _packed_values(text, where).astype(np.float64).tolist()
+
+
+def _packed_values(text: str, where: str) -> np.ndarray:
+    """:func:`unpack_vector`'s checks; the float32 values (a read-only view of the decoded bytes)."""
     if len(text) > _base64_length(4 * MAX_VECTOR_LENGTH):
         raise SchemaError(f"{where} holds more than {MAX_VECTOR_LENGTH} numbers")
     try:
@@ -88,7 +93,16 @@ def unpack_vector(text: str, where: str = "vector") -> list[float]:
     finite = np.isfinite(values)
     if not finite.all():
         raise SchemaError(f"{where} must hold finite numbers, got {float(values[~finite][0])}")
-    return values.astype(np.float64).tolist()
+    return values
+
+
+def packed_length(text: str) -> int:
+    """How many numbers the packed vector ``text`` (:func:`pack_vector`'s, valid base64) holds.
+
+    >>> packed_length(pack_vector([1.0, 2.0, 3.0])), packed_length(pack_vector([]))
+    (3, 0)
+    """
+    return (3 * len(text) // 4 - text.endswith("=") - text.endswith("==")) // 4
 
 
 def load_json(raw: bytes | str, what: str) -> Any:
@@ -346,20 +360,96 @@ def short_repr(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def from_dict(cls: type[T], data: Any) -> T:
-    """Build and validate a schema object from a decoded JSON object."""
+def _fast_check(cls: type, name: str, hint: Any):
+    """``_check(cls, name, hint, value)`` as a function of the value, that returns at once the
+    values it takes as they are (the common case: exactly a str within its limit, a finite float,
+    a 64-bit int, a bool, None where allowed) and leaves every other value, and every error and
+    its message, to :func:`_check`."""
+    optional = False
+    if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        args = typing.get_args(hint)
+        optional = type(None) in args
+        inner = next(a for a in args if a is not type(None))
+    else:
+        inner = hint
+
+    def slow(value: Any) -> Any:
+        return _check(cls, name, hint, value)
+
+    if inner is str:
+        limit = _STRING_LIMITS.get((cls.__name__, name), MAX_STRING_LENGTH)
+        limit = sys.maxsize if limit is None else limit
+
+        def fast(value: Any) -> Any:
+            if value.__class__ is str and 0 < len(value) <= limit:
+                return value
+            return None if optional and value is None else slow(value)
+    elif inner is float:
+        def fast(value: Any) -> Any:
+            if value.__class__ is float and value - value == 0.0:  # finite
+                return value
+            return None if optional and value is None else slow(value)
+    elif inner is int:
+        def fast(value: Any) -> Any:
+            if value.__class__ is int and -MAX_INT <= value <= MAX_INT:
+                return value
+            return None if optional and value is None else slow(value)
+    elif inner is bool:
+        def fast(value: Any) -> Any:
+            if value.__class__ is bool:
+                return value
+            return None if optional and value is None else slow(value)
+    else:
+        return slow
+    return fast
+
+
+def _packed_check(cls: type, name: str, hint: Any):
+    """A vector field's check that leaves the vector packed: base64 text is checked as
+    :func:`unpack_vector` checks it and kept as it is; a list of numbers is checked as
+    :func:`_check` does and packed (:func:`pack_vector`)."""
+    where = f"{cls.__name__}: field {name!r}"
+
+    def check(value: Any) -> Any:
+        if value.__class__ is str:
+            _packed_values(value, where)
+            return value
+        return pack_vector(_check(cls, name, hint, value))
+    return check
+
+
+_PLANS: dict[tuple[type, bool], tuple[tuple[str, Any, bool], ...]] = {}
+
+
+def _plan(cls: type, packed: bool = False) -> tuple[tuple[str, Any, bool], ...]:
+    """Per field of ``cls``: its name, its checker (:func:`_fast_check`, or :func:`_packed_check`
+    for a vector field when ``packed``), whether it is required."""
+    plan = _PLANS.get((cls, packed))
+    if plan is None:
+        hints = _hints(cls)
+        vectors = _vector_fields(cls) if packed else ()
+        plan = _PLANS[(cls, packed)] = tuple(
+            (f.name, (_packed_check if f.name in vectors else _fast_check)(cls, f.name, hints[f.name]),
+             f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+            for f in dataclasses.fields(cls))
+    return plan
+
+
+def from_dict(cls: type[T], data: Any, *, packed: bool = False) -> T:
+    """Build and validate a schema object from a decoded JSON object; with ``packed``, its vector
+    fields hold :func:`pack_vector` text instead of lists (for a reader that only passes them on:
+    :func:`encode` writes such text as it is)."""
     if not isinstance(data, dict):
         raise SchemaError(f"{cls.__name__}: expected a JSON object, got {type(data).__name__}")
-    hints = _hints(cls)
     kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name in data:
-            value = data[f.name]
-            if cls is Action and f.name == "action" and isinstance(value, str):
+    for name, check, required in _plan(cls, packed):
+        if name in data:
+            value = data[name]
+            if cls is Action and name == "action" and isinstance(value, str):
                 value = ACTION_ALIASES.get(value.lower(), value.lower())
-            kwargs[f.name] = _check(cls, f.name, hints[f.name], value)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise SchemaError(f"{cls.__name__}: missing field {f.name!r}")
+            kwargs[name] = check(value)
+        elif required:
+            raise SchemaError(f"{cls.__name__}: missing field {name!r}")
     obj = cls(**kwargs)
     validate = getattr(obj, "validate", None)
     if validate is not None:
@@ -387,22 +477,28 @@ def _fields(obj: Any) -> dict[str, Any]:
         raise TypeError(f"cannot encode {type(obj).__name__} as JSON")
     out = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
     for name in _vector_fields(type(obj)):
-        out[name] = pack_vector(out[name])
+        value = out[name]
+        if value.__class__ is not str:  # text is packed already (from_dict's packed vectors)
+            out[name] = pack_vector(value)
     return out
 
 
 def encode(obj: Any) -> bytes:
     """Compact JSON of a schema record: ``to_dict``'s document, without its deep copy, with its
-    vectors packed (:func:`pack_vector`; :func:`decode` reads them, and lists of numbers too).
+    vectors packed (:func:`pack_vector`; :func:`decode` reads them, and lists of numbers too; a
+    vector that is text already, as ``decode(..., packed=True)`` leaves it, is written as it is).
 
     >>> c = Case("c1", [0.5, 0.25], "i1", [1.0, 0.0], 1.0, 0.0)
     >>> json.loads(encode(c))["state"], decode(Case, encode(c)) == c
+    ('AAAAPwAAgD4=', True)
+    >>> decode(Case, encode(c), packed=True).state, encode(decode(Case, encode(c), packed=True)) == encode(c)
     ('AAAAPwAAgD4=', True)
     """
     return json.dumps(_fields(obj), separators=(",", ":"), allow_nan=False, default=_fields).encode()
 
 
-def decode(cls: type[T], raw: bytes | str) -> T:
+def decode(cls: type[T], raw: bytes | str, *, packed: bool = False) -> T:
     """Parse and validate ``raw``; raises :class:`SchemaError` naming what is wrong (and nothing
-    else, whatever the bytes)."""
-    return from_dict(cls, load_json(raw, cls.__name__))
+    else, whatever the bytes). With ``packed``, vector fields stay :func:`pack_vector` text
+    (checked, not converted; :func:`from_dict`)."""
+    return from_dict(cls, load_json(raw, cls.__name__), packed=packed)
