@@ -59,15 +59,16 @@ With a session gap of 100 s, the same window (end 160) waits for the gap (160, 2
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from operator import itemgetter
+from typing import Any, Sequence
 
 import numpy as np
 
 from memento.config import RewardWeights
-from memento.encoder import HistoryEntry, StateEncoder
+from memento.encoder import ACTION_STRENGTH, HistoryEntry, StateEncoder
 from memento.schemas import Case, Recommendation, Transition, organic_case_id, pack_vector, unpack_vector
 
-__all__ = ["RewardAttribution", "RewardWindow", "AttributionStats"]
+__all__ = ["RewardAttribution", "RewardWindow", "AttributionStats", "RowStateEncoder"]
 
 _MAX_HISTORY = 1000
 _MAX_REMEMBERED_IDS = 200
@@ -236,12 +237,17 @@ class RewardAttribution:
 
     def state_before(self, state: dict[str, Any], ts: float) -> np.ndarray:
         """The user's state from actions strictly before ``ts``."""
+        if isinstance(self.encoder, RowStateEncoder):
+            return self.encoder.encode_rows(state["history"], before=ts)
         return self.encoder.encode([e for e in self.history(state) if e.ts < ts])
 
-    def close_due(self, state: dict[str, Any], watermark: float, now: float) -> list[tuple[Transition, Case]]:
+    def close_due(self, state: dict[str, Any], watermark: float, now: float,
+                  packed: bool = False) -> list[tuple[Transition, Case]]:
         """Close every window whose close time the watermark has passed and emit every transition
         that is due (all of them without a session gap; with one, those whose ``done`` is
-        decided), oldest recommendation first."""
+        decided), oldest recommendation first. With ``packed``, the vectors of the transitions
+        and cases are :func:`~memento.schemas.pack_vector` text, as the stream worker sends them
+        (:func:`~memento.schemas.encode` writes them as they are)."""
         held = state.setdefault("held", [])
         due = [p for p in state["pending"] if self.close_time(p["ts"]) < watermark]
         if not due and not held:
@@ -254,7 +260,7 @@ class RewardAttribution:
             return []
         emitted = {h["request_id"] for h in ready}
         state["held"] = [h for h in held if h["request_id"] not in emitted]
-        out = [self._emit(state, h, now) for h in sorted(ready, key=lambda h: h["ts"])]
+        out = [self._emit(state, h, now, packed) for h in sorted(ready, key=lambda h: h["ts"])]
         self._prune(state)
         return out
 
@@ -264,14 +270,18 @@ class RewardAttribution:
         start, end = rec["ts"], self.window.end(rec["ts"])
         weights = [self.rewards.weight(h[1]) for h in state["history"]
                    if h[0] == rec["item_id"] and self.window.covers(start, h[2])]
-        next_state = self.encoder.encode(self.history(state), until=end)
+        if isinstance(self.encoder, RowStateEncoder):
+            next_state = self.encoder.encode_rows(state["history"], until=end)
+        else:
+            next_state = self.encoder.encode(self.history(state), until=end)
         active = self.session_gap_s > 0 and (
             any(self.window.in_gap(start, h[2]) for h in state["history"])
             or any(self.window.in_gap(start, p["ts"]) for p in state["pending"])
             or any(self.window.in_gap(start, h["ts"]) for h in state["held"]))
         return {**rec, "reward": max(weights, default=0.0), "next_state": pack_vector(next_state), "active": active}
 
-    def _emit(self, state: dict[str, Any], held: dict[str, Any], now: float) -> tuple[Transition, Case]:
+    def _emit(self, state: dict[str, Any], held: dict[str, Any], now: float,
+              packed: bool = False) -> tuple[Transition, Case]:
         rec, reward = held, held["reward"]  # a held window is its recommendation dict + results
         done = self.session_gap_s > 0 and not held["active"]
         if reward > 0:
@@ -281,22 +291,26 @@ class RewardAttribution:
         self.stats.session_end += done
         state["closed"].append(rec["request_id"])
         del state["closed"][:-_MAX_REMEMBERED_IDS]
-        state_vec = _unpack(rec["state"])
+        vector = _packed if packed else _unpack
+        state_vec = vector(rec["state"])
         transition = Transition(
             transition_id=rec["request_id"], user_id=rec["user_id"], state=state_vec,
-            case_id=rec["case_id"], case_features=_unpack(rec["case_features"]), item_id=rec["item_id"],
-            propensity=rec["propensity"], reward=reward, next_state=_unpack(held["next_state"]),
+            case_id=rec["case_id"], case_features=vector(rec["case_features"]), item_id=rec["item_id"],
+            propensity=rec["propensity"], reward=reward, next_state=vector(held["next_state"]),
             done=done, policy_version=rec["policy_version"], ts=rec["ts"], closed_at=now,
             prior=rec.get("prior"))  # windows kept before priors were recorded have none
         case = Case(case_id=f"rec:{rec['request_id']}", state=state_vec, item_id=rec["item_id"],
-                    item_vec=[float(x) for x in self.encoder.items.encode(rec["item_id"])],
+                    item_vec=vector(self.encoder.items.encode(rec["item_id"])),
                     outcome=reward, ts=rec["ts"], source="recommendation")
         return transition, case
 
-    def organic_case(self, state: dict[str, Any], event_id: str, item_id: str, action: str, ts: float) -> Case:
-        """A case from an action the user took on their own: (state before it, item, its weight)."""
-        return Case(case_id=organic_case_id(event_id), state=[float(x) for x in self.state_before(state, ts)],
-                    item_id=item_id, item_vec=[float(x) for x in self.encoder.items.encode(item_id)],
+    def organic_case(self, state: dict[str, Any], event_id: str, item_id: str, action: str, ts: float,
+                     packed: bool = False) -> Case:
+        """A case from an action the user took on their own: (state before it, item, its weight);
+        with ``packed``, its vectors as :func:`~memento.schemas.pack_vector` text."""
+        vector = _packed if packed else _unpack
+        return Case(case_id=organic_case_id(event_id), state=vector(self.state_before(state, ts)),
+                    item_id=item_id, item_vec=vector(self.encoder.items.encode(item_id)),
                     outcome=self.rewards.weight(action), ts=ts, source="action")
 
     def _prune(self, state: dict[str, Any]) -> None:
@@ -312,16 +326,95 @@ class RewardAttribution:
 
     @staticmethod
     def recommendation_dict(rec: Recommendation) -> dict[str, Any]:
-        """The compact form kept in the user's open windows (vectors as base64 float32)."""
+        """The compact form kept in the user's open windows (vectors as base64 float32; a
+        recommendation decoded with ``packed=True`` has them so already)."""
         return {"request_id": rec.request_id, "user_id": rec.user_id, "item_id": rec.item_id,
                 "case_id": rec.case_id, "propensity": rec.propensity,
-                "policy_version": rec.policy_version, "ts": rec.ts, "state": pack_vector(rec.state),
-                "case_features": pack_vector(rec.case_features), "prior": rec.prior}
+                "policy_version": rec.policy_version, "ts": rec.ts, "state": _packed(rec.state),
+                "case_features": _packed(rec.case_features), "prior": rec.prior}
+
+
+class RowStateEncoder(StateEncoder):
+    """:class:`~memento.encoder.StateEncoder`'s states, bit for bit, computed from the history rows
+    of a user's stream state (``[item_id, action, ts, event_id]``, no
+    :class:`~memento.encoder.HistoryEntry` objects) with a few numpy calls instead of three per
+    history entry (the stream worker's; :class:`RewardAttribution` uses :meth:`encode_rows` when
+    its encoder is one).
+
+    ``StateEncoder.encode`` adds ``w_r * v_r`` to a float32 zero vector one entry at a time, newest
+    first, ``w_r = decay**r * strength`` a Python float that numpy rounds to float32 before it
+    multiplies the float32 item vector. Here the same float32 weights multiply the stacked item
+    vectors in one operation (the same roundings), and ``np.add.reduce`` over the entries adds the
+    rows to a float32 zero row after row (a reduction across the rows of a C-contiguous array
+    runs element-wise in row order; it is not the pairwise summation numpy uses along a
+    contiguous axis). The sort (stable, newest first), the cut at ``max_len``, the norm and the
+    division are the original's. It is the computation of the evaluation's
+    ``evaluation.fastpath.ExactStateEncoder`` (which cannot serve here: the evaluation is the
+    layer above).
+
+    >>> from memento.encoder import ItemEncoder
+    >>> rows = [["1", "click", 1.0, "e1"], ["2", "cart", 2.0, "e2"], ["1", "purchase", 2.0, "e3"]]
+    >>> items = ItemEncoder(8)
+    >>> entries = [HistoryEntry(*r) for r in rows]
+    >>> bool(np.array_equal(RowStateEncoder(items).encode_rows(rows), StateEncoder(items).encode(entries)))
+    True
+    >>> bool(np.array_equal(RowStateEncoder(items).encode_rows(rows, before=2.0), StateEncoder(items).encode(entries[:1])))
+    True
+    """
+
+    def __init__(self, items, decay: float = 0.85, max_len: int = 30):
+        super().__init__(items, decay, max_len)
+        self._weights: dict[str, np.ndarray] = {}  # action -> float32 weight by rank
+        self._row_of: dict[str, int] = {}          # item -> its row of _vectors
+        self._vectors = np.zeros((64, self.dim), np.float32)
+
+    def _weights_of(self, action: str) -> np.ndarray:
+        w = self._weights.get(action)
+        if w is None:
+            strength = ACTION_STRENGTH.get(action, 1.0)
+            w = self._weights[action] = np.array([(self.decay ** rank) * strength for rank in range(self.max_len)],
+                                                 np.float64).astype(np.float32)
+        return w
+
+    def _row(self, item_id: str) -> int:
+        row = self._row_of.get(item_id)
+        if row is None:
+            row = len(self._row_of)
+            if row == len(self._vectors):
+                self._vectors = np.concatenate([self._vectors, np.zeros_like(self._vectors)])
+            self._vectors[row] = self.items.encode(item_id)
+            self._row_of[item_id] = row
+        return row
+
+    def encode_rows(self, rows: Sequence[Sequence], until: float | None = None,
+                    before: float | None = None) -> np.ndarray:
+        """The state from the history ``rows`` (any order) with ``ts <= until`` and ``ts < before``
+        where given: ``StateEncoder.encode`` of the same entries."""
+        entries = [h for h in rows if (until is None or h[2] <= until) and (before is None or h[2] < before)]
+        entries.sort(key=_TS, reverse=True)
+        del entries[self.max_len:]
+        if not entries:
+            return np.zeros(self.dim, dtype=np.float32)
+        weights = np.array([self._weights_of(h[1])[rank] for rank, h in enumerate(entries)], np.float32)
+        rows_of = [self._row(h[0]) for h in entries]  # before reading _vectors: a new item may grow it
+        terms = self._vectors[rows_of]
+        terms *= weights[:, None]
+        state = np.add.reduce(terms, axis=0, initial=np.float32(0.0))
+        norm = float(np.linalg.norm(state))
+        return state / norm if norm > 0 else state
+
+
+_TS = itemgetter(2)
 
 
 def _unpack(packed) -> list[float]:
     """A vector kept in a user's state: packed (:func:`memento.schemas.pack_vector`), or a list
-    in states written by an older worker."""
-    if isinstance(packed, list):
-        return [float(x) for x in packed]
-    return unpack_vector(packed)
+    in states written by an older worker (or an array)."""
+    if isinstance(packed, str):
+        return unpack_vector(packed)
+    return [float(x) for x in packed]
+
+
+def _packed(vector) -> str:
+    """A vector as :func:`memento.schemas.pack_vector` text (text is kept as it is)."""
+    return vector if isinstance(vector, str) else pack_vector(vector)

@@ -349,3 +349,52 @@ def test_a_refused_commit_does_not_count_as_committed(tmp_path):
     assert consumer_lags([tp], consumer.highwater, worker.committed_offset, lambda tp: 19)[tuple(tp)] == (15, 0)
     assert asyncio.run(consumer._commit_offsets({tp: 20}))
     assert worker.committed_offset(tp) == 20
+
+
+@pytest.mark.parametrize("decay,max_len", [(0.85, 30), (0.5, 7), (1.0, 100)])
+def test_row_state_encoder_matches_state_encoder_bit_for_bit(decay, max_len):
+    """The worker's encoder (:class:`streams.attribution.RowStateEncoder`) gives StateEncoder's
+    states exactly, ties in event time (and their order) included."""
+    from memento.encoder import ItemMeta
+    from streams.attribution import RowStateEncoder
+
+    actions = ["click", "collect", "cart", "purchase", "alipay-like"]
+    catalogue = {str(i): ItemMeta(str(i), category=f"{i % 5}-{i % 3}", brand=f"b{i % 7}", title=f"t{i % 11} x")
+                 for i in range(40)}
+    items = ItemEncoder(16, catalogue)  # items 40-199: from their id alone; 200 items outgrow the first 64 rows
+    reference = StateEncoder(items, decay=decay, max_len=max_len)
+    rows_encoder = RowStateEncoder(items, decay=decay, max_len=max_len)
+    rng = np.random.default_rng(7)
+    for _ in range(300):
+        length = int(rng.integers(0, 60))
+        ts = np.sort(rng.integers(0, max(1, length // 2 + 1), length)).astype(float)  # few times: ties
+        rows = [[str(int(rng.integers(0, 200))), actions[int(rng.integers(0, len(actions)))], float(t), f"e{k}"]
+                for k, t in enumerate(ts)]
+        history = [HistoryEntry(*row) for row in rows]
+        until, before = float(rng.integers(0, 40)), float(rng.integers(0, 40))
+        for got, want in ((rows_encoder.encode_rows(rows), reference.encode(history)),
+                          (rows_encoder.encode_rows(rows, until=until), reference.encode(history, until=until)),
+                          (rows_encoder.encode_rows(rows, before=before),
+                           reference.encode([h for h in history if h.ts < before]))):
+            assert got.dtype == want.dtype and np.array_equal(got, want)
+
+
+def test_row_state_encoder_in_the_attribution_gives_the_same_cases_and_transitions():
+    from memento.schemas import encode
+    from streams.attribution import RowStateEncoder
+
+    items = ItemEncoder(8)
+    out = []
+    for encoder in (StateEncoder(items), RowStateEncoder(items)):
+        attr = RewardAttribution(encoder, RewardWeights(), window_s=60, allowed_lateness_s=0)
+        st = attr.new_state()
+        rng = np.random.default_rng(3)
+        cases = []
+        for i in range(40):
+            attr.add_action(st, f"e{i}", str(int(rng.integers(0, 9))), "click", float(i))
+            cases.append(encode(attr.organic_case(st, f"e{i}", "3", "click", float(i))))
+        rec = {"request_id": "r1", "user_id": "u", "item_id": "3", "case_id": "c", "propensity": 0.5,
+               "policy_version": 1, "ts": 20.0, "state": [0.0] * 8, "case_features": [0.0] * 17}
+        attr.add_recommendation(st, rec)
+        out.append((cases, [(encode(t), encode(c)) for t, c in attr.close_due(st, watermark=100.0, now=0.0)]))
+    assert out[0] == out[1] and out[0][1]
