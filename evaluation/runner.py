@@ -44,8 +44,8 @@ from evaluation.metrics import RunMetrics
 from evaluation.offpolicy import OffPolicyAccumulator
 from evaluation.policies import (POLICY_NAMES, Choice, CosinePolicy, EvalPolicy, GreedyQPolicy,
                                          LinUCBPolicy, PopularityPolicy, RandomPolicy, Request, SoftQPolicy)
-from memento.personal import recent_vectors, user_memory
-from memento.schemas import Case, Recommendation, Transition, organic_case_id
+from memento.personal import recent_vectors, user_memory, with_population
+from memento.schemas import ORGANIC_CASE_SOURCE, Case, Recommendation, Transition, organic_case_id
 from evaluation.simulator import WorldConfig
 from streams.attribution import RewardAttribution
 
@@ -201,7 +201,7 @@ class _Stream:
             case_state = self.encoder.state_before(state["history"], ts) if context_state is None else \
                 np.asarray(context_state, np.float32)
             self.bank.add_case(organic_case_id(event_id), case_state, item_id, self.items.encode(item_id),
-                               weight, ts, "action")
+                               weight, ts, ORGANIC_CASE_SOURCE)
 
     def state(self, user_id: str, ts: float) -> np.ndarray:
         """RewardAttribution.state_before: the state from the user's actions strictly before ``ts``."""
@@ -215,8 +215,9 @@ class _Stream:
         ids, scores, features, mask = self.bank.search_with_features(state[None], fill)
         n = int(mask[0].sum())
         m = min(n, k)
-        memory = user_memory([h for h in self.attribution.history(self._user(user_id)) if h.ts < ts],
-                             self.config.own_cases)
+        memory, = with_population([user_memory([h for h in self.attribution.history(self._user(user_id))
+                                                if h.ts < ts], self.config.own_cases)],
+                                  self.bank.popular, self.config.own_cases)
         ids_k, scores_k, features_k, mask_k = self.bank.append_cases(
             state[None], [ids[0][:m]], scores[:, :m], features[:, :m], mask[:, :m], [memory.case_ids])
         c = int(mask_k[0].sum())

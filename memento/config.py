@@ -25,11 +25,13 @@ __all__ = ["Settings", "TopicNames", "RewardWeights", "parse_reward_mapping", "T
 
 # μ's defaults, for the learner (SoftQConfig), serving's flags, PolicyOptions and the evaluation
 # alike (docs/evaluation.md has the ablation that chose them): the candidates per request, the
-# temperature, and a floor whose total over K = 64 candidates (3.2%) stays below Vowpal Wabbit's
-# default ε = 0.05 while keeping every propensity, hence every off-policy weight 1/μ ≤ 2000, bounded.
+# temperature, and a floor that keeps every candidate's propensity above 0 (so any policy over the
+# same candidates can be evaluated off-policy from the log) and every weight 1/μ ≤ 10,000, at a
+# total uniform share of at most 0.8% over 80 candidates: exploration is the softmax's and the
+# priors' Thompson sampling, and a larger uniform share only cost reward.
 DEFAULT_TOP_K = 64
 DEFAULT_ALPHA = 0.1
-DEFAULT_MIN_PROB = 0.0005
+DEFAULT_MIN_PROB = 0.0001
 # Weights of the retrieval prior softmax(β·cos(s, c_state) + w·log(1 + V(c))) in μ
 # (memento.softq.retrieval_prior): nearness β, and the neighbours' vote w.
 DEFAULT_SIMILARITY_PRIOR = 0.0

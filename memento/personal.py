@@ -9,8 +9,15 @@ a fifth of the actions are on an item among the user's ten most recent), so the 
 candidates are the nearest cases *and* the user's own newest cases, one per distinct item, and
 the retrieval prior may rank the user's own recent items first (:func:`memento.softq.own_recency`).
 
+A user with little or no history backs off to the population's memory: after their own items,
+the items users acted on most often (:meth:`memory_store.CaseBank.popular`) complete their
+memory, with those items' cases as candidates (:func:`with_population`), so the prior ranks
+them after the user's own items, most often first. (A user with no history has a blank state,
+which the bank also answers with those cases.)
+
 Serving and ``memento eval`` both build a user's memory from the history with
-:func:`user_memory` and encode its items with :func:`recent_vectors`.
+:func:`user_memory`, complete it with the population's (:func:`with_population`), and encode
+its items with :func:`recent_vectors`.
 
 >>> from memento.encoder import HistoryEntry
 >>> h = [HistoryEntry("7", "click", 1.0, "e1"), HistoryEntry("8", "click", 2.0, "e2"),
@@ -23,14 +30,14 @@ Serving and ``memento eval`` both build a user's memory from the history with
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 from memento.encoder import HistoryEntry, ItemEncoder
 from memento.schemas import organic_case_id
 
-__all__ = ["UserMemory", "user_memory", "recent_vectors"]
+__all__ = ["UserMemory", "user_memory", "with_population", "recent_vectors"]
 
 
 @dataclass(frozen=True)
@@ -68,6 +75,31 @@ def user_memory(history: Sequence[HistoryEntry], limit: int) -> UserMemory:
         if len(items) >= limit:
             break
     return UserMemory(tuple(items), tuple(case_ids))
+
+
+def with_population(memories: Sequence[UserMemory | None],
+                    popular: Callable[[int], Sequence[tuple[str, str]]], limit: int) -> list[UserMemory]:
+    """Each memory completed to ``limit`` items by the population's: after the user's own items
+    (newest first), the items users acted on most often that the user has not had (most often
+    first), with their cases (``popular(n)``: (item, case id) pairs, most often first; called only
+    when a memory is short). A user with little history backs off to what users do most.
+
+    >>> mine = UserMemory(("7",), ("act:e1",))
+    >>> out = with_population([None, mine], lambda n: [("3", "act:p3"), ("7", "act:p7"), ("9", "act:p9")][:n], 3)
+    >>> [(m.recent_items, m.case_ids) for m in out]
+    [(('3', '7', '9'), ('act:p3', 'act:p7', 'act:p9')), (('7', '3', '9'), ('act:e1', 'act:p3', 'act:p9'))]
+    """
+    memories = [m if m is not None else UserMemory() for m in memories]
+    if limit <= 0 or all(len(m.recent_items) >= limit for m in memories):
+        return memories
+    pairs = list(popular(2 * limit))
+    out = []
+    for m in memories:
+        own = set(m.recent_items)
+        extra = [(item, case_id) for item, case_id in pairs if item not in own][:max(0, limit - len(own))]
+        out.append(UserMemory(m.recent_items + tuple(i for i, _ in extra),
+                              m.case_ids + tuple(c for _, c in extra)) if extra else m)
+    return out
 
 
 def recent_vectors(memories: Sequence[UserMemory | None], items: ItemEncoder) -> tuple[np.ndarray, np.ndarray]:

@@ -28,7 +28,7 @@ import numpy as np
 
 __all__ = [
     "ACTIONS", "ACTION_ALIASES", "SchemaError", "Action", "Recommendation", "Transition", "Case",
-    "CheckpointAnnouncement", "DeadLetter", "organic_case_id", "encode", "decode", "from_dict", "to_dict",
+    "CheckpointAnnouncement", "DeadLetter", "ORGANIC_CASE_SOURCE", "organic_case_id", "encode", "decode", "from_dict", "to_dict",
     "load_json", "finite_float", "short_repr", "future_time_problem", "MAX_INT", "MAX_STRING_LENGTH", "MAX_INLINE_CHECKPOINT_BYTES", "MAX_CHECKPOINT_RECORD_BYTES", "MAX_ORIGINAL_BYTES",
     "MAX_VECTOR_LENGTH", "pack_vector", "unpack_vector", "packed_length",
 ]
@@ -219,6 +219,11 @@ class Transition:
     ts: float
     closed_at: float = 0.0
     prior: str | None = None
+
+
+# The source of a case a user's own action became (:func:`organic_case_id`); a served
+# recommendation's case has source "recommendation".
+ORGANIC_CASE_SOURCE = "action"
 
 
 def organic_case_id(event_id: str) -> str:

@@ -42,7 +42,7 @@ import numpy as np
 
 from memento.atomic import write_atomic
 from memento.encoder import case_feature_dim, case_state
-from memento.schemas import Case
+from memento.schemas import ORGANIC_CASE_SOURCE, Case
 from memory_store import metrics
 from memory_store.options import BankOptions
 from memory_store.records import CaseBatch, batch_from_arrays, batch_from_cases
@@ -114,7 +114,12 @@ class CaseBank:
             if num_shards > 1 else None
         self._adds_window: collections.deque = collections.deque()
         self._adds_lock = threading.Lock()
-        self._newest: collections.deque = collections.deque(self._stored_newest(), maxlen=NEWEST_KEPT)
+        stored = self._stored_newest()
+        self._newest: collections.deque = collections.deque((c for c, _, _ in stored), maxlen=NEWEST_KEPT)
+        self._organic: collections.deque = collections.deque()   # (case id, item id), oldest first
+        self._organic_counts: collections.Counter = collections.Counter()
+        self._popular_cache: tuple[int, list[tuple[str, str]]] | None = None
+        self._remember_organic([(c, item) for c, item, source in stored if source == ORGANIC_CASE_SOURCE])
         self._stop = threading.Event()
         self._snapshotter = None
         if self.path is not None and self.options.snapshot_interval_s:
@@ -205,6 +210,9 @@ class CaseBank:
             return 0
         if self.options.eviction == "utility":
             self._apply_hits()
+        # the organic cases this batch adds (a re-sent one is already here and counts once)
+        organic = [(c, item) for c, item, source in zip(batch.case_ids, batch.item_ids, batch.sources)
+                   if source == ORGANIC_CASE_SOURCE and c not in self]
         if self.num_shards == 1:
             groups = [(0, batch)]
         else:
@@ -224,14 +232,30 @@ class CaseBank:
             with self._adds_lock:
                 self._adds_window.append((time.monotonic(), added))
                 self._newest.extend(batch.case_ids[-NEWEST_KEPT:])
+                self._remember_organic(organic)
         return added
 
-    def _stored_newest(self) -> list[str]:
-        """The ids of the newest stored cases (event time, then insertion), oldest first: what
-        :meth:`newest` knows after a restart."""
+    def _remember_organic(self, cases: list[tuple[str, str]]) -> None:
+        """Count the items of the newest :data:`NEWEST_KEPT` organic cases (caller holds
+        ``_adds_lock`` or owns the bank)."""
+        organic, counts = self._organic, self._organic_counts
+        for case in cases[-NEWEST_KEPT:]:
+            if len(organic) == NEWEST_KEPT:
+                _, gone = organic.popleft()
+                counts[gone] -= 1
+                if not counts[gone]:
+                    del counts[gone]
+            organic.append(case)
+            counts[case[1]] += 1
+        if cases:
+            self._popular_cache = None
+
+    def _stored_newest(self) -> list[tuple[str, str, str]]:
+        """(case id, item id, source) of the newest stored cases (event time, then insertion),
+        oldest first: what :meth:`newest` and :meth:`popular` know after a restart."""
         found = [entry for shard in self.shards for entry in shard.newest(NEWEST_KEPT)]
         found.sort()
-        return [case_id for _, _, case_id in found[-NEWEST_KEPT:]]
+        return [(case_id, item, source) for _, _, case_id, item, source in found[-NEWEST_KEPT:]]
 
     def newest(self, n: int) -> list[str]:
         """Ids of the ``n`` most recently added cases still in the bank, newest first (at most
@@ -254,6 +278,35 @@ class CaseBank:
                 if len(out) == n:
                     break
         return out
+
+    def popular(self, n: int) -> list[tuple[str, str]]:
+        """(item id, case id) of the ``n`` items users acted on most often among the bank's
+        newest :data:`NEWEST_KEPT` organic cases (source ``"action"``), most often first (ties:
+        the more recent first), each with its newest organic case still in the bank.
+
+        A recommendation's case records what a policy chose, so only the users' own actions
+        count: counting the policy's choices would feed them back as popularity.
+
+        >>> bank = CaseBank(None, dim=2)
+        >>> _ = bank.add_arrays(["a", "b", "c", "r"], np.eye(2)[[0, 1, 0, 1]], ["i", "j", "i", "j"],
+        ...                     np.eye(2)[[0, 1, 0, 1]], 1.0, 0.0, ["action"] * 3 + ["recommendation"])
+        >>> bank.popular(5)
+        [('i', 'c'), ('j', 'b')]
+        """
+        self._check_open()
+        with self._adds_lock:
+            cached = self._popular_cache
+            if cached is None or cached[0] < n:
+                size = max(n, 64)   # one count serves the requests of a batch whatever their n
+                newest_case: dict[str, str] = {}
+                rank: dict[str, int] = {}
+                for position, (case_id, item) in enumerate(reversed(self._organic)):
+                    if item not in newest_case and case_id in self:
+                        newest_case[item] = case_id
+                        rank[item] = position
+                top = sorted(newest_case, key=lambda item: (-self._organic_counts[item], rank[item]))
+                cached = self._popular_cache = (size, [(item, newest_case[item]) for item in top[:size]])
+            return cached[1][:n]
 
     # ------------------------------------------------------------------ reads
     def _check_queries(self, queries: np.ndarray, k: int) -> np.ndarray:
@@ -278,7 +331,7 @@ class CaseBank:
         faiss.omp_set_num_threads(1 if batch is not None and batch < SMALL_BATCH else self._omp_threads)
 
     def _search(self, q: np.ndarray, k: int, with_features: bool):
-        """Top ``k`` of each row of ``q`` (checked by :meth:`_search_or_newest`: float32 [B, dim])."""
+        """Top ``k`` of each row of ``q`` (checked by :meth:`_search_or_popular`: float32 [B, dim])."""
         started = time.perf_counter()
         num_shards, batch = self.num_shards, len(q)
         self._use_omp_threads(batch)
@@ -339,21 +392,21 @@ class CaseBank:
 
         Returns scores float32 [B, k] (``-inf`` past the last real hit) and, per query, the ids of
         the real hits, best first."""
-        id_lists, scores, _ = self._search_or_newest(queries, k, False)
+        id_lists, scores, _ = self._search_or_popular(queries, k, False)
         return scores, id_lists
 
     def search_with_features(self, queries: np.ndarray, k: int
                              ) -> tuple[list[list[str]], np.ndarray, np.ndarray, np.ndarray]:
         """Like :meth:`search`, plus each hit's features (state, item vector, outcome), zero-padded,
         and a mask that is True where a real case is. Returns (ids, scores, features, mask)."""
-        id_lists, scores, features = self._search_or_newest(queries, k, True)
+        id_lists, scores, features = self._search_or_popular(queries, k, True)
         mask = np.isfinite(scores)
         return id_lists, scores, features, mask
 
-    def _search_or_newest(self, queries: np.ndarray, k: int, with_features: bool):
+    def _search_or_popular(self, queries: np.ndarray, k: int, with_features: bool):
         """:meth:`_search`, except that a query of zeros (a user with no history: the state says
-        nothing, every case is equally near) is answered with the :meth:`newest` cases, scored 0,
-        rather than with whichever cases the index lists first."""
+        nothing) gets :meth:`blank_answer`, scored 0, rather than whichever cases the index lists
+        first."""
         self._check_open()
         q = self._check_queries(queries, k)
         blank = ~q.any(axis=1)
@@ -370,14 +423,31 @@ class CaseBank:
                 features[rows] = found_features
             for r, ids in zip(rows.tolist(), found_ids):
                 id_lists[r] = ids
-        newest = self.newest(k)
-        newest_features = self.features(newest) if with_features and newest else None
+        answer = self.blank_answer(k)
+        answer_features = self.features(answer) if with_features and answer else None
         for r in np.flatnonzero(blank).tolist():
-            id_lists[r] = list(newest)
-            scores[r, :len(newest)] = 0.0
-            if newest_features is not None:
-                features[r, :len(newest)] = newest_features
+            id_lists[r] = list(answer)
+            scores[r, :len(answer)] = 0.0
+            if answer_features is not None:
+                features[r, :len(answer)] = answer_features
         return id_lists, scores, features
+
+    def popular_items(self, n: int) -> list[str]:
+        """The items of :meth:`popular`."""
+        return [item for item, _ in self.popular(n)]
+
+    def blank_answer(self, k: int) -> list[str]:
+        """The ``k`` cases that answer a query of zeros: the :meth:`popular` items' cases, most
+        often acted on first, then the :meth:`newest` cases (a bank without organic cases).
+
+        Every case is equally near such a query, so its k nearest are arbitrary; the
+        nearest-neighbour estimate over all of them, equally weighted, is how often each item
+        was acted on, which is what the popular cases stand for."""
+        answer = [case_id for _, case_id in self.popular(k)]
+        if len(answer) < k:
+            taken = set(answer)
+            answer += [c for c in self.newest(k) if c not in taken][:k - len(answer)]
+        return answer
 
     def append_cases(self, queries: np.ndarray, id_lists: list[list[str]], scores: np.ndarray,
                      features: np.ndarray, mask: np.ndarray, extra: Sequence[Sequence[str]]

@@ -341,13 +341,15 @@ class Shard:
                 slots.append(slot)
             return self.features[np.asarray(slots, np.int64)]
 
-    def newest(self, n: int) -> list[tuple[float, int, str]]:
-        """(event time, insertion number, case id) of the ``n`` newest live cases, oldest first."""
+    def newest(self, n: int) -> list[tuple[float, int, str, str, str]]:
+        """(event time, insertion number, case id, item id, source) of the ``n`` newest live
+        cases, oldest first."""
         with self._lock:
             ids = self.ids[:self.high_water]
             live = np.flatnonzero(ids != None)  # noqa: E711 (elementwise on an object array)
             live = live[np.lexsort((self.seq[live], self.ts[live]))[-n:]] if n else live[:0]
-            return list(zip(self.ts[live].tolist(), self.seq[live].tolist(), ids[live].tolist()))
+            return list(zip(self.ts[live].tolist(), self.seq[live].tolist(), ids[live].tolist(),
+                            self.item_ids[live].tolist(), self.sources[live].tolist()))
 
     def hit_count(self, case_id: str) -> int:
         with self._lock:

@@ -36,7 +36,7 @@ from memento.encoder import ItemEncoder, StateEncoder, load_products
 from memento.history import UserHistories
 from memento.kafka_io import DeadLetterWriter, make_producer
 from memento.options import option
-from memento.personal import UserMemory, recent_vectors, user_memory
+from memento.personal import UserMemory, recent_vectors, user_memory, with_population
 from memento.priors import RetrievalPrior
 from memento.schemas import CheckpointAnnouncement, Recommendation, to_dict
 from memento.threads import limit_threads
@@ -345,9 +345,9 @@ class ServingService:
         policy = self.policy
         if policy is None:
             return [NoCandidatesError("no policy loaded yet") for _ in queries]
-        memories = [memory for _, memory in queries]
-        decisions = policy.recommend_many(np.stack([state for state, _ in queries]), self.rng, memories,
-                                          recent_vectors(memories, self.items))
+        states = np.stack([state for state, _ in queries])
+        memories = with_population([memory for _, memory in queries], self.bank.popular, self.options.own_cases)
+        decisions = policy.recommend_many(states, self.rng, memories, recent_vectors(memories, self.items))
         out: list = []
         for decision in decisions:
             if decision is None:

@@ -500,10 +500,37 @@ def test_fp16_ivf_index_persists_and_retunes(tmp_path):
         CaseBank(None, DIM, ivf_encoding="pq")
 
 
+def test_a_query_of_zeros_gets_the_items_users_acted_on_most_and_they_survive_a_restart(tmp_path):
+    """With users' own actions in the bank, a query of zeros gets, for the items acted on most
+    often among the newest organic cases (most often first, ties to the more recent), each item's
+    newest organic case; recommendations' cases are not counted (they say what a policy chose);
+    the rest of the answer is the newest cases; after a restart the stored cases say the same."""
+    rng = np.random.default_rng(12)
+    states = unit(rng.standard_normal((40, DIM)))
+    acted = ["a", "b", "a", "c", "b", "a", "d", "c"]        # a: 3, then b and c: 2 (c more recent), d: 1
+    organic = [Case(case_id=f"act:e{i}", state=states[i].tolist(), item_id=item, item_vec=(-states[i]).tolist(),
+                    outcome=1.0, ts=100.0 + i, source="action") for i, item in enumerate(acted)]
+    chosen = [Case(case_id=f"rec{i}", state=states[20 + i].tolist(), item_id="z", item_vec=states[i].tolist(),
+                   outcome=0.0, ts=200.0 + i) for i in range(6)]   # "z" chosen most, never acted on
+    bank = CaseBank(tmp_path / "bank", DIM, num_shards=2)
+    bank.add(organic[:4])
+    bank.add(chosen)
+    bank.add(organic[4:])
+    bank.add(organic[:4])                                  # re-sent: counted once
+    assert bank.popular(10) == [("a", "act:e5"), ("c", "act:e7"), ("b", "act:e4"), ("d", "act:e6")]
+    assert bank.popular_items(2) == ["a", "c"]
+    answer = ["act:e5", "act:e7", "act:e4", "act:e6", "rec5", "rec4"]   # then the newest cases
+    assert bank.search(np.zeros((1, DIM), np.float32), 6)[1] == [answer]
+    bank.close()
+    with CaseBank(tmp_path / "bank", DIM, num_shards=2) as again:
+        assert again.popular(10) == [("a", "act:e5"), ("c", "act:e7"), ("b", "act:e4"), ("d", "act:e6")]
+        assert again.search(np.zeros((1, DIM), np.float32), 6)[1] == [answer]
+
+
 def test_a_query_of_zeros_gets_the_newest_cases_and_they_survive_a_restart(tmp_path):
     """A user with no history has a state of zeros: every case is equally near, so the index
-    would answer with whichever cases it lists first. The bank answers with its newest cases
-    instead (scored 0, features as stored), counts no retrieval hit for them, still searches the
+    would answer with whichever cases it lists first. Without users' own actions to count, the
+    bank answers with its newest cases instead (scored 0, features as stored), counts no retrieval hit for them, still searches the
     other rows of the batch, skips evicted cases, and knows its newest cases again after a
     restart (from the stored event times)."""
     rng = np.random.default_rng(11)

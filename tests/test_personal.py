@@ -10,7 +10,7 @@ import pytest
 
 from memento.config import DEFAULT_ALTERNATIVE_PRIORS, Settings
 from memento.encoder import HistoryEntry, ItemEncoder
-from memento.personal import UserMemory, recent_vectors, user_memory
+from memento.personal import UserMemory, recent_vectors, user_memory, with_population
 from memento.priors import RetrievalPrior, parse_priors
 from memento.qnet import QNetwork
 from memento.schemas import Action, Case, encode, organic_case_id
@@ -104,6 +104,34 @@ def test_serving_feeds_the_users_history_from_the_actions_topic_into_the_candida
     assert decision.case_id == organic_case_id("e1")
     [stranger] = service._decide_batch([(query, user_memory([], service.options.own_cases))])
     assert organic_case_id("e1") not in stranger.case_ids
+
+
+def test_a_user_with_little_history_backs_off_to_what_users_act_on_most(tmp_path):
+    """Serving completes a short memory with the items users acted on most (their organic
+    cases join the candidates); under the own-items prior a stranger gets the most acted-on
+    item, a user with history their own item first and the most popular ones after it."""
+    from serving.app import ServingConfig, ServingService
+
+    settings = Settings(data_dir=str(tmp_path / "data"), checkpoint_dir=str(tmp_path / "ckpt"), item_dim=D, top_k=4)
+    service = ServingService(settings, ServingConfig(options=PolicyOptions(top_k=4, min_prob=0.0)))
+    bank, query = _bank()
+    rng = np.random.default_rng(1)
+    acted = ["hit"] * 3 + ["second"] * 2 + ["third"]      # other users' own actions, far from the query
+    bank.add([Case(organic_case_id(f"o{i}"), _unit(rng.normal(size=D)), item, ITEMS.encode(item).tolist(), 1.0,
+                   10.0 + i, source="action") for i, item in enumerate(acted)])
+    service.bank = bank
+    options = PolicyOptions(top_k=4, min_prob=0.0, priors=(RetrievalPrior.parse("1000:0:1000").entry(1.0),))
+    service.policy = RetrievalPolicy(QNetwork(D, 8), 1, bank, options)
+    items = lambda d: list(dict.fromkeys(bank.item_of(d.case_ids[i]) for i in d.ranked()))
+
+    [stranger] = service._decide_batch([(np.zeros(D, np.float32), user_memory([], service.options.own_cases))])
+    assert items(stranger)[:3] == ["hit", "second", "third"]
+    [known] = service._decide_batch([(query, user_memory([HistoryEntry("mine", "click", 1.0, "e1")],
+                                                         service.options.own_cases))])
+    assert items(known)[:3] == ["mine", "hit", "second"] and "third" in items(known)
+    # a full memory is left as it is, and the population is not asked for
+    full = UserMemory(tuple(f"x{i}" for i in range(3)))
+    assert with_population([full], lambda n: pytest.fail("asked"), 3) == [full]
 
 
 def test_the_default_priors_include_the_recency_one_and_old_mix_entries_still_read():
