@@ -70,10 +70,10 @@ log = logging.getLogger(__name__)
 USERS_TABLE = "memento-users"  # the changelog topic is ``<app id>-memento-users-changelog``
 
 # A user's state in the table (and its changelog): pickle protocol 5 of the state dict, which
-# holds nothing but dicts, lists, strings, numbers, booleans and None. Writing it costs a tenth
-# of compact JSON's time (the history's event times, as JSON floats, were most of that; the
-# state is written once per changed user per batch, about once per input event) and reads it
-# back bit for bit. It is read by :class:`_StateUnpickler`, which refuses every object that is
+# holds nothing but dicts, lists, strings, numbers, booleans and None. Writing it costs a sixth
+# to a tenth of compact JSON's time on states of 6 and 1.6 kB (the history's event times, as
+# JSON floats, were most of JSON's; a state is written once per changed user per batch, more
+# than once per input event) and reads it back bit for bit. It is read by :class:`_StateUnpickler`, which refuses every object that is
 # not one of those (no class, no callable: nothing in the bytes can run code).
 STATE_PICKLE_PROTOCOL = 5
 
