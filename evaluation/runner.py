@@ -36,9 +36,9 @@ from learner.drift import DriftConfig
 from learner.service import LearnerServiceConfig
 from learner.trainer import SoftQConfig
 from memento.config import DEFAULT_OWN_CASES, DEFAULT_TOP_K, RewardWeights, Settings
-from memento.encoder import ItemEncoder, case_feature_vector, text_encoder_from_path
+from memento.encoder import ItemEncoder, RowStateEncoder, case_feature_vector, text_encoder_from_path
 from evaluation.baselines import DEFAULT_VW_ARGS, ItemKNNPolicy, RecentPolicy, VWPolicy
-from evaluation.fastpath import BufferedCaseBank, ExactStateEncoder
+from evaluation.fastpath import BufferedCaseBank
 from evaluation.logs import LoggedData, LoggedEvent
 from evaluation.metrics import RunMetrics
 from evaluation.offpolicy import OffPolicyAccumulator
@@ -171,7 +171,7 @@ class _Stream:
 
         self.config = config
         self.items = items
-        self.encoder = ExactStateEncoder(items)  # StateEncoder's results, faster
+        self.encoder = RowStateEncoder(items)  # StateEncoder's results, faster (the stream worker's)
         self.attribution = RewardAttribution(self.encoder, rewards, window_s=config.window_s,
                                              allowed_lateness_s=config.allowed_lateness_s,
                                              session_gap_s=config.session_gap_s)
@@ -198,14 +198,14 @@ class _Stream:
         weight = self.attribution.rewards.weight(action)
         self.policy.observe(user_id, item_id, weight)
         if organic:  # the case of RewardAttribution.organic_case (or of the logged context)
-            case_state = self.encoder.state_before(state["history"], ts) if context_state is None else \
+            case_state = self.encoder.encode_rows(state["history"], before=ts) if context_state is None else \
                 np.asarray(context_state, np.float32)
             self.bank.add_case(organic_case_id(event_id), case_state, item_id, self.items.encode(item_id),
                                weight, ts, ORGANIC_CASE_SOURCE)
 
     def state(self, user_id: str, ts: float) -> np.ndarray:
         """RewardAttribution.state_before: the state from the user's actions strictly before ``ts``."""
-        return self.encoder.state_before(self._user(user_id)["history"], ts)
+        return self.encoder.encode_rows(self._user(user_id)["history"], before=ts)
 
     def request(self, user_id: str, ts: float, state: np.ndarray) -> Request:
         """The ``top_k`` nearest cases and the user's own newest ones (as serving's

@@ -33,7 +33,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 __all__ = [
-    "ItemMeta", "HistoryEntry", "ItemEncoder", "StateEncoder", "load_products", "normalise_item_id",
+    "ItemMeta", "HistoryEntry", "ItemEncoder", "StateEncoder", "RowStateEncoder", "load_products", "normalise_item_id",
     "ACTION_STRENGTH", "case_feature_vector", "case_feature_dim", "case_state", "case_item", "case_outcome",
     "signed_hash",
     "TextEncoder", "SentenceTransformerTextEncoder", "text_encoder_from_path", "TEXT_PROJECTION_SEED",
@@ -425,6 +425,81 @@ class StateEncoder:
             state += (self.decay ** rank) * ACTION_STRENGTH.get(h.action, 1.0) * self.items.encode(h.item_id)
         norm = float(np.linalg.norm(state))
         return state / norm if norm > 0 else state
+
+
+class RowStateEncoder(StateEncoder):
+    """:class:`StateEncoder`'s states, bit for bit, with a few numpy calls instead of three per
+    history entry, also from raw history rows ``[item_id, action, ts, ...]`` (a user's stream
+    state; no :class:`HistoryEntry` objects): the stream worker's and the evaluation's encoder.
+
+    ``StateEncoder.encode`` adds ``w_r * v_r`` to a float32 zero vector one entry at a time, newest
+    first, ``w_r = decay**r * strength`` a Python float that numpy rounds to float32 before it
+    multiplies the float32 item vector. Here the same float32 weights multiply the stacked item
+    vectors in one operation (the same roundings), and ``np.add.reduce`` over the entries adds the
+    rows to a float32 zero row after row (a reduction across the rows of a C-contiguous array
+    runs element-wise in row order; it is not the pairwise summation numpy uses along a
+    contiguous axis). The sort (stable, newest first), the cut at ``max_len``, the norm and the
+    division are the original's.
+
+    >>> items = ItemEncoder(8)
+    >>> rows = [["1", "click", 1.0, "e1"], ["2", "cart", 2.0, "e2"], ["1", "purchase", 2.0, "e3"]]
+    >>> entries = [HistoryEntry(*r) for r in rows]
+    >>> fast, plain = RowStateEncoder(items), StateEncoder(items)
+    >>> bool(np.array_equal(fast.encode_rows(rows), plain.encode(entries)))
+    True
+    >>> bool(np.array_equal(fast.encode_rows(rows, before=2.0), plain.encode(entries[:1])))
+    True
+    >>> bool(np.array_equal(fast.encode(entries, until=1.5), plain.encode(entries, until=1.5)))
+    True
+    """
+
+    def __init__(self, items: ItemEncoder, decay: float = 0.85, max_len: int = 30):
+        super().__init__(items, decay, max_len)
+        self._weights: dict[str, np.ndarray] = {}  # action -> float32 weight by rank
+        self._row_of: dict[str, int] = {}          # item -> its row of _vectors
+        self._vectors = np.zeros((64, self.dim), np.float32)
+
+    def _weights_of(self, action: str) -> np.ndarray:
+        w = self._weights.get(action)
+        if w is None:
+            strength = ACTION_STRENGTH.get(action, 1.0)
+            w = self._weights[action] = np.array([(self.decay ** rank) * strength for rank in range(self.max_len)],
+                                                 np.float64).astype(np.float32)
+        return w
+
+    def _row(self, item_id: str) -> int:
+        row = self._row_of.get(item_id)
+        if row is None:
+            row = len(self._row_of)
+            if row == len(self._vectors):
+                self._vectors = np.concatenate([self._vectors, np.zeros_like(self._vectors)])
+            self._vectors[row] = self.items.encode(item_id)
+            self._row_of[item_id] = row
+        return row
+
+    def encode_rows(self, rows: Sequence[Sequence], until: float | None = None,
+                    before: float | None = None) -> np.ndarray:
+        """The state from the history ``rows`` (any order) with ``ts <= until`` and ``ts < before``
+        where given: ``StateEncoder.encode`` of the same entries."""
+        entries = [h for h in rows if (until is None or h[2] <= until) and (before is None or h[2] < before)]
+        entries.sort(key=_row_ts, reverse=True)
+        del entries[self.max_len:]
+        if not entries:
+            return np.zeros(self.dim, dtype=np.float32)
+        weights = np.array([self._weights_of(h[1])[rank] for rank, h in enumerate(entries)], np.float32)
+        rows_of = [self._row(h[0]) for h in entries]  # before reading _vectors: a new item may grow it
+        terms = self._vectors[rows_of]
+        terms *= weights[:, None]
+        state = np.add.reduce(terms, axis=0, initial=np.float32(0.0))
+        norm = float(np.linalg.norm(state))
+        return state / norm if norm > 0 else state
+
+    def encode(self, history: Sequence[HistoryEntry], until: float | None = None) -> np.ndarray:
+        return self.encode_rows([(h.item_id, h.action, h.ts) for h in history], until=until)
+
+
+def _row_ts(row: Sequence) -> float:
+    return row[2]
 
 
 def case_feature_dim(dim: int) -> int:

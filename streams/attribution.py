@@ -59,16 +59,15 @@ With a session gap of 100 s, the same window (end 160) waits for the gap (160, 2
 from __future__ import annotations
 
 from dataclasses import dataclass
-from operator import itemgetter
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from memento.config import RewardWeights
-from memento.encoder import ACTION_STRENGTH, HistoryEntry, StateEncoder
-from memento.schemas import Case, Recommendation, Transition, organic_case_id, pack_vector, unpack_vector
+from memento.encoder import HistoryEntry, RowStateEncoder, StateEncoder
+from memento.schemas import ORGANIC_CASE_SOURCE, Case, Recommendation, Transition, organic_case_id, pack_vector, unpack_vector
 
-__all__ = ["RewardAttribution", "RewardWindow", "AttributionStats", "RowStateEncoder"]
+__all__ = ["RewardAttribution", "RewardWindow", "AttributionStats"]
 
 _MAX_HISTORY = 1000
 _MAX_REMEMBERED_IDS = 200
@@ -311,7 +310,7 @@ class RewardAttribution:
         vector = _packed if packed else _unpack
         return Case(case_id=organic_case_id(event_id), state=vector(self.state_before(state, ts)),
                     item_id=item_id, item_vec=vector(self.encoder.items.encode(item_id)),
-                    outcome=self.rewards.weight(action), ts=ts, source="action")
+                    outcome=self.rewards.weight(action), ts=ts, source=ORGANIC_CASE_SOURCE)
 
     def _prune(self, state: dict[str, Any]) -> None:
         history = state["history"]
@@ -334,77 +333,6 @@ class RewardAttribution:
                 "case_features": _packed(rec.case_features), "prior": rec.prior}
 
 
-class RowStateEncoder(StateEncoder):
-    """:class:`~memento.encoder.StateEncoder`'s states, bit for bit, computed from the history rows
-    of a user's stream state (``[item_id, action, ts, event_id]``, no
-    :class:`~memento.encoder.HistoryEntry` objects) with a few numpy calls instead of three per
-    history entry (the stream worker's; :class:`RewardAttribution` uses :meth:`encode_rows` when
-    its encoder is one).
-
-    ``StateEncoder.encode`` adds ``w_r * v_r`` to a float32 zero vector one entry at a time, newest
-    first, ``w_r = decay**r * strength`` a Python float that numpy rounds to float32 before it
-    multiplies the float32 item vector. Here the same float32 weights multiply the stacked item
-    vectors in one operation (the same roundings), and ``np.add.reduce`` over the entries adds the
-    rows to a float32 zero row after row (a reduction across the rows of a C-contiguous array
-    runs element-wise in row order; it is not the pairwise summation numpy uses along a
-    contiguous axis). The sort (stable, newest first), the cut at ``max_len``, the norm and the
-    division are the original's. It is the computation of the evaluation's
-    ``evaluation.fastpath.ExactStateEncoder`` (which cannot serve here: the evaluation is the
-    layer above).
-
-    >>> from memento.encoder import ItemEncoder
-    >>> rows = [["1", "click", 1.0, "e1"], ["2", "cart", 2.0, "e2"], ["1", "purchase", 2.0, "e3"]]
-    >>> items = ItemEncoder(8)
-    >>> entries = [HistoryEntry(*r) for r in rows]
-    >>> bool(np.array_equal(RowStateEncoder(items).encode_rows(rows), StateEncoder(items).encode(entries)))
-    True
-    >>> bool(np.array_equal(RowStateEncoder(items).encode_rows(rows, before=2.0), StateEncoder(items).encode(entries[:1])))
-    True
-    """
-
-    def __init__(self, items, decay: float = 0.85, max_len: int = 30):
-        super().__init__(items, decay, max_len)
-        self._weights: dict[str, np.ndarray] = {}  # action -> float32 weight by rank
-        self._row_of: dict[str, int] = {}          # item -> its row of _vectors
-        self._vectors = np.zeros((64, self.dim), np.float32)
-
-    def _weights_of(self, action: str) -> np.ndarray:
-        w = self._weights.get(action)
-        if w is None:
-            strength = ACTION_STRENGTH.get(action, 1.0)
-            w = self._weights[action] = np.array([(self.decay ** rank) * strength for rank in range(self.max_len)],
-                                                 np.float64).astype(np.float32)
-        return w
-
-    def _row(self, item_id: str) -> int:
-        row = self._row_of.get(item_id)
-        if row is None:
-            row = len(self._row_of)
-            if row == len(self._vectors):
-                self._vectors = np.concatenate([self._vectors, np.zeros_like(self._vectors)])
-            self._vectors[row] = self.items.encode(item_id)
-            self._row_of[item_id] = row
-        return row
-
-    def encode_rows(self, rows: Sequence[Sequence], until: float | None = None,
-                    before: float | None = None) -> np.ndarray:
-        """The state from the history ``rows`` (any order) with ``ts <= until`` and ``ts < before``
-        where given: ``StateEncoder.encode`` of the same entries."""
-        entries = [h for h in rows if (until is None or h[2] <= until) and (before is None or h[2] < before)]
-        entries.sort(key=_TS, reverse=True)
-        del entries[self.max_len:]
-        if not entries:
-            return np.zeros(self.dim, dtype=np.float32)
-        weights = np.array([self._weights_of(h[1])[rank] for rank, h in enumerate(entries)], np.float32)
-        rows_of = [self._row(h[0]) for h in entries]  # before reading _vectors: a new item may grow it
-        terms = self._vectors[rows_of]
-        terms *= weights[:, None]
-        state = np.add.reduce(terms, axis=0, initial=np.float32(0.0))
-        norm = float(np.linalg.norm(state))
-        return state / norm if norm > 0 else state
-
-
-_TS = itemgetter(2)
 
 
 def _unpack(packed) -> list[float]:

@@ -5,61 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from memento.encoder import HistoryEntry, ItemEncoder, ItemMeta, StateEncoder
-from evaluation.fastpath import BufferedCaseBank, ExactStateEncoder
+from evaluation.fastpath import BufferedCaseBank
 from memento.schemas import Case
 from evaluation.simulator import SyntheticWorld, WorldConfig
 from memory_store import CaseBank
-from streams.attribution import RewardAttribution
-from memento.config import RewardWeights
-
-ACTIONS = ["click", "collect", "cart", "purchase", "alipay-like", "rating:4"]
-
-
-def _histories(rng, n):
-    catalogue = {str(i): ItemMeta(str(i), category=f"{i % 5}-{i % 3}", brand=f"b{i % 7}", title=f"t{i % 11} x")
-                 for i in range(40)}
-    for _ in range(n):
-        length = int(rng.integers(0, 60))
-        # few distinct times, so that ties in ts (and their order) are exercised
-        ts = np.sort(rng.integers(0, max(1, length // 2 + 1), length)).astype(float)
-        yield catalogue, [HistoryEntry(str(int(rng.integers(0, 50))), ACTIONS[int(rng.integers(0, len(ACTIONS)))],
-                                       float(t)) for t in ts]
-
-
-@pytest.mark.parametrize("decay,max_len", [(0.85, 30), (0.5, 7), (1.0, 100)])
-def test_exact_state_encoder_matches_state_encoder_bit_for_bit(decay, max_len):
-    rng = np.random.default_rng(7)
-    for catalogue, history in _histories(rng, 300):
-        items = ItemEncoder(16, catalogue)
-        reference = StateEncoder(items, decay=decay, max_len=max_len)
-        fast = ExactStateEncoder(items, decay=decay, max_len=max_len)
-        until = float(rng.integers(0, 40)) if rng.random() < 0.7 else None
-        want = reference.encode(history, until=until)
-        got = fast.encode(history, until=until)
-        assert got.dtype == want.dtype and np.array_equal(got, want)
-        rows = [[h.item_id, h.action, h.ts, f"e{k}"] for k, h in enumerate(history)]
-        ts = float(rng.integers(0, 40))
-        want = reference.encode([h for h in history if h.ts < ts])
-        assert np.array_equal(fast.state_before(rows, ts), want)
-
-
-def test_exact_state_encoder_in_the_attribution_gives_the_same_transitions():
-    items = ItemEncoder(8)
-    attrs = [RewardAttribution(enc(items), RewardWeights(), window_s=60, allowed_lateness_s=0)
-             for enc in (StateEncoder, ExactStateEncoder)]
-    out = []
-    for attr in attrs:
-        st = attr.new_state()
-        rng = np.random.default_rng(3)
-        for i in range(40):
-            attr.add_action(st, f"e{i}", str(int(rng.integers(0, 9))), "click", float(i))
-        rec = {"request_id": "r1", "user_id": "u", "item_id": "3", "case_id": "c", "propensity": 0.5,
-               "policy_version": 1, "ts": 20.0, "state": [0.0] * 8, "case_features": [0.0] * 17}
-        attr.add_recommendation(st, rec)
-        out.append(attr.close_due(st, watermark=100.0, now=0.0))
-    assert out[0] == out[1]
-
 
 def _case(i, rng, dim):
     state = rng.standard_normal(dim).astype(np.float32)

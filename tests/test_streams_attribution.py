@@ -353,10 +353,10 @@ def test_a_refused_commit_does_not_count_as_committed(tmp_path):
 
 @pytest.mark.parametrize("decay,max_len", [(0.85, 30), (0.5, 7), (1.0, 100)])
 def test_row_state_encoder_matches_state_encoder_bit_for_bit(decay, max_len):
-    """The worker's encoder (:class:`streams.attribution.RowStateEncoder`) gives StateEncoder's
+    """The worker's encoder (:class:`memento.encoder.RowStateEncoder`) gives StateEncoder's
     states exactly, ties in event time (and their order) included."""
     from memento.encoder import ItemMeta
-    from streams.attribution import RowStateEncoder
+    from memento.encoder import RowStateEncoder
 
     actions = ["click", "collect", "cart", "purchase", "alipay-like"]
     catalogue = {str(i): ItemMeta(str(i), category=f"{i % 5}-{i % 3}", brand=f"b{i % 7}", title=f"t{i % 11} x")
@@ -381,7 +381,7 @@ def test_row_state_encoder_matches_state_encoder_bit_for_bit(decay, max_len):
 
 def test_row_state_encoder_in_the_attribution_gives_the_same_cases_and_transitions():
     from memento.schemas import encode
-    from streams.attribution import RowStateEncoder
+    from memento.encoder import RowStateEncoder
 
     items = ItemEncoder(8)
     out = []

@@ -1,13 +1,13 @@
 """A rolling upgrade of the stream worker: the table's changelog holds user states as the workers
 before 2026-12-03 wrote them (compact JSON; the oldest with their vectors as JSON lists), and a
 worker of today, starting with an empty store, restores them and closes their windows with the
-right rewards. Today's worker writes states as restricted pickles (:func:`streams.app.encode_state`)."""
+right rewards. Today's worker writes states as MessagePack (:func:`streams.app.encode_state`)."""
 
 from __future__ import annotations
 
 import json
-import pickle
 
+import msgspec
 import pytest
 
 from harness.processes import ProcessGroup
@@ -41,15 +41,18 @@ def _old_states(sc: Scenario, settings, recs: range, lists_for: set[str]) -> dic
     return states
 
 
-def test_state_codec_reads_the_older_workers_json_and_refuses_objects():
+def test_state_codec_reads_the_older_workers_json_and_refuses_anything_else():
     state = {"history": [["7", "click", 1796310303.2355635, "e1"]], "pending": [{"state": "AACAPw==", "ts": 1.5}],
              "held": [], "closed": ["r1"], "seen": ["e1"], "p": 3}
     assert decode_state(json.dumps(state, separators=(",", ":")).encode()) == state  # written before 2026-12-03
     assert decode_state(json.dumps(state, indent=1).encode()) == state
     assert decode_state(encode_state(state)) == state
     assert decode_state(None) is None
-    with pytest.raises(pickle.UnpicklingError, match="holds no objects"):
-        decode_state(pickle.dumps({"history": [RewardWeights()]}))
+    with pytest.raises(TypeError, match="unsupported"):
+        encode_state({"history": [object()]})
+    for raw in (b"\x93\x01\x02\x03", encode_state(state)[:-3], b"\x80\x05\x95"):   # a list, cut short, a pickle
+        with pytest.raises(msgspec.DecodeError):
+            decode_state(raw)
 
 
 @pytest.mark.integration
