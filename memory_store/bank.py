@@ -28,6 +28,7 @@ from __future__ import annotations
 import collections
 import fcntl
 import hashlib
+import heapq
 import json
 import logging
 import os
@@ -118,6 +119,8 @@ class CaseBank:
         self._newest: collections.deque = collections.deque((c for c, _, _ in stored), maxlen=NEWEST_KEPT)
         self._organic: collections.deque = collections.deque()   # (case id, item id), oldest first
         self._organic_counts: collections.Counter = collections.Counter()
+        self._organic_seq = 0                                     # organic cases remembered so far
+        self._organic_last: dict[str, tuple[int, str]] = {}       # item -> (seq, case id) of its newest
         self._popular_cache: tuple[int, list[tuple[str, str]]] | None = None
         self._remember_organic([(c, item) for c, item, source in stored if source == ORGANIC_CASE_SOURCE])
         self._stop = threading.Event()
@@ -233,22 +236,23 @@ class CaseBank:
                 self._adds_window.append((time.monotonic(), added))
                 self._newest.extend(batch.case_ids[-NEWEST_KEPT:])
                 self._remember_organic(organic)
+                self._popular_cache = None   # new counts, or an evicted case
         return added
 
     def _remember_organic(self, cases: list[tuple[str, str]]) -> None:
         """Count the items of the newest :data:`NEWEST_KEPT` organic cases (caller holds
         ``_adds_lock`` or owns the bank)."""
-        organic, counts = self._organic, self._organic_counts
+        organic, counts, last = self._organic, self._organic_counts, self._organic_last
         for case in cases[-NEWEST_KEPT:]:
             if len(organic) == NEWEST_KEPT:
                 _, gone = organic.popleft()
                 counts[gone] -= 1
-                if not counts[gone]:
-                    del counts[gone]
+                if not counts[gone]:   # its newest case left the window too
+                    del counts[gone], last[gone]
             organic.append(case)
             counts[case[1]] += 1
-        if cases:
-            self._popular_cache = None
+            self._organic_seq += 1
+            last[case[1]] = (self._organic_seq, case[0])
 
     def _stored_newest(self) -> list[tuple[str, str, str]]:
         """(case id, item id, source) of the newest stored cases (event time, then insertion),
@@ -298,15 +302,26 @@ class CaseBank:
             cached = self._popular_cache
             if cached is None or cached[0] < n:
                 size = max(n, 64)   # one count serves the requests of a batch whatever their n
-                newest_case: dict[str, str] = {}
-                rank: dict[str, int] = {}
-                for position, (case_id, item) in enumerate(reversed(self._organic)):
-                    if item not in newest_case and case_id in self:
-                        newest_case[item] = case_id
-                        rank[item] = position
-                top = sorted(newest_case, key=lambda item: (-self._organic_counts[item], rank[item]))
-                cached = self._popular_cache = (size, [(item, newest_case[item]) for item in top[:size]])
+                counts, last = self._organic_counts, self._organic_last
+                top = heapq.nsmallest(size, counts, key=lambda item: (-counts[item], -last[item][0]))
+                answer = [(item, last[item][1]) for item in top]
+                if not all(case_id in self for _, case_id in answer):
+                    answer = self._popular_scan(size)   # a newest case was evicted: look further back
+                cached = self._popular_cache = (size, answer)
             return cached[1][:n]
+
+    def _popular_scan(self, size: int) -> list[tuple[str, str]]:
+        """:meth:`popular` when an item's newest organic case has left the bank: each item's
+        newest case still in it, ranked by that case's recency among equal counts (caller holds
+        ``_adds_lock``)."""
+        newest_case: dict[str, str] = {}
+        rank: dict[str, int] = {}
+        for position, (case_id, item) in enumerate(reversed(self._organic)):
+            if item not in newest_case and case_id in self:
+                newest_case[item] = case_id
+                rank[item] = position
+        top = sorted(newest_case, key=lambda item: (-self._organic_counts[item], rank[item]))
+        return [(item, newest_case[item]) for item in top[:size]]
 
     # ------------------------------------------------------------------ reads
     def _check_queries(self, queries: np.ndarray, k: int) -> np.ndarray:

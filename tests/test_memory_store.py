@@ -527,6 +527,23 @@ def test_a_query_of_zeros_gets_the_items_users_acted_on_most_and_they_survive_a_
         assert again.search(np.zeros((1, DIM), np.float32), 6)[1] == [answer]
 
 
+def test_popular_items_fall_back_to_an_older_case_when_the_newest_one_was_evicted():
+    """An item's newest organic case can leave the bank before older ones (eviction by utility):
+    the item is then offered with its newest case still in the bank, ranked by it."""
+    rng = np.random.default_rng(13)
+    states = unit(rng.standard_normal((8, DIM)))
+    acted = [("a", 1.0), ("b", 1.0), ("a", 1.0), ("a", 0.0), ("b", 1.0)]   # a's newest case: the least useful
+    bank = CaseBank(None, DIM, num_shards=1, max_cases_per_shard=5, eviction="utility")
+    bank.add([Case(case_id=f"act:e{i}", state=states[i].tolist(), item_id=item, item_vec=states[i].tolist(),
+                   outcome=outcome, ts=10.0 + i, source="action") for i, (item, outcome) in enumerate(acted)])
+    assert bank.popular(5) == [("a", "act:e3"), ("b", "act:e4")]
+    bank.add([Case(case_id="rec0", state=states[7].tolist(), item_id="z", item_vec=states[7].tolist(),
+                   outcome=5.0, ts=20.0)])                  # evicts act:e3, the least useful
+    assert "act:e3" not in bank
+    assert bank.popular(5) == [("a", "act:e2"), ("b", "act:e4")]
+    bank.close()
+
+
 def test_a_query_of_zeros_gets_the_newest_cases_and_they_survive_a_restart(tmp_path):
     """A user with no history has a state of zeros: every case is equally near, so the index
     would answer with whichever cases it lists first. Without users' own actions to count, the
