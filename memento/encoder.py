@@ -416,6 +416,13 @@ class StateEncoder:
     def dim(self) -> int:
         return self.items.dim
 
+    def encode_rows(self, rows: Sequence[Sequence], until: float | None = None,
+                    before: float | None = None) -> np.ndarray:
+        """:meth:`encode` of history rows ``[item_id, action, ts, ...]`` (a user's stream state),
+        of those with ``ts <= until`` and ``ts < before`` where given."""
+        return self.encode([HistoryEntry(r[0], r[1], r[2]) for r in rows
+                            if (until is None or r[2] <= until) and (before is None or r[2] < before)])
+
     def encode(self, history: Sequence[HistoryEntry], until: float | None = None) -> np.ndarray:
         """State from ``history`` (any order); only entries with ``ts <= until`` when given."""
         entries = [h for h in history if until is None or h.ts <= until]

@@ -20,6 +20,7 @@ import dataclasses
 import json
 import math
 import sys
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -30,7 +31,7 @@ __all__ = [
     "ACTIONS", "ACTION_ALIASES", "SchemaError", "Action", "Recommendation", "Transition", "Case",
     "CheckpointAnnouncement", "DeadLetter", "ORGANIC_CASE_SOURCE", "organic_case_id", "encode", "decode", "from_dict", "to_dict",
     "load_json", "finite_float", "short_repr", "future_time_problem", "MAX_INT", "MAX_STRING_LENGTH", "MAX_INLINE_CHECKPOINT_BYTES", "MAX_CHECKPOINT_RECORD_BYTES", "MAX_ORIGINAL_BYTES",
-    "MAX_VECTOR_LENGTH", "pack_vector", "unpack_vector", "packed_length",
+    "MAX_VECTOR_LENGTH", "pack_vector", "as_packed", "unpack_vector", "packed_length",
 ]
 
 ACTIONS = ("click", "collect", "cart", "purchase")
@@ -94,6 +95,15 @@ def _packed_values(text: str, where: str) -> np.ndarray:
     if not finite.all():
         raise SchemaError(f"{where} must hold finite numbers, got {float(values[~finite][0])}")
     return values
+
+
+def as_packed(vector) -> str:
+    """``vector`` as :func:`pack_vector` text; text (packed already) is kept as it is.
+
+    >>> as_packed([1.0, -0.5]), as_packed("AACAPwAAAL8=")
+    ('AACAPwAAAL8=', 'AACAPwAAAL8=')
+    """
+    return vector if vector.__class__ is str else pack_vector(vector)
 
 
 def packed_length(text: str) -> int:
@@ -300,15 +310,21 @@ def _hints(cls: type) -> dict[str, Any]:
     return _HINTS[cls]
 
 
+def _optional(hint: Any) -> tuple[Any, bool]:
+    """(the type inside ``hint``, whether it allows None): ``X | None`` and ``Optional[X]``
+    give (X, True), any other hint (hint, False)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        return next(a for a in args if a is not type(None)), type(None) in args
+    return hint, False
+
+
 def _check(cls: type, name: str, hint: Any, value: Any) -> Any:
     where = f"{cls.__name__}: field {name!r}"
+    hint, optional = _optional(hint)
+    if optional and value is None:
+        return None
     origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        if value is None and type(None) in args:
-            return None
-        hint = next(a for a in args if a is not type(None))
-        origin = typing.get_origin(hint)
     if hint is str:
         if not isinstance(value, str) or not value:
             raise SchemaError(f"{where} must be a non-empty string, got {short_repr(value)}")
@@ -370,13 +386,7 @@ def _fast_check(cls: type, name: str, hint: Any):
     values it takes as they are (the common case: exactly a str within its limit, a finite float,
     a 64-bit int, a bool, None where allowed) and leaves every other value, and every error and
     its message, to :func:`_check`."""
-    optional = False
-    if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        args = typing.get_args(hint)
-        optional = type(None) in args
-        inner = next(a for a in args if a is not type(None))
-    else:
-        inner = hint
+    inner, optional = _optional(hint)
 
     def slow(value: Any) -> Any:
         return _check(cls, name, hint, value)
@@ -482,9 +492,7 @@ def _fields(obj: Any) -> dict[str, Any]:
         raise TypeError(f"cannot encode {type(obj).__name__} as JSON")
     out = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
     for name in _vector_fields(type(obj)):
-        value = out[name]
-        if value.__class__ is not str:  # text is packed already (from_dict's packed vectors)
-            out[name] = pack_vector(value)
+        out[name] = as_packed(out[name])  # text is packed already (from_dict's packed vectors)
     return out
 
 

@@ -64,8 +64,8 @@ from typing import Any
 import numpy as np
 
 from memento.config import RewardWeights
-from memento.encoder import HistoryEntry, RowStateEncoder, StateEncoder
-from memento.schemas import ORGANIC_CASE_SOURCE, Case, Recommendation, Transition, organic_case_id, pack_vector, unpack_vector
+from memento.encoder import HistoryEntry, StateEncoder
+from memento.schemas import ORGANIC_CASE_SOURCE, Case, Recommendation, Transition, as_packed, organic_case_id, pack_vector, unpack_vector
 
 __all__ = ["RewardAttribution", "RewardWindow", "AttributionStats"]
 
@@ -236,9 +236,7 @@ class RewardAttribution:
 
     def state_before(self, state: dict[str, Any], ts: float) -> np.ndarray:
         """The user's state from actions strictly before ``ts``."""
-        if isinstance(self.encoder, RowStateEncoder):
-            return self.encoder.encode_rows(state["history"], before=ts)
-        return self.encoder.encode([e for e in self.history(state) if e.ts < ts])
+        return self.encoder.encode_rows(state["history"], before=ts)
 
     def close_due(self, state: dict[str, Any], watermark: float, now: float,
                   packed: bool = False) -> list[tuple[Transition, Case]]:
@@ -269,10 +267,7 @@ class RewardAttribution:
         start, end = rec["ts"], self.window.end(rec["ts"])
         weights = [self.rewards.weight(h[1]) for h in state["history"]
                    if h[0] == rec["item_id"] and self.window.covers(start, h[2])]
-        if isinstance(self.encoder, RowStateEncoder):
-            next_state = self.encoder.encode_rows(state["history"], until=end)
-        else:
-            next_state = self.encoder.encode(self.history(state), until=end)
+        next_state = self.encoder.encode_rows(state["history"], until=end)
         active = self.session_gap_s > 0 and (
             any(self.window.in_gap(start, h[2]) for h in state["history"])
             or any(self.window.in_gap(start, p["ts"]) for p in state["pending"])
@@ -290,7 +285,7 @@ class RewardAttribution:
         self.stats.session_end += done
         state["closed"].append(rec["request_id"])
         del state["closed"][:-_MAX_REMEMBERED_IDS]
-        vector = _packed if packed else _unpack
+        vector = as_packed if packed else _unpack
         state_vec = vector(rec["state"])
         transition = Transition(
             transition_id=rec["request_id"], user_id=rec["user_id"], state=state_vec,
@@ -307,7 +302,7 @@ class RewardAttribution:
                      packed: bool = False) -> Case:
         """A case from an action the user took on their own: (state before it, item, its weight);
         with ``packed``, its vectors as :func:`~memento.schemas.pack_vector` text."""
-        vector = _packed if packed else _unpack
+        vector = as_packed if packed else _unpack
         return Case(case_id=organic_case_id(event_id), state=vector(self.state_before(state, ts)),
                     item_id=item_id, item_vec=vector(self.encoder.items.encode(item_id)),
                     outcome=self.rewards.weight(action), ts=ts, source=ORGANIC_CASE_SOURCE)
@@ -329,10 +324,8 @@ class RewardAttribution:
         recommendation decoded with ``packed=True`` has them so already)."""
         return {"request_id": rec.request_id, "user_id": rec.user_id, "item_id": rec.item_id,
                 "case_id": rec.case_id, "propensity": rec.propensity,
-                "policy_version": rec.policy_version, "ts": rec.ts, "state": _packed(rec.state),
-                "case_features": _packed(rec.case_features), "prior": rec.prior}
-
-
+                "policy_version": rec.policy_version, "ts": rec.ts, "state": as_packed(rec.state),
+                "case_features": as_packed(rec.case_features), "prior": rec.prior}
 
 
 def _unpack(packed) -> list[float]:
@@ -341,8 +334,3 @@ def _unpack(packed) -> list[float]:
     if isinstance(packed, str):
         return unpack_vector(packed)
     return [float(x) for x in packed]
-
-
-def _packed(vector) -> str:
-    """A vector as :func:`memento.schemas.pack_vector` text (text is kept as it is)."""
-    return vector if isinstance(vector, str) else pack_vector(vector)

@@ -76,7 +76,6 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
-
 def serve_workers(worker: Callable[[int, bool, int], None], port: int, workers: int) -> None:
     """Run ``worker(port, reuse_port, worker_index)`` in this process, or in ``workers`` spawned
     ones sharing the port (:func:`serving.cli.run_workers`), until SIGTERM."""
